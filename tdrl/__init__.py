@@ -1,0 +1,11 @@
+"""tdrl: language-model distillation as offline reinforcement learning.
+
+The teacher is a reward oracle and an action-mask oracle over its top-k / top-p token subset; agents
+train a student LM on the resulting token MDP. See README.md.
+"""
+
+from tdrl.actions import ActionSubset, top_p_subset
+from tdrl.teachers import Reward, Teacher, load_teacher
+
+__version__ = "0.1.0"
+__all__ = ["ActionSubset", "top_p_subset", "Teacher", "Reward", "load_teacher", "__version__"]

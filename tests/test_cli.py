@@ -1,0 +1,33 @@
+"""The command line: output of teacher-info, one-line errors with a non-zero status."""
+
+import re
+
+import pytest
+
+from tdrl.cli import main
+
+
+def test_teacher_info_on_tiny_prints_sparsity(capsys):
+    assert main(["teacher-info", "--teacher", "tiny", "--num-prompts", "2", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab size     512" in out
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, flags=re.M)
+    assert len(rows) == 6  # k in {64, 256} x p in {0.5, 0.8, 0.95}
+    for _, p, size, mass in rows:
+        assert float(size) >= 1 and float(mass) >= min(float(p), 0.0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["teacher-info", "--teacher", "tiny", "--top-p", "1.5"], "top_p must lie in (0, 1]"),
+        (["teacher-info", "--teacher", "tiny", "--top-k", "0"], "top_k must be an integer >= 1"),
+        (["teacher-info", "--teacher", "./missing-dir"], "not an existing directory"),
+        (["teacher-info", "--teacher", "tiny", "--dtype", "int3"], "unknown dtype"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
