@@ -219,6 +219,28 @@ def _output_cache(output) -> Any:
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+def _layers(cache) -> list:
+    return [] if cache is None else list(cache.layers)
+
+
+def _spliceable(cache) -> bool:
+    """Caches whose rows can be replaced by splicing tensors: none at all, or plain dynamic layers."""
+    if cache is None:
+        return True
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and layer.is_initialized for layer in layers)
+
+
+def _pad_left(t: Tensor, width: int, value, dim: int = 1) -> Tensor:
+    """``t`` left-padded with ``value`` to ``width`` along ``dim`` (the sequence axis)."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t.clone()
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.full(shape, value, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
 def _position_ids(attention_mask: Tensor) -> Tensor:
     """Positions that skip padding (0 at each row's first real token), for left- or right-padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -414,18 +436,21 @@ class Teacher:
                 position_ids=_position_ids(attention_mask).to(self.device),
                 use_cache=True,
             )
-            logits = out.logits[:, -1].float().clone()
         return TeacherState(
             input_ids=input_ids,
             attention_mask=attention_mask,
             prompt_lengths=attention_mask.sum(-1),
-            logits=logits,
+            logits=out.logits[:, -1].float().clone(),  # cloned outside inference mode: an ordinary tensor
             cache=_output_cache(out),
         )
 
-    def step(self, state: TeacherState, tokens: Tensor | Sequence[int]) -> TeacherState:
+    def step(self, state: TeacherState, tokens: Tensor | Sequence[int], *, use_cache: bool = True) -> TeacherState:
         """Append one token per row (``tokens`` ``[B]``) with ONE cached forward; updates ``state``
-        in place (and returns it) with the logits of the following token."""
+        in place (and returns it) with the logits of the following token.
+
+        ``use_cache=False`` re-encodes every whole sequence instead (the naive baseline the
+        benchmarks compare against, and a fallback for models whose cache misbehaves).
+        """
         tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         if tokens.shape[0] != state.input_ids.shape[0]:
             raise ValueError(
@@ -433,6 +458,12 @@ class Teacher:
             )
         positions = state.attention_mask.sum(-1, keepdim=True)
         attention_mask = torch.cat([state.attention_mask, torch.ones_like(tokens).unsqueeze(-1)], dim=-1)
+        if not use_cache:
+            state.input_ids = torch.cat([state.input_ids, tokens.unsqueeze(-1).cpu()], dim=-1)
+            state.attention_mask = attention_mask
+            state.logits = self._forward_logits(state.input_ids, attention_mask)[:, -1].clone()
+            state.cache = None
+            return state
         with torch.inference_mode():
             out = self.model(
                 input_ids=tokens.unsqueeze(-1).to(self.device),
@@ -441,10 +472,57 @@ class Teacher:
                 use_cache=True,
                 **{self._cache_kwarg: state.cache},
             )
-            state.logits = out.logits[:, -1].float().clone()
+        state.logits = out.logits[:, -1].float().clone()
         state.cache = _output_cache(out)
         state.input_ids = torch.cat([state.input_ids, tokens.unsqueeze(-1).cpu()], dim=-1)
         state.attention_mask = attention_mask
+        return state
+
+    def restart(self, state: TeacherState, rows: Sequence[int], prompts: Sequence[str | Sequence[int]]) -> TeacherState:
+        """Put fresh prompts in ``rows`` of ``state`` (in place) and keep every other row's cache.
+
+        Used by the vector environment's autoreset. The new prompts are encoded in one batched
+        forward; for caches made of plain dynamic layers (the default for HF decoders) their keys and
+        values are spliced into the batch, right-aligned like the rest, and all-padding columns on the
+        left are trimmed. Other caches fall back to re-encoding every row once.
+        """
+        rows = [int(r) for r in rows]
+        if len(rows) != len(prompts):
+            raise ValueError(f"restart() needs one prompt per row: {len(prompts)} prompts for {len(rows)} rows")
+        if not rows:
+            return state
+        fresh = self.start(prompts)
+        if _spliceable(state.cache) and _spliceable(fresh.cache):
+            width = max(state.input_ids.shape[1], fresh.input_ids.shape[1])
+            state.input_ids = _pad_left(state.input_ids, width, self.pad_token_id)
+            state.attention_mask = _pad_left(state.attention_mask, width, 0)
+            state.input_ids[rows] = _pad_left(fresh.input_ids, width, self.pad_token_id)
+            state.attention_mask[rows] = _pad_left(fresh.attention_mask, width, 0)
+            for old, new in zip(_layers(state.cache), _layers(fresh.cache)):
+                for name in ("keys", "values"):
+                    merged = _pad_left(getattr(old, name), width, 0, dim=-2)
+                    merged[rows] = _pad_left(getattr(new, name), width, 0, dim=-2)
+                    setattr(old, name, merged)
+            lead = int((width - state.attention_mask.sum(-1)).min())  # columns that are padding in every row
+            if lead:
+                state.input_ids, state.attention_mask = state.input_ids[:, lead:], state.attention_mask[:, lead:]
+                for layer in _layers(state.cache):
+                    layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+            state.logits[rows] = fresh.logits
+            state.prompt_lengths[rows] = fresh.prompt_lengths
+            return state
+        sequences = [ids[mask.bool()].tolist() for ids, mask in zip(state.input_ids, state.attention_mask)]
+        prompt_lengths = state.prompt_lengths.clone()
+        for row, ids, mask, n in zip(rows, fresh.input_ids, fresh.attention_mask, fresh.prompt_lengths):
+            sequences[row], prompt_lengths[row] = ids[mask.bool()].tolist(), n
+        rebuilt = self.start(sequences)
+        state.input_ids, state.attention_mask, state.logits, state.cache = (
+            rebuilt.input_ids,
+            rebuilt.attention_mask,
+            rebuilt.logits,
+            rebuilt.cache,
+        )
+        state.prompt_lengths = prompt_lengths
         return state
 
     def generate(

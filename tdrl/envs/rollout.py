@@ -1,0 +1,157 @@
+"""Collect episodes from a token-generation env as records that offline agents also train on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from tdrl.actions import ActionSubset
+from tdrl.records import episode_record
+
+__all__ = ["rollout", "TeacherPolicy", "RandomMaskedPolicy"]
+
+Policy = Callable[[dict[str, np.ndarray]], Any]
+
+
+def _sample_rows(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One index per row of ``probs`` ``[N, K]`` (rows sum to 1) by inverse-CDF sampling."""
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(probs.shape[0]) * cdf[:, -1]
+    return np.minimum((cdf < u[:, None]).sum(-1), probs.shape[-1] - 1)
+
+
+class _CandidatePolicy:
+    """Base for policies that choose among an observation's ``cand_*`` (single or batched obs)."""
+
+    def __init__(self, seed: int | None = None):
+        self.rng = np.random.default_rng(seed)
+
+    def probabilities(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, obs: dict[str, np.ndarray]):
+        batched = obs["cand_ids"].ndim == 2
+        cand_ids = np.atleast_2d(obs["cand_ids"])
+        probs = self.probabilities({k: np.atleast_2d(obs[k]) for k in ("cand_logprobs", "cand_mask")})
+        choice = _sample_rows(probs, self.rng)
+        actions = cand_ids[np.arange(cand_ids.shape[0]), choice]
+        return actions if batched else actions[0]
+
+
+class TeacherPolicy(_CandidatePolicy):
+    """Samples from the teacher projected onto A_p(s): ``softmax(cand_logprobs / temperature)`` on
+    ``cand_mask``. With ``top_p=1`` and ``top_k >= V`` this is the teacher itself."""
+
+    def __init__(self, temperature: float = 1.0, seed: int | None = None):
+        super().__init__(seed)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def probabilities(self, obs):
+        logits = np.where(obs["cand_mask"].astype(bool), obs["cand_logprobs"] / self.temperature, -np.inf)
+        logits = logits - logits.max(-1, keepdims=True)
+        weights = np.exp(logits)
+        return weights / weights.sum(-1, keepdims=True)
+
+
+class RandomMaskedPolicy(_CandidatePolicy):
+    """Uniform over A_p(s)."""
+
+    def probabilities(self, obs):
+        weights = obs["cand_mask"].astype(np.float64)
+        return weights / weights.sum(-1, keepdims=True)
+
+
+def rollout(env, policy: Policy, n_episodes: int, *, seed: int | None = None) -> list[dict]:
+    """Run ``policy`` for ``n_episodes`` complete episodes and return them as records
+    (:mod:`tdrl.records`): the same format the offline annotation writes.
+
+    ``env`` is a :class:`TokenGenerationEnv` (possibly wrapped, e.g. by ``gymnasium.make``) or a
+    :class:`TokenGenerationVectorEnv`; ``policy`` maps an observation (batched for a vector env) to
+    action(s). ``seed`` seeds the first reset. Each record also carries ``return`` (sum of rewards).
+    """
+    if n_episodes < 1:
+        raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+    base = getattr(env, "unwrapped", env)
+    num = getattr(base, "num_envs", None)
+    return (
+        _rollout_vector(env, base, policy, n_episodes, seed) if num else _rollout_single(env, policy, n_episodes, seed)
+    )
+
+
+class _Trajectory:
+    def __init__(self, obs_row: dict[str, np.ndarray], prompt: str):
+        self.prompt = prompt
+        self.prompt_ids = obs_row["input_ids"][: int(obs_row["prompt_length"])].tolist()
+        self.cand_ids, self.cand_logprobs, self.cand_mask = [], [], []
+        self.actions, self.action_logprob, self.reward = [], [], []
+
+    def add(self, obs_row, action, reward, teacher_logprob) -> None:
+        self.cand_ids.append(obs_row["cand_ids"])
+        self.cand_logprobs.append(obs_row["cand_logprobs"])
+        self.cand_mask.append(obs_row["cand_mask"].astype(bool))
+        self.actions.append(int(action))
+        self.reward.append(float(reward))
+        self.action_logprob.append(float(teacher_logprob))
+
+    def record(self, tokenizer, terminated: bool) -> dict:
+        subset = ActionSubset(
+            torch.as_tensor(np.stack(self.cand_ids)),
+            torch.as_tensor(np.stack(self.cand_logprobs)),
+            torch.as_tensor(np.stack(self.cand_mask)),
+        )
+        rec = episode_record(
+            prompt=self.prompt,
+            response=tokenizer.decode(self.actions),
+            prompt_ids=self.prompt_ids,
+            response_ids=self.actions,
+            subset=subset,
+            action_logprob=torch.tensor(self.action_logprob),
+            reward=torch.tensor(self.reward, dtype=torch.float64),
+            terminated=terminated,
+        )
+        rec["return"] = float(sum(self.reward))
+        return rec
+
+
+def _rollout_single(env, policy: Policy, n_episodes: int, seed: int | None) -> list[dict]:
+    base = env.unwrapped
+    records = []
+    for episode in range(n_episodes):
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
+        traj = _Trajectory(obs, base.prompt_text())
+        while True:
+            action = policy(obs)
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            traj.add(obs, action, reward, info["teacher_logprob"])
+            obs = next_obs
+            if terminated or truncated:
+                records.append(traj.record(base.teacher.tokenizer, terminated))
+                break
+    return records
+
+
+def _rollout_vector(env, base, policy: Policy, n_episodes: int, seed: int | None) -> list[dict]:
+    obs, _ = env.reset(seed=seed)
+    rows = range(base.num_envs)
+    texts = lambda row: base._mdp.prompt_texts[row]  # noqa: E731
+    trajs = [_Trajectory({k: v[row] for k, v in obs.items()}, texts(row)) for row in rows]
+    records: list[dict] = []
+    while len(records) < n_episodes:
+        actions = np.asarray(policy(obs))
+        next_obs, reward, terminated, truncated, info = env.step(actions)
+        for row in rows:
+            if trajs[row] is None:  # this row was autoreset by this step: a new episode starts
+                trajs[row] = _Trajectory({k: v[row] for k, v in next_obs.items()}, texts(row))
+                continue
+            trajs[row].add({k: v[row] for k, v in obs.items()}, actions[row], reward[row], info["teacher_logprob"][row])
+            if terminated[row] or truncated[row]:
+                if len(records) < n_episodes:
+                    records.append(trajs[row].record(base.teacher.tokenizer, bool(terminated[row])))
+                trajs[row] = None
+        obs = next_obs
+    return records
