@@ -60,6 +60,63 @@ def cmd_teacher_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source(args: argparse.Namespace, require_response: bool = False):
+    from tdrl.data import load_source
+
+    return load_source(
+        args.source,
+        split=args.split,
+        prompt_column=args.prompt_column,
+        response_column=args.response_column,
+        context_column=args.context_column,
+        require_response=require_response,
+    )
+
+
+def _subset(ds, limit: int | None):
+    return ds if limit is None or limit >= len(ds) else ds.select(range(limit))
+
+
+def cmd_generate_responses(args: argparse.Namespace) -> int:
+    from tdrl.data import generate_responses
+    from tdrl.teachers import load_teacher
+
+    source = _subset(_source(args), args.limit)
+    teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    out = generate_responses(
+        teacher, source, args.out, num_responses=args.num_responses, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size,
+        seed=args.seed, shard_size=args.shard_size, progress=True,
+    )  # fmt: skip
+    print(f"wrote {len(source) * args.num_responses} teacher responses to {out}")
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    import json
+
+    from tdrl.data import ANNOTATION_META, annotate
+    from tdrl.teachers import load_teacher
+
+    source = _subset(_source(args, require_response=True), args.limit)
+    teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    out = annotate(
+        teacher, source, args.out, top_k=args.top_k, top_p=args.top_p, reward=args.reward, gamma=args.gamma,
+        max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
+        logprob_dtype=args.logprob_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
+        strict=args.strict, progress=True,
+    )  # fmt: skip
+    meta = json.loads((out / ANNOTATION_META).read_text())
+    stats = meta["statistics"]
+    print(
+        f"annotated {meta['records']} records ({stats['tokens']} response tokens, {meta['skipped']} skipped) "
+        f"into {out}\nmean |A_p(s)| {stats['support_size']:.2f}, mean teacher mass in A_p(s) "
+        f"{stats['support_mass']:.3f}, data tokens inside A_p(s) {stats['action_in_cand']:.3f}, "
+        f"{meta['bytes_per_token']:.0f} bytes/token on disk"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     args.teacher, args.dtype, args.device, args.trust_remote_code = "bundled", "float32", "cpu", False
     return cmd_teacher_info(args)
@@ -81,10 +138,53 @@ def build_parser() -> argparse.ArgumentParser:
     add_stats_args(info)
     info.set_defaults(func=cmd_teacher_info)
 
+    def add_source_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--source",
+            default="bundled",
+            help="'bundled', 'dolly', a .jsonl/.json/.csv file, a generate-responses directory, "
+            "a save_to_disk directory or a hub data set id",
+        )
+        p.add_argument("--split", default=None, help="split to read (bundled: train, validation or test)")
+        p.add_argument("--prompt-column", default="prompt")
+        p.add_argument("--response-column", default="response")
+        p.add_argument("--context-column", default=None, help="joined into the prompt after a blank line")
+        p.add_argument("--limit", type=int, default=None, help="use only the first N records")
+        p.add_argument("--out", required=True, help="output directory (resumes if it holds the same job)")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--top-k", type=int, default=64, help="cap K on the candidate set")
+        p.add_argument("--top-p", type=float, default=0.8, help="nucleus mass p of A_p(s)")
+
+    gen = sub.add_parser("generate-responses", help="sample teacher responses for a prompt source (SeqKD data)")
+    _add_teacher_args(gen)
+    add_source_args(gen)
+    gen.add_argument("--num-responses", type=int, default=1, help="samples per prompt (the paper: 8)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--shard-size", type=int, default=256, help="responses per atomically written shard")
+    gen.set_defaults(func=cmd_generate_responses)
+
+    ann = sub.add_parser("annotate", help="run the teacher once over (prompt, response) data into an Arrow cache")
+    _add_teacher_args(ann)
+    add_source_args(ann)
+    ann.add_argument("--reward", default="logprob", help="logprob, logit or inverse_soft_q")
+    ann.add_argument("--gamma", type=float, default=0.99, help="discount for the inverse_soft_q reward")
+    ann.add_argument("--max-prompt-len", type=int, default=512, help="longer prompts are skipped (or --strict)")
+    ann.add_argument("--max-response-len", type=int, default=256, help="responses are cut to this many tokens")
+    ann.add_argument("--logprob-dtype", default="float32", choices=["float32", "float16"])
+    ann.add_argument("--shard-size", type=int, default=512, help="records per atomically written shard")
+    ann.add_argument("--strict", action="store_true", help="error on a too-long prompt instead of skipping it")
+    ann.set_defaults(func=cmd_annotate, batch_size=8)
+
     demo = sub.add_parser("demo", help="the main job on the bundled default teacher")
     add_stats_args(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _as_list(value) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,9 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from tdrl.actions import validate_top_k, validate_top_p
 
-        for p in getattr(args, "top_p", []) or []:
+        for p in _as_list(getattr(args, "top_p", None)):
             validate_top_p(p)
-        for k in getattr(args, "top_k", []) or []:
+        for k in _as_list(getattr(args, "top_k", None)):
             validate_top_k(k)
         return args.func(args)
     except (TdrlError, ValueError) as exc:

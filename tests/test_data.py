@@ -1,0 +1,258 @@
+"""Offline data: sources, teacher responses, the annotation cache, batching."""
+
+import json
+from collections import Counter
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from tdrl.actions import top_p_subset
+from tdrl.data import (
+    BucketBatchSampler,
+    DistillDataset,
+    annotate,
+    check_same_vocabulary,
+    collate,
+    generate_responses,
+    load_annotations,
+    load_source,
+    recut_mask,
+)
+from tdrl.errors import ConfigError, DataError, VocabularyMismatchError
+
+
+@pytest.fixture(scope="module")
+def small_source():
+    from tdrl.testing import tiny_teacher
+
+    prompts = load_source("bundled", split="train").select(range(12))
+    rows = prompts.to_list()
+    teacher = tiny_teacher()
+    responses = teacher.generate([r["prompt"] for r in rows], 9, seed=0)
+    for row, ids in zip(rows, responses):
+        row["response"] = teacher.tokenizer.decode(ids)
+        row["response_ids"] = ids
+    rows[3]["response_ids"] = rows[3]["response_ids"][:4] + [teacher.eos_token_id]  # one terminated response
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="module")
+def cache(small_source, tmp_path_factory):
+    from tdrl.testing import tiny_teacher
+
+    out = tmp_path_factory.mktemp("ann") / "cache"
+    annotate(tiny_teacher(), small_source, out, top_k=16, top_p=0.8, shard_size=5, batch_size=4)
+    return out
+
+
+def test_bundled_set_size_families_and_splits():
+    everything = load_source("bundled")
+    assert len(everything) >= 2000
+    assert len(Counter(everything["family"])) >= 8 and min(Counter(everything["family"]).values()) >= 100
+    splits = {s: set(load_source("bundled", split=s)["prompt"]) for s in ("train", "validation", "test")}
+    assert sum(len(v) for v in splits.values()) == len(everything) == len(set(everything["prompt"]))
+    assert not (splits["train"] & splits["validation"]) and not (splits["train"] & splits["test"])
+    assert not (splits["validation"] & splits["test"])
+    assert len(splits["validation"]) > 150 and len(splits["test"]) > 150
+    with pytest.raises(ConfigError):
+        load_source("bundled", split="dev")
+
+
+def test_annotation_equals_direct_teacher_calls(cache, small_source, tiny_teacher):
+    data = load_annotations(cache)
+    assert len(data) == len(small_source)
+    for row, src in zip(data, small_source):
+        prompt_ids = tiny_teacher.encode_prompt(src["prompt"])
+        assert row["prompt_ids"] == prompt_ids and row["response_ids"] == src["response_ids"]
+        ids = torch.tensor([prompt_ids + src["response_ids"]])
+        ann = tiny_teacher.annotate(ids, top_k=16, top_p=0.8)
+        lo, hi = len(prompt_ids) - 1, ids.shape[1] - 1
+        assert torch.equal(torch.tensor(row["cand_ids"]), ann.subset.ids[0, lo:hi].int())
+        assert torch.allclose(torch.tensor(row["cand_logprobs"]), ann.subset.logprobs[0, lo:hi], atol=1e-5)
+        assert torch.equal(torch.tensor(row["cand_mask"]), ann.subset.mask[0, lo:hi])
+        # action_logprob against an independent log-softmax of the full logits
+        logprobs = torch.log_softmax(tiny_teacher.logits(ids)[0].double(), -1)
+        expected = [logprobs[lo + j, tok].item() for j, tok in enumerate(src["response_ids"])]
+        assert np.allclose(row["action_logprob"], expected, atol=1e-4)
+        assert row["reward"] == pytest.approx(row["action_logprob"], abs=1e-6)  # reward "logprob"
+        assert row["terminated"] == (src["response_ids"][-1] == tiny_teacher.eos_token_id)
+
+
+def test_round_trip_batch_shapes_padding_and_done(cache, tiny_teacher):
+    ds = DistillDataset(cache, tokenizer=tiny_teacher.tokenizer)
+    items = [ds[i] for i in (0, 3, 7)]
+    batch = collate(items, tiny_teacher.pad_token_id)
+    lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in items]
+    b, t, k = batch["cand_ids"].shape
+    assert (b, t, k) == (3, max(lengths), 16)
+    for i, r in enumerate(items):
+        n_prompt, n = len(r["prompt_ids"]), len(r["response_ids"])
+        assert batch["input_ids"][i, : n_prompt + n].tolist() == r["prompt_ids"].tolist() + r["response_ids"].tolist()
+        assert (batch["input_ids"][i, n_prompt + n :] == tiny_teacher.pad_token_id).all()
+        assert batch["attention_mask"][i].sum() == n_prompt + n
+        positions = torch.nonzero(batch["response_mask"][i]).flatten().tolist()
+        assert positions == list(range(n_prompt - 1, n_prompt - 1 + n))
+        assert torch.nonzero(batch["done"][i]).flatten().tolist() == [n_prompt + n - 2]
+        # the action at position t is the next token
+        hits = batch["cand_ids"][i, positions] == batch["input_ids"][i, [p + 1 for p in positions]].unsqueeze(-1)
+        assert torch.equal((hits & batch["cand_mask"][i, positions]).any(-1), batch["action_in_cand"][i, positions])
+        assert torch.isneginf(batch["cand_logprobs"][i][~batch["cand_mask"][i]]).all()
+        assert not batch["cand_mask"][i][~batch["response_mask"][i]].any()
+    assert batch["terminated"].tolist() == [bool(r["terminated"]) for r in items]
+
+
+def test_interrupted_annotate_resumes_to_the_same_dataset(small_source, tiny_teacher, tmp_path, cache):
+    out = tmp_path / "resumed"
+    annotate(tiny_teacher, small_source, out, top_k=16, top_p=0.8, shard_size=5, batch_size=4, stop_after_shards=1)
+    with pytest.raises(DataError, match="incomplete"):
+        load_annotations(out)
+    assert len(list((out / "shards").glob("shard-*"))) == 1
+    annotate(tiny_teacher, small_source, out, top_k=16, top_p=0.8, shard_size=5, batch_size=4)
+    a, b = load_annotations(out), load_annotations(cache)
+    assert a.to_list() == b.to_list()
+
+
+def test_fingerprint_mismatch_is_an_error(small_source, tiny_teacher, cache):
+    with pytest.raises(DataError, match="top_p"):
+        annotate(tiny_teacher, small_source, cache, top_k=16, top_p=0.5, shard_size=5)
+
+
+def test_cache_for_another_tokenizer_is_refused(cache, markov_teacher):
+    with pytest.raises(VocabularyMismatchError, match="another tokenizer"):
+        DistillDataset(cache, tokenizer=markov_teacher.tokenizer)
+
+
+def test_vocabulary_check(tiny_teacher, markov_teacher):
+    from tdrl.testing import tiny_student_model
+
+    _, student_tokenizer = tiny_student_model()
+    check_same_vocabulary(tiny_teacher.tokenizer, student_tokenizer)
+    with pytest.raises(VocabularyMismatchError, match="different vocabularies"):
+        check_same_vocabulary(tiny_teacher.tokenizer, markov_teacher.tokenizer)
+
+
+def test_interrupted_generate_responses_resumes_identically(tiny_teacher, tmp_path):
+    prompts = load_source("bundled", split="validation").select(range(6))
+    kwargs = dict(num_responses=2, max_new_tokens=6, shard_size=4, batch_size=3, seed=1)
+    full = generate_responses(tiny_teacher, prompts, tmp_path / "full", **kwargs)
+    part = tmp_path / "part"
+    generate_responses(tiny_teacher, prompts, part, stop_after_shards=1, **kwargs)
+    with pytest.raises(DataError, match="unfinished"):
+        load_source(part)
+    generate_responses(tiny_teacher, prompts, part, **kwargs)
+    a, b = load_source(full), load_source(part)
+    assert a.to_list() == b.to_list() and len(a) == 12
+    assert a[0]["id"].endswith("#0") and a[1]["id"].endswith("#1") and a[0]["prompt"] == a[1]["prompt"]
+    with pytest.raises(DataError, match="different settings"):
+        generate_responses(tiny_teacher, prompts, part, **(kwargs | {"seed": 2}))
+
+
+def test_recut_mask_matches_top_p_subset():
+    logits = 3 * torch.randn(5, 7, 100)
+    cached = top_p_subset(logits, top_k=32, top_p=1.0)
+    for p in (0.3, 0.5, 0.8, 1.0):
+        assert torch.equal(recut_mask(cached.logprobs, p), top_p_subset(logits, top_k=32, top_p=p).mask)
+
+
+def test_distill_dataset_recut_to_smaller_p(cache):
+    wide, narrow = DistillDataset(cache), DistillDataset(cache, top_p=0.3)
+    a, b = wide[0], narrow[0]
+    assert (b["cand_mask"] <= a["cand_mask"]).all() and b["cand_mask"].sum() < a["cand_mask"].sum()
+
+
+def test_sources_files_columns_and_context(tmp_path):
+    rows = [
+        {"instruction": "Say hi", "context": "", "output": "hi"},
+        {"instruction": "Summarize", "context": "A long text.", "output": "Short."},
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    with (tmp_path / "d.csv").open("w") as fh:
+        fh.write("instruction,context,output\nSay hi,,hi\nSummarize,A long text.,Short.\n")
+    for name in ("d.jsonl", "d.json", "d.csv"):
+        ds = load_source(
+            tmp_path / name, prompt_column="instruction", response_column="output", context_column="context"
+        )
+        assert ds["prompt"] == ["Say hi", "Summarize\n\nA long text."] and ds["response"] == ["hi", "Short."]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    ds = load_source(tmp_path / "saved", prompt_column="instruction", response_column="output")
+    assert ds["response"] == ["hi", "Short."]
+
+
+def test_dolly_preset_is_passed_to_the_hub(monkeypatch):
+    seen = {}
+
+    def fake_load_dataset(name, split=None):
+        seen["name"], seen["split"] = name, split
+        return datasets.Dataset.from_list([{"instruction": "Q?", "context": "ctx", "response": "A.", "category": "qa"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load_source("dolly")
+    assert seen == {"name": "databricks/databricks-dolly-15k", "split": "train"}
+    assert ds[0]["prompt"] == "Q?\n\nctx" and ds[0]["response"] == "A."
+
+
+def test_unreachable_hub_source_is_a_clear_error():
+    with pytest.raises(DataError, match="could not load data source"):
+        load_source("tdrl-test-org/no-such-dataset")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("", "empty"),
+        ('{"prompt": "ok"}\n{"text": "no prompt here"}\n', "record 1 .* no non-empty 'prompt'"),
+        ('{"prompt": "ok"\n', "not valid JSONL"),
+        ('{"prompt": "ok", "response": 5}\n', "must be a string"),
+    ],
+)
+def test_malformed_sources_raise(tmp_path, content, match):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_source(tmp_path / "bad.jsonl")
+
+
+def test_missing_source_path_raises(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_source("./no/such/dir")
+
+
+def test_annotate_needs_responses_and_skips_long_prompts(tiny_teacher, tmp_path):
+    with pytest.raises(DataError, match="no responses"):
+        annotate(tiny_teacher, load_source("bundled", split="test").select(range(2)), tmp_path / "a")
+    rows = [{"prompt": "short", "response": "ok"}, {"prompt": "long " * 200, "response": "ok"}]
+    ds = load_source(datasets.Dataset.from_list(rows))
+    out = annotate(tiny_teacher, ds, tmp_path / "b", max_prompt_len=64, top_k=8)
+    meta = json.loads((out / "tdrl-annotation.json").read_text())
+    assert meta["records"] == 1 and meta["skipped"] == 1
+    row = load_annotations(out)[0]
+    assert row["response_ids"][-1] == tiny_teacher.eos_token_id and row["terminated"]  # text responses end in EOS
+    with pytest.raises(DataError, match="max_prompt_len"):
+        annotate(tiny_teacher, ds, tmp_path / "c", max_prompt_len=64, strict=True)
+
+
+def test_sampler_is_deterministic_bucketed_and_resumable():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 300, size=203)
+    a = BucketBatchSampler(lengths, 8, seed=3, pool_batches=4)
+    epoch0 = list(a)
+    epoch1 = list(a)
+    assert sorted(i for b in epoch0 for i in b) == list(range(203))
+    assert epoch0 != epoch1 and epoch0 == BucketBatchSampler(lengths, 8, seed=3, pool_batches=4).batches(0)
+    assert epoch0 != BucketBatchSampler(lengths, 8, seed=4, pool_batches=4).batches(0)
+    spread = np.mean([np.ptp(lengths[b]) for b in epoch0])
+    random_spread = np.mean([np.ptp(lengths[rng.permutation(203)[:8]]) for _ in range(50)])
+    assert spread < random_spread / 2  # bucketing groups similar lengths
+    # interrupt after 5 batches, restore into a fresh sampler: the rest is identical
+    b = BucketBatchSampler(lengths, 8, seed=3, pool_batches=4)
+    it = iter(b)
+    head = [next(it) for _ in range(5)]
+    state = b.state_dict()
+    c = BucketBatchSampler(lengths, 8, seed=3, pool_batches=4)
+    c.load_state_dict(state)
+    assert head + list(c) == epoch0
+    assert list(c) == epoch1
+    with pytest.raises(ConfigError):
+        BucketBatchSampler(lengths, 8, seed=9).load_state_dict(state)
