@@ -117,6 +117,16 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agents(args: argparse.Namespace) -> int:
+    from tdrl.agents import get_agent, list_agents
+
+    names = list_agents()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {get_agent(name).description}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     args.teacher, args.dtype, args.device, args.trust_remote_code = "bundled", "float32", "cpu", False
     return cmd_teacher_info(args)
@@ -176,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--shard-size", type=int, default=512, help="records per atomically written shard")
     ann.add_argument("--strict", action="store_true", help="error on a too-long prompt instead of skipping it")
     ann.set_defaults(func=cmd_annotate, batch_size=8)
+
+    agents = sub.add_parser("agents", help="list the registered agents (built in and plug-ins)")
+    agents.set_defaults(func=cmd_agents)
 
     demo = sub.add_parser("demo", help="the main job on the bundled default teacher")
     add_stats_args(demo)

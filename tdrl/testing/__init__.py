@@ -78,6 +78,9 @@ def _tiny_gpt2(n_embd: int, n_layer: int, n_head: int, seed: int, logit_scale: f
         vocab_size=len(tokenizer),
         n_positions=512,
         n_embd=n_embd,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
         n_layer=n_layer,
         n_head=n_head,
         bos_token_id=tokenizer.bos_token_id,
@@ -129,9 +132,10 @@ class MarkovTeacher(Teacher):
     Tokens are ``t0 .. t{V-2}`` plus EOS ``</s>`` (id ``V - 1``). ``table[i, j]`` are the logits of
     token j after token i, drawn once from ``N(0, scale^2)`` with ``seed``. Exact quantities of the
     token MDP (soft values, entropies, returns) follow from :attr:`logprobs` by enumeration.
+    ``eos_bias`` is added to every EOS logit (negative values make episodes longer).
     """
 
-    def __init__(self, vocab_size: int = 4, seed: int = 0, scale: float = 2.0):
+    def __init__(self, vocab_size: int = 4, seed: int = 0, scale: float = 2.0, eos_bias: float = 0.0):
         from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
 
@@ -143,6 +147,7 @@ class MarkovTeacher(Teacher):
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="</s>")
         generator = torch.Generator().manual_seed(seed)
         table = scale * torch.randn(vocab_size, vocab_size, generator=generator)
+        table[:, -1] += eos_bias  # shift every state's EOS logit (negative: longer episodes)
         super().__init__(MarkovLM(table), tokenizer, name=f"markov-{vocab_size}-{seed}")
 
     @property

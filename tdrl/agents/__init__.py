@@ -1,0 +1,30 @@
+"""Interchangeable agents behind one contract (:mod:`tdrl.agents.base`).
+
+Built in: ``bc`` (KD / SFT), ``sql``, ``cql``, ``iql`` (Implicit Q-Learning), ``iqlearn`` (Inverse
+soft-Q Learning, the paper's "IQL") and ``bd`` (Bellman Distill, the paper's method). Third-party
+agents register with :func:`register_agent` or the ``tdrl.agents`` entry-point group.
+"""
+
+from tdrl.agents import bc, iql, iqlearn, sql  # noqa: F401  (register the built-in agents)
+from tdrl.agents.base import (
+    Agent,
+    AgentConfig,
+    Transitions,
+    get_agent,
+    list_agents,
+    make_agent,
+    masked_log_softmax,
+    masked_logsumexp,
+    register_agent,
+)
+from tdrl.agents.bc import BC, BCConfig
+from tdrl.agents.iql import IQL, IQLConfig, expectile_loss
+from tdrl.agents.iqlearn import BD, BDConfig, IQLearn, IQLearnConfig
+from tdrl.agents.sql import CQL, SQL, CQLConfig, SQLConfig
+
+__all__ = [
+    "Agent", "AgentConfig", "Transitions", "register_agent", "get_agent", "list_agents", "make_agent",
+    "masked_logsumexp", "masked_log_softmax", "expectile_loss",
+    "BC", "BCConfig", "SQL", "SQLConfig", "CQL", "CQLConfig", "IQL", "IQLConfig",
+    "IQLearn", "IQLearnConfig", "BD", "BDConfig",
+]  # fmt: skip

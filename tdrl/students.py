@@ -1,0 +1,196 @@
+"""The student: an HF causal LM whose LM-head logits are an agent's Q-values or policy logits.
+
+The sparse path never builds a ``[B, T, V]`` tensor: :meth:`Student.hidden_states` runs the decoder
+trunk only, and :func:`gather_logits` computes logits for the candidate ids alone by gathering rows
+of the output embedding (``logit(s, a) = w_a . h(s) + b_a``), i.e. ``K * H`` multiply-adds per state
+instead of ``V * H``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tdrl.errors import ConfigError, ModelNotFoundError
+
+__all__ = ["Student", "gather_logits", "load_student", "from_teacher_layers"]
+
+
+def gather_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor) -> Tensor:
+    """Logits of the tokens ``ids`` ``[..., M]`` from hidden states ``[..., H]``: ``w[ids] . h + b[ids]``."""
+    rows = nn.functional.embedding(ids, weight)  # [..., M, H]
+    logits = (rows @ hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1)
+    if bias is not None:
+        logits = logits + bias[ids]
+    return logits
+
+
+class Student(nn.Module):
+    """A causal LM as policy / Q-network.
+
+    Args:
+        model: an HF causal LM (``base_model`` trunk + ``get_output_embeddings()`` head).
+        tokenizer: its tokenizer (must equal the teacher's vocabulary; see
+            :func:`tdrl.data.check_same_vocabulary`).
+        value_head: add a scalar head ``V(s) = v . h(s) + c`` (zero-initialised), for agents that need one.
+    """
+
+    def __init__(self, model, tokenizer=None, *, value_head: bool = False):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        config = getattr(model, "config", None)
+        if getattr(config, "final_logit_softcapping", None):
+            raise ConfigError("students with final_logit_softcapping are not supported on the sparse logits path")
+        self.value_head = nn.Linear(self.hidden_size, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    # -------------------------------------------------------------- shape facts
+    @property
+    def hidden_size(self) -> int:
+        return int(self.output_weight().shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.output_weight().shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.output_weight().device
+
+    def enable_value_head(self) -> nn.Linear:
+        """Create the scalar value head if missing (zero-initialised) and return it."""
+        if self.value_head is None:
+            self.value_head = nn.Linear(self.hidden_size, 1).to(self.device)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        return self.value_head
+
+    # -------------------------------------------------------------- forward pieces
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Final hidden states ``[B, T, H]`` of the decoder trunk (no LM head, no ``[B, T, V]``)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return out.last_hidden_state
+
+    def output_weight(self) -> Tensor:
+        return self.model.get_output_embeddings().weight
+
+    def output_bias(self) -> Tensor | None:
+        return getattr(self.model.get_output_embeddings(), "bias", None)
+
+    def subset_logits(self, hidden: Tensor, cand_ids: Tensor) -> Tensor:
+        """LM-head logits of the candidates only: ``[..., K]`` from ``hidden [..., H]`` and ``cand_ids [..., K]``."""
+        return gather_logits(hidden, self.output_weight(), self.output_bias(), cand_ids)
+
+    def full_logits(self, hidden: Tensor) -> Tensor:
+        """LM-head logits over the whole vocabulary ``[..., V]`` (decoding, ``restrict="none"``)."""
+        return self.model.get_output_embeddings()(hidden)
+
+    def value(self, hidden: Tensor) -> Tensor:
+        if self.value_head is None:
+            raise ConfigError("this student has no value head: call enable_value_head() first")
+        return self.value_head(hidden).squeeze(-1)
+
+    # -------------------------------------------------------------- persistence
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """An ordinary HF model directory (safetensors) anyone can ``from_pretrained``; a value head,
+        if any, goes beside it as ``value_head.safetensors``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        self.model.save_pretrained(path, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        if self.value_head is not None:
+            state = {k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()}
+            save_file(state, str(path / "value_head.safetensors"))
+
+
+def _decoder_layers(model) -> nn.ModuleList:
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError(f"could not find the {n} decoder layers of {type(model).__name__}")
+
+
+def from_teacher_layers(teacher, layers: list[int], *, dtype: torch.dtype = torch.float32):
+    """DistilBERT-style initialisation: the teacher's embeddings, final norm and head, and the
+    decoder layers ``layers`` (in order). Same tokenizer, so the same vocabulary."""
+    model = teacher.model
+    n = model.config.num_hidden_layers
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise ConfigError(f"layers must be indices in 0..{n - 1} of the teacher's {n} layers, got {layers}")
+    student = copy.deepcopy(model).to(dtype)
+    old = _decoder_layers(student)
+    new = nn.ModuleList([old[i] for i in layers])
+    for parent in student.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+    for new_index, layer in enumerate(new):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    student.config.num_hidden_layers = len(layers)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in layers]
+    student.requires_grad_(True)
+    return student.train()
+
+
+def load_student(
+    name: str,
+    teacher=None,
+    *,
+    value_head: bool = False,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> Student:
+    """Resolve a student name: ``tiny`` (the :mod:`tdrl.testing` GPT-2, the tiny teacher's vocabulary),
+    ``layers:0,10,20,29`` (a subset of the given teacher's decoder layers), a local directory, or a
+    hub id."""
+    if name == "tiny":
+        from tdrl.testing import tiny_student_model
+
+        model, tokenizer = tiny_student_model()
+        return Student(model.to(dtype).train(), tokenizer, value_head=value_head)
+    match = re.fullmatch(r"layers:([\d,\s]+)", name)
+    if match:
+        if teacher is None:
+            raise ConfigError("a 'layers:...' student is built from the teacher's layers: pass the teacher")
+        layers = [int(x) for x in match.group(1).split(",") if x.strip()]
+        model = from_teacher_layers(teacher, layers, dtype=dtype)
+        return Student(model, teacher.tokenizer, value_head=value_head)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name).expanduser()
+    if not local.exists() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name):
+        raise ModelNotFoundError(
+            f"student {name!r} is not 'tiny', 'layers:i,j,...', an existing directory, nor a hub id"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(local) if local.exists() else name, trust_remote_code=trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local) if local.exists() else name, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise ModelNotFoundError(f"could not load student {name!r}: {str(exc).splitlines()[0]}") from exc
+    student = Student(model.train(), tokenizer, value_head=value_head)
+    if value_head and (local / "value_head.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        student.value_head.load_state_dict(load_file(str(local / "value_head.safetensors")))
+    return student
