@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tdrl.errors import TdrlError
+from tdrl.errors import ConfigError, TdrlError
 
 #: A few instruction prompts for quick statistics before any data set is loaded.
 SAMPLE_PROMPTS = (
@@ -127,9 +127,148 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tdrl.config import parse_train_args
+    from tdrl.trainer import Trainer
+
+    if args.resume:
+        extra = argparse.ArgumentParser(prog="tdrl train --resume")
+        extra.add_argument("--steps", type=int, default=None, help="extend the run to this many steps")
+        steps = extra.parse_args(args.rest).steps
+        trainer = Trainer.resume(args.resume, steps=steps)
+    else:
+        config, rest = parse_train_args(args.rest)
+        if rest:
+            raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl train --help`)")
+        trainer = Trainer(config)
+    summary = trainer.train()
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    last, best = (summary.get("last") or {}).get("metrics", {}), (summary.get("best") or {}).get("metrics", {})
+    print(f"{summary['agent']} seed {summary['seed']}: {summary['steps']} steps in {summary['wall_time_s']:.0f} s")
+    for key in sorted(k for k in last if not k.endswith("_std")):
+        print(f"  {key:<20} last {last[key]:8.3f}   best {best.get(key, float('nan')):8.3f}")
+    print(f"  run directory: {summary['config']['out']}  (tdrl tensorboard {summary['config']['out']})")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tdrl.errors import CheckpointNotFoundError
+    from tdrl.evaluation import EvalConfig, evaluate
+    from tdrl.students import load_student
+    from tdrl.teachers import load_teacher
+    from tdrl.trainer import eval_records, find_checkpoint
+
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist: pass a run, checkpoint or best/ directory")
+    model_dir = path if (path / "config.json").is_file() and (path / "model.safetensors").is_file() else None
+    teacher_name = args.teacher
+    if model_dir is None:
+        checkpoint = find_checkpoint(path)
+        model_dir = checkpoint / "student"
+        teacher_name = teacher_name or json.loads((checkpoint / "config.json").read_text())["teacher"]
+    teacher = load_teacher(teacher_name or "bundled", device=args.device)
+    student = load_student(str(model_dir))
+    records = eval_records(teacher, args.prompts, args.max_new_tokens, split=args.split)
+    config = EvalConfig(
+        max_new_tokens=args.max_new_tokens,
+        seeds=args.seeds,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        greedy=args.greedy,
+    )
+    metrics, samples = evaluate(student.model, student.tokenizer, teacher, records, config)
+    print(f"{model_dir} on {len(records)} bundled {args.split} prompts, seeds {config.seeds}:")
+    for key in sorted(k for k in metrics if not k.endswith("_std")):
+        print(f"  {key:<20} {metrics[key]:8.3f} ± {metrics[key + '_std']:.3f}")
+    for sample in samples[:2]:
+        print(f"\n  prompt:  {sample['prompt']}\n  student: {sample['student']}\n  teacher: {sample['teacher']}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tdrl.compare import compare, results_table
+    from tdrl.config import parse_train_args
+
+    config, rest = parse_train_args(args.rest)
+    if rest:
+        raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl compare --help`)")
+    agents = [a for a in args.agents.split(",") if a.strip()]
+    seeds = list(range(args.seeds))
+    out = Path(config.out)
+    summaries = compare(agents, seeds, config, out)
+    print(results_table(summaries))
+    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'eval_curves.png'}")
+    print(f"TensorBoard: tdrl tensorboard {out / 'runs'}")
+    return 0
+
+
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    import subprocess
+
+    url = f"http://127.0.0.1:{args.port}/"
+    print(f"TensorBoard for {args.logdir}: {url}  (Ctrl-C stops it)", flush=True)
+    command = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        args.logdir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
+    return subprocess.call(command)
+
+
+#: The demo's budget: all six agents, one seed, on the bundled teacher and prompts (~15 min, 2 cores).
+DEMO_ARGS = [
+    "--teacher",
+    "bundled",
+    "--student",
+    "layers:0,10,20,29",
+    "--data",
+    "bundled",
+    "--steps",
+    "60",
+    "--batch-size",
+    "8",
+    "--lr",
+    "2e-4",
+    "--eval-every",
+    "30",
+    "--eval-prompts",
+    "24",
+    "--eval-max-new-tokens",
+    "40",
+    "--checkpoint-every",
+    "60",
+    "--train-prompts",
+    "192",
+    "--response-tokens",
+    "40",
+]
+DEMO_AGENTS = "kd,sft,sql,cql,iql,iqlearn,bd"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.teacher, args.dtype, args.device, args.trust_remote_code = "bundled", "float32", "cpu", False
-    return cmd_teacher_info(args)
+    import time
+
+    args.rest = DEMO_ARGS + args.rest
+    args.agents = args.agents or DEMO_AGENTS
+    start = time.perf_counter()
+    status = cmd_compare(args)
+    print(f"demo wall time: {time.perf_counter() - start:.0f} s")
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,8 +329,42 @@ def build_parser() -> argparse.ArgumentParser:
     agents = sub.add_parser("agents", help="list the registered agents (built in and plug-ins)")
     agents.set_defaults(func=cmd_agents)
 
-    demo = sub.add_parser("demo", help="the main job on the bundled default teacher")
-    add_stats_args(demo)
+    train_help = "train one agent (flags: every TrainConfig field, e.g. --agent --teacher --student --data --steps)"
+    train = sub.add_parser("train", help=train_help, add_help=False)
+    train.add_argument("--resume", default=None, help="continue the run in this directory (or checkpoint)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint, a run directory or an exported model")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--teacher", default=None, help="teacher for NLL/coverage (default: the run's)")
+    evaluate.add_argument("--split", default="test", choices=["validation", "test"])
+    evaluate.add_argument("--prompts", type=int, default=64)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the paper: 5 seeds")
+    evaluate.add_argument("--top-p", type=float, default=0.8)
+    evaluate.add_argument("--temperature", type=float, default=1.0)
+    evaluate.add_argument("--greedy", action="store_true")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(func=cmd_eval)
+
+    comp = sub.add_parser("compare", help="train several agents on the same data, budget and seeds", add_help=False)
+    comp.add_argument(
+        "--agents",
+        default="bc,sql,iql,iqlearn,cql,bd",
+        help="comma-separated agent specs (name, name:key=value, or kd / sft / seqkd)",
+    )
+    comp.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. N-1)")
+    comp.set_defaults(func=cmd_compare)
+
+    board = sub.add_parser("tensorboard", help="serve TensorBoard for a run directory on 127.0.0.1")
+    board.add_argument("logdir")
+    board.add_argument("--port", type=int, default=6006)
+    board.set_defaults(func=cmd_tensorboard)
+
+    demo = sub.add_parser(
+        "demo", help="the main job: compare every agent on the bundled teacher (~15 min)", add_help=False
+    )
+    demo.add_argument("--agents", default=None, help=f"default: {DEMO_AGENTS}")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -202,7 +375,14 @@ def _as_list(value) -> list:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] in (["train"], ["compare"], ["demo"]) and any(a in ("-h", "--help") for a in argv):
+        return _train_help(argv[0])
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("train", "compare", "demo"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
         from tdrl.actions import validate_top_k, validate_top_p
 
@@ -210,13 +390,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             validate_top_p(p)
         for k in _as_list(getattr(args, "top_k", None)):
             validate_top_k(k)
+        _quiet_libraries()
         return args.func(args)
     except (TdrlError, ValueError) as exc:
         print(f"tdrl: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tdrl: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"tdrl: {exc or 'interrupted'}", file=sys.stderr)
         return 130
+
+
+def _train_help(command: str) -> int:
+    from transformers import HfArgumentParser
+
+    from tdrl.config import TrainConfig
+
+    parser = HfArgumentParser(TrainConfig, prog=f"tdrl {command}")
+    parser.add_argument("--config", help="YAML or JSON file of settings (flags override it)")
+    if command == "train":
+        parser.add_argument("--resume", help="continue the run in this directory (or checkpoint)")
+    else:
+        parser.add_argument("--agents", help="comma-separated agent specs (name, name:key=value, kd, sft, seqkd)")
+        parser.add_argument("--seeds", type=int, help="number of seeds (0 .. N-1)")
+    parser.print_help()
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' per-load progress bars and advisory warnings out of the CLI's output."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 if __name__ == "__main__":

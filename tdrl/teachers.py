@@ -256,14 +256,20 @@ class Teacher:
         tokenizer: its tokenizer (defines EOS, padding, and the chat template).
         name: a label recorded in annotation fingerprints and logs.
         prompt_template: used by :meth:`encode_prompt` when the tokenizer has no chat template.
+        freeze: put the model in eval mode with gradients off (default). ``freeze=False`` lets the same
+            KV-cached queries and sampling run on a model that is being trained (a student).
 
     The model is put in eval mode with gradients off; every query runs under ``torch.inference_mode``
     and returns ordinary tensors (safe to use as targets in a training graph).
     """
 
-    def __init__(self, model, tokenizer, *, name: str | None = None, prompt_template: str = PLAIN_TEMPLATE):
-        self.model = model.eval()
-        self.model.requires_grad_(False)
+    def __init__(
+        self, model, tokenizer, *, name: str | None = None, prompt_template: str = PLAIN_TEMPLATE, freeze: bool = True
+    ):
+        self.model = model
+        if freeze:  # ``freeze=False`` wraps a model that is being trained (e.g. to sample from a student)
+            self.model.eval()
+            self.model.requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
         self.prompt_template = prompt_template
@@ -569,6 +575,8 @@ def sample_tokens(
     top-k/top-p set."""
     if not do_sample:
         return logits.argmax(-1)
+    if top_p >= 1.0 and top_k >= logits.shape[-1]:  # plain sampling: no top-k, and no sort at all
+        return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
     subset = top_p_subset(logits / temperature, top_k=top_k, top_p=top_p)
     probs = subset.masked_logprobs().exp()
     choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -155,9 +155,12 @@ class Agent(nn.Module):
     def after_update(self) -> None:
         """Called by the trainer after each optimiser step (e.g. Polyak target updates)."""
 
+    #: decoding samples from softmax(LM-head logits / decode_temperature); SQL-family agents use alpha
+    decode_temperature: float = 1.0
+
     def policy_logits(self, hidden: Tensor) -> Tensor:
-        """Full-vocabulary logits to decode with (no teacher at inference). Default: the LM head."""
-        return self.student.full_logits(hidden)
+        """Full-vocabulary logits to decode with (no teacher at inference): the LM head / decode_temperature."""
+        return self.student.full_logits(hidden) / self.decode_temperature
 
     @torch.no_grad()
     def act(self, obs: dict[str, Any], *, greedy: bool = True, generator: torch.Generator | None = None) -> int:

@@ -91,8 +91,9 @@ class SQL(Agent):
         if self.target_student is not None:
             TargetNetwork.polyak(self.target_student, self.student, self.config.tau)
 
-    def policy_logits(self, hidden):
-        return self.student.full_logits(hidden) / self.config.alpha
+    @property
+    def decode_temperature(self) -> float:
+        return self.config.alpha
 
 
 @dataclass

@@ -1,0 +1,158 @@
+"""Configuration: dataclasses in, YAML/JSON files and command-line overrides on top.
+
+``tdrl train --config run.yaml --agent iql --lr 3e-4``: the file sets defaults, flags override them
+(``transformers.HfArgumentParser`` builds the flags, with each field's ``help``). Files are read with
+``yaml.safe_load`` / ``json``; unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tdrl.errors import ConfigError
+
+__all__ = ["TrainConfig", "parse_agent_args", "load_config_file", "parse_train_args"]
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """One training run: agent, models, data, optimisation, evaluation, checkpoints."""
+
+    agent: str = _f("bd", "agent name (see `tdrl agents`)")
+    agent_args: str = _f("", "agent settings as key=value pairs separated by commas, or a JSON object")
+    teacher: str = _f("bundled", "teacher: bundled, tiny, a local directory or a hub id")
+    student: str = _f("layers:0,10,20,29", "student: tiny, layers:i,j,... (from the teacher), a directory or hub id")
+    data: str = _f("bundled", "annotation cache directory, or 'bundled' to build one from the bundled prompts")
+    out: str = _f("runs/tdrl", "run directory (checkpoints, TensorBoard events, summary.json)")
+    seed: int = _f(0, "seed of initialisation, data order and sampling")
+    steps: int = _f(200, "optimiser steps")
+    batch_size: int = _f(8, "sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimiser step")
+    lr: float = _f(1e-4, "peak learning rate (the paper: 5e-6 for full-size students)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1 (the paper: 0.9)")
+    adam_beta2: float = _f(0.95, "AdamW beta2 (the paper: 0.95)")
+    warmup_steps: int = _f(10, "linear warm-up steps (the paper: 100)")
+    schedule: str = _f("cosine", "learning-rate schedule after warm-up: cosine, linear or constant")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    precision: str = _f("fp32", "fp32, or bf16 / fp16 autocast where the device supports it")
+    device: str = _f("cpu", "torch device of student and teacher")
+    teacher_dtype: str = _f("float32", "teacher dtype: float32, bfloat16 or float16")
+    log_every: int = _f(10, "log training scalars every N steps")
+    eval_every: int = _f(50, "evaluate every N steps (and at the end); 0: only at the end")
+    eval_prompts: int = _f(32, "validation prompts per evaluation")
+    eval_max_new_tokens: int = _f(48, "response length limit at evaluation")
+    eval_seeds: str = _f("0", "comma-separated sampling seeds (the paper: 5 seeds)")
+    eval_top_p: float = _f(0.8, "student sampling nucleus at evaluation (the paper: 0.8; MiniLLM: 1.0)")
+    eval_temperature: float = _f(1.0, "student sampling temperature at evaluation")
+    eval_greedy: bool = _f(False, "greedy decoding at evaluation")
+    checkpoint_every: int = _f(50, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
+    keep_last: int = _f(2, "checkpoints to keep (the best one is kept apart in best/)")
+    train_prompts: int = _f(256, "bundled data: training prompts to prepare (0: all 1,732)")
+    response_tokens: int = _f(48, "bundled data: teacher response length")
+    top_k: int = _f(64, "bundled data: candidate cap K of the annotation")
+    top_p: float = _f(0.8, "bundled data: nucleus mass p of the annotation")
+
+    def __post_init__(self):
+        from tdrl.actions import validate_top_k, validate_top_p
+
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "eval_prompts",
+            "eval_max_new_tokens",
+            "keep_last",
+            "response_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        try:
+            validate_top_p(self.top_p)
+            validate_top_p(self.eval_top_p)
+            validate_top_k(self.top_k)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.seed_list()
+
+    def seed_list(self) -> list[int]:
+        try:
+            return [int(s) for s in str(self.eval_seeds).split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"eval_seeds must be comma-separated integers, got {self.eval_seeds!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_agent_args(text: str) -> dict[str, Any]:
+    """``"alpha=0.1,chi2=false"`` or ``'{"alpha": 0.1}'`` -> a dict (values parsed as YAML scalars)."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"agent_args is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError("agent_args JSON must be an object")
+        return value
+    out = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise ConfigError(f"agent_args entry {part!r} is not key=value")
+        key, raw = part.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw.strip())
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON config file as a dict of TrainConfig fields (unknown keys raise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings")
+    if isinstance(data.get("agent_args"), dict):
+        data["agent_args"] = json.dumps(data["agent_args"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    return data
+
+
+def parse_train_args(argv: list[str]) -> tuple[TrainConfig, list[str]]:
+    """Parse ``--config FILE`` plus TrainConfig flags; return the config and leftover arguments."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(TrainConfig)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it)")
+    known, rest = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config_file(known.config))
+    ns, rest = parser.parse_known_args(argv)
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**values), rest

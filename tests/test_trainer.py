@@ -1,0 +1,264 @@
+"""End to end on the tiny models: train every agent from the CLI, eval, compare, resume, signals,
+TensorBoard tags, and one-line errors for bad configurations."""
+
+import csv
+import dataclasses
+import os
+import signal
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tdrl.cli import main
+from tdrl.config import TrainConfig
+from tdrl.trainer import Trainer, find_checkpoint
+
+TINY = [
+    "--teacher",
+    "tiny",
+    "--student",
+    "tiny",
+    "--data",
+    "bundled",
+    "--train-prompts",
+    "24",
+    "--response-tokens",
+    "8",
+    "--batch-size",
+    "4",
+    "--eval-prompts",
+    "4",
+    "--eval-max-new-tokens",
+    "8",
+]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TDRL_CACHE", str(tmp_path_factory.getbasetemp() / "tdrl-cache"))
+
+
+def tiny_config(out, **kw) -> TrainConfig:
+    base = dict(
+        teacher="tiny",
+        student="tiny",
+        data="bundled",
+        train_prompts=24,
+        response_tokens=8,
+        batch_size=4,
+        eval_prompts=4,
+        eval_max_new_tokens=8,
+        steps=6,
+        eval_every=3,
+        checkpoint_every=3,
+        log_every=1,
+        out=str(out),
+        lr=1e-3,
+        agent="sql",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("agent", ["bc", "sql", "cql", "iql", "iqlearn", "bd"])
+def test_train_each_agent_from_the_cli(agent, tmp_path, capsys):
+    out = tmp_path / agent
+    assert main(["train", "--agent", agent, "--steps", "3", "--eval-every", "0", "--out", str(out), *TINY]) == 0
+    assert "eval/rougeL" in capsys.readouterr().out
+    assert (out / "summary.json").is_file() and (out / "best" / "model.safetensors").is_file()
+    assert find_checkpoint(out).name == "step-0000003"
+
+
+def test_eval_command_on_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--agent", "bc", "--steps", "2", "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--prompts", "3", "--max-new-tokens", "6", "--seeds", "0", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "eval/rougeL" in text and "eval/coverage" in text and "±" in text
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out / "best"),
+                "--teacher",
+                "tiny",
+                "--prompts",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--seeds",
+                "0",
+            ]
+        )
+        == 0
+    )
+
+
+def test_compare_two_agents_two_seeds(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert (
+        main(
+            [
+                "compare",
+                "--agents",
+                "kd,bd",
+                "--seeds",
+                "2",
+                "--steps",
+                "2",
+                "--eval-every",
+                "1",
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "| kd | 2 |" in text and "| bd | 2 |" in text
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["agent"], r["seed"]) for r in rows] == [("kd", "0"), ("kd", "1"), ("bd", "0"), ("bd", "1")]
+    assert (out / "eval_curves.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["bd-seed0", "bd-seed1", "kd-seed0", "kd-seed1"]
+
+
+class InterruptAt(Trainer):
+    """Sends itself SIGINT after a given step, like a Ctrl-C."""
+
+    stop_at = 3
+
+    def _train_step(self):
+        out = super()._train_step()
+        if self.step + 1 == self.stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+
+@pytest.mark.parametrize("agent", ["sql", "iql"])  # with Polyak target networks and extra heads
+def test_interrupt_then_resume_is_bit_for_bit(agent, tmp_path):
+    full = Trainer(tiny_config(tmp_path / "full", agent=agent), progress=False)
+    full.train()
+    broken = InterruptAt(tiny_config(tmp_path / "broken", agent=agent), progress=False)
+    with pytest.raises(KeyboardInterrupt, match="resume"):
+        broken.train()
+    checkpoint = find_checkpoint(tmp_path / "broken")
+    assert checkpoint.name == "step-0000003"  # the SIGINT checkpoint is complete and loadable
+    from tdrl.students import load_student
+
+    assert load_student(str(checkpoint / "student")).vocab_size == 512
+    resumed = Trainer.resume(tmp_path / "broken", progress=False)
+    assert resumed.step == 3
+    resumed.train()
+    a, b = full.agent.state_dict(), resumed.agent.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert full.history == resumed.history
+
+
+def test_tensorboard_events_have_the_documented_tags(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path / "tb", agent="cql"), progress=False)
+    summary = trainer.train()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "loss/q",
+        "loss/cql",
+        "cql/gap",
+        "q/mean",
+        "eval/rougeL",
+        "eval/teacher_nll",
+        "eval/coverage",
+        "eval/length",
+        "data/support_size",
+        "data/support_mass",
+        "data/off_support_frac",
+        "perf/tokens_per_s",
+    }
+    assert expected <= tags, expected - tags
+    rouge = acc.Scalars("eval/rougeL")
+    assert [e.step for e in rouge] == [3, 6]
+    assert rouge[-1].value == pytest.approx(summary["last"]["metrics"]["eval/rougeL"], rel=1e-5)
+    assert len(acc.Scalars("train/loss")) == 6
+    assert "samples/text_summary" in acc.Tags()["tensors"]
+    sizes = [e.value for e in acc.Scalars("data/support_size")]
+    assert all(1 <= s <= 64 for s in sizes)
+
+
+def test_checkpoints_keep_last_k(tmp_path):
+    config = dataclasses.replace(tiny_config(tmp_path / "k"), steps=4, checkpoint_every=1, eval_every=0, keep_last=2)
+    Trainer(config, progress=False).train()
+    assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["step-0000003", "step-0000004"]
+
+
+def make_other_vocab_student(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(50)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w1", unk_token="w0")
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--agent", "ppo"], "unknown agent 'ppo'"),
+        (["--top-p", "1.5"], "top_p must lie in (0, 1]"),
+        (["--data", "/no/such/annotation"], "does not exist"),
+        (["--agent-args", "alpha"], "not key=value"),
+        (["--agent", "sql", "--agent-args", "temperature=2"], "no setting"),
+        (["--student", "OTHER"], "different vocabularies"),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_line(argv, message, tmp_path, capsys):
+    make_other_vocab_student(tmp_path / "other")
+    argv = [str(tmp_path / "other") if a == "OTHER" else a for a in argv]
+    base = [a for a in TINY]
+    assert main(["train", *base, "--steps", "1", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_resume_and_eval_missing_checkpoint(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_yaml_config_and_flag_override(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("agent: iqlearn\nagent_args: {chi2: false}\nsteps: 2\neval_every: 0\n")
+    out = tmp_path / "y"
+    assert main(["train", "--config", str(cfg), "--steps", "1", "--out", str(out), *TINY]) == 0
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["agent"] == "iqlearn" and summary["steps"] == 1
+    assert json.loads(summary["config"]["agent_args"]) == {"chi2": False}
+    (tmp_path / "bad.yaml").write_text("agnet: bd\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml"), *TINY]) == 2
+    assert "unknown setting(s) agnet" in capsys.readouterr().err
+
+
+def test_tensorboard_command_serves_on_localhost(monkeypatch, tmp_path, capsys):
+    import subprocess
+
+    seen = {}
+    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.setdefault("cmd", cmd) and 0)
+    assert main(["tensorboard", str(tmp_path), "--port", "6123"]) == 0
+    assert "http://127.0.0.1:6123/" in capsys.readouterr().out
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--logdir") + 1] == str(tmp_path)
