@@ -142,7 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl train --help`)")
         trainer = Trainer(config)
     summary = trainer.train()
-    _print_summary(summary)
+    if trainer.accelerator.is_main_process:
+        _print_summary(summary)
     return 0
 
 

@@ -160,9 +160,17 @@ class Trainer:
     """Train one agent with one seed. ``teacher`` may be passed in to share it between runs."""
 
     def __init__(self, config: TrainConfig, *, teacher: Teacher | None = None, progress: bool = True):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
         self.config = config
         self.out = Path(config.out)
-        self.progress = progress
+        # single process by default; under `accelerate launch` / `torchrun` every rank runs this trainer,
+        # gradients are averaged by DDP, and only the main process evaluates, logs and checkpoints
+        self.accelerator = Accelerator(
+            cpu=torch.device(config.device).type == "cpu",
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.progress = progress and self.accelerator.is_main_process
         self.agent_args = parse_agent_args(config.agent_args)
         from tdrl.agents import get_agent
 
@@ -172,14 +180,18 @@ class Trainer:
         self.student = load_student(config.student, teacher=self.teacher).to(config.device)
         check_same_vocabulary(self.teacher.tokenizer, self.student.tokenizer)
         self.agent = make_agent(config.agent, self.student, **self.agent_args).to(config.device)
-        data_dir = prepare_bundled_data(self.teacher, config, progress) if config.data == "bundled" else config.data
-        if not Path(data_dir).exists():
-            raise DataError(
-                f"data directory {data_dir} does not exist: build it with `tdrl annotate` or use --data bundled"
-            )
-        self.dataset = DistillDataset(data_dir, tokenizer=self.student.tokenizer, top_p=self.agent.config.top_p)
+        with self.accelerator.main_process_first():  # one rank builds the cached data, the others read it
+            if config.data == "bundled":
+                data_dir = prepare_bundled_data(self.teacher, config, self.progress)
+            else:
+                data_dir = config.data
+            if not Path(data_dir).exists():
+                raise DataError(
+                    f"data directory {data_dir} does not exist: build it with `tdrl annotate` or use --data bundled"
+                )
+            self.dataset = DistillDataset(data_dir, tokenizer=self.student.tokenizer, top_p=self.agent.config.top_p)
+            self.eval_records = eval_records(self.teacher, config.eval_prompts, config.eval_max_new_tokens)
         self.sampler = BucketBatchSampler(self.dataset.lengths, config.batch_size, seed=config.seed)
-        self.eval_records = eval_records(self.teacher, config.eval_prompts, config.eval_max_new_tokens)
         self.eval_config = EvalConfig(
             max_new_tokens=config.eval_max_new_tokens, seeds=config.seed_list(), top_p=config.eval_top_p,
             temperature=config.eval_temperature, greedy=config.eval_greedy,
@@ -189,6 +201,7 @@ class Trainer:
             params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.model, self.optimizer = self.accelerator.prepare(self.agent, self.optimizer)
         self.step = 0
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -216,9 +229,12 @@ class Trainer:
         return torch.autocast(device_type=device_type, dtype=dtype)
 
     def _next_batch(self) -> dict:
+        """The next batch of the seeded order; with several processes, this rank's share of it."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
         for _ in range(2):
             for indices in self._batches:
-                return collate([self.dataset[i] for i in indices], self.teacher.pad_token_id)
+                mine = indices[rank::world] or indices[:1]
+                return collate([self.dataset[i] for i in mine], self.teacher.pad_token_id)
             self._batches = iter(self.sampler)  # the rest of the epoch (or the next epoch)
         raise DataError("the training data yields no batches")
 
@@ -226,8 +242,9 @@ class Trainer:
     def train(self) -> dict:
         """Run to ``config.steps``; returns the summary (also written to ``out/summary.json``)."""
         cfg = self.config
+        main = self.accelerator.is_main_process
         self.out.mkdir(parents=True, exist_ok=True)
-        tracker = Tracker(self.out)
+        tracker = Tracker(self.out) if main else None
         self._batches = iter(self.sampler)
         started = time.perf_counter()
         window_tokens, window_start = 0, time.perf_counter()
@@ -244,12 +261,15 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         elapsed = time.perf_counter() - window_start
                         metrics["perf/tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-                        tracker.scalars(metrics, self.step)
+                        if main:
+                            tracker.scalars(metrics, self.step)
                         window_tokens, window_start = 0, time.perf_counter()
-                    if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
+                    if main and ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
                         self._evaluate(tracker)
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or stop.raised:
-                        self.save_checkpoint()
+                        if main:
+                            self.save_checkpoint()
+                        self.accelerator.wait_for_everyone()
                     if stop.raised:
                         interrupted = True
                         break
@@ -257,12 +277,19 @@ class Trainer:
             if bar is not None:
                 bar.close()
         summary = self._summary(time.perf_counter() - started, interrupted)
-        if not interrupted:
-            last = self.history[-1]["metrics"] if self.history else {}
-            final = {**last, **{f"best_{k}": v for k, v in (self.best or {}).get("metrics", {}).items()}}
-            tracker.hparams(self._hparams(), final)
-        tracker.close()
-        _atomic_json(self.out / "summary.json", summary)
+        if self.accelerator.num_processes > 1:  # every rank must end with the same weights
+            from accelerate.utils import gather_object
+
+            from tdrl.data import model_fingerprint
+
+            summary["rank_fingerprints"] = gather_object([model_fingerprint(self.agent)])
+        if main:
+            if not interrupted:
+                last = self.history[-1]["metrics"] if self.history else {}
+                final = {**last, **{f"best_{k}": v for k, v in (self.best or {}).get("metrics", {}).items()}}
+                tracker.hparams(self._hparams(), final)
+            tracker.close()
+            _atomic_json(self.out / "summary.json", summary)
         if interrupted:
             raise KeyboardInterrupt(f"interrupted at step {self.step}; resume with --resume {self.out}")
         return summary
@@ -289,15 +316,15 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             batch = self._next_batch()
             with self._autocast():
-                loss, metrics = self.agent.loss(batch)
-            (loss / cfg.grad_accum).backward()
+                loss, metrics = self.model(batch)
+            self.accelerator.backward(loss / cfg.grad_accum)
             metrics = {"train/loss": loss.item(), **metrics, **_data_metrics(batch)}
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
             tokens += int(batch["response_mask"].sum())
         params = [p for p in self.agent.parameters() if p.requires_grad]
         if cfg.max_grad_norm > 0:
-            totals["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            totals["train/grad_norm"] = float(self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
         totals["train/lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()

@@ -262,3 +262,45 @@ def test_tensorboard_command_serves_on_localhost(monkeypatch, tmp_path, capsys):
     assert "http://127.0.0.1:6123/" in capsys.readouterr().out
     cmd = seen["cmd"]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--logdir") + 1] == str(tmp_path)
+
+
+@pytest.mark.slow
+def test_two_processes_with_gloo_end_with_identical_weights(tmp_path):
+    """torchrun starts 2 CPU ranks (gloo); each trains on its half of every batch, DDP averages the
+    gradients, and both ranks must end with the same weights."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "tdrl.cli",
+        "train",
+        "--agent",
+        "sql",
+        "--steps",
+        "3",
+        "--eval-every",
+        "0",
+        "--out",
+        str(out),
+        *TINY,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-2000:]
+    fingerprints = json.loads((out / "summary.json").read_text())["rank_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]

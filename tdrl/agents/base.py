@@ -152,6 +152,10 @@ class Agent(nn.Module):
         """Scalar loss to minimise and named float metrics."""
         raise NotImplementedError
 
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """``agent(batch)`` is ``agent.loss(batch)``, so DDP / ``accelerate`` can wrap an agent."""
+        return self.loss(batch)
+
     def after_update(self) -> None:
         """Called by the trainer after each optimiser step (e.g. Polyak target updates)."""
 
