@@ -58,6 +58,15 @@ class TrainConfig:
     eval_greedy: bool = _f(False, "greedy decoding at evaluation")
     checkpoint_every: int = _f(50, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
     keep_last: int = _f(2, "checkpoints to keep (the best one is kept apart in best/)")
+    online_every: int = _f(0, "collect student episodes through the env every N steps (0: offline only)")
+    online_ratio: float = _f(0.5, "fraction of each batch taken from the latest student episodes when online")
+    online_episodes: int = _f(16, "student episodes per collection")
+    online_envs: int = _f(8, "sub-environments of the vector env used for collection")
+    online_max_new_tokens: int = _f(32, "response length limit of collected episodes")
+    lm_coef: float = _f(0.0, "weight of the auxiliary LM loss J_PT (MiniLLM: 0.5 next-token NLL + 0.5 KD); 0: off")
+    lm_corpus: str = _f("pydoc", "plain-text corpus of J_PT: 'pydoc' (the stdlib's pydoc_data text) or a .txt file")
+    lm_seq_len: int = _f(64, "tokens per J_PT sequence")
+    lm_batch_size: int = _f(4, "J_PT sequences per step")
     train_prompts: int = _f(256, "bundled data: training prompts to prepare (0: all 1,732)")
     response_tokens: int = _f(48, "bundled data: teacher response length")
     top_k: int = _f(64, "bundled data: candidate cap K of the annotation")
@@ -78,6 +87,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.online_ratio <= 1.0:
+            raise ConfigError(f"online_ratio must lie in [0, 1], got {self.online_ratio}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):

@@ -203,6 +203,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(self.agent, self.optimizer)
         self.step = 0
+        self.online: list[dict] = []  # the latest student episodes (records), when online_every > 0
         self.history: list[dict] = []
         self.best: dict | None = None
         self._batches = iter(())
@@ -229,12 +230,19 @@ class Trainer:
         return torch.autocast(device_type=device_type, dtype=dtype)
 
     def _next_batch(self) -> dict:
-        """The next batch of the seeded order; with several processes, this rank's share of it."""
+        """The next batch of the seeded order (with ``online_ratio`` of it replaced by the latest
+        student episodes when online); with several processes, this rank's share of it."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         for _ in range(2):
             for indices in self._batches:
-                mine = indices[rank::world] or indices[:1]
-                return collate([self.dataset[i] for i in mine], self.teacher.pad_token_id)
+                items = [self.dataset[i] for i in indices]
+                if self.online:
+                    n_online = round(self.config.online_ratio * len(items))
+                    rng = np.random.default_rng([self.config.seed, self.step, 1])
+                    picks = rng.choice(len(self.online), size=n_online, replace=n_online > len(self.online))
+                    items = items[: len(items) - n_online] + [_record_tensors(self.online[i]) for i in picks]
+                mine = items[rank::world] or items[:1]
+                return collate(mine, self.teacher.pad_token_id)
             self._batches = iter(self.sampler)  # the rest of the epoch (or the next epoch)
         raise DataError("the training data yields no batches")
 
@@ -253,6 +261,10 @@ class Trainer:
         try:
             with _StopSignal() as stop:
                 while self.step < cfg.steps:
+                    if cfg.online_every and self.step % cfg.online_every == 0:
+                        rollout_metrics = self.collect_online()
+                        if main:
+                            tracker.scalars(rollout_metrics, self.step)
                     metrics, tokens = self._train_step()
                     self.step += 1
                     window_tokens += tokens
@@ -317,6 +329,10 @@ class Trainer:
             batch = self._next_batch()
             with self._autocast():
                 loss, metrics = self.model(batch)
+                if cfg.lm_coef > 0:
+                    lm_loss, lm_metrics = self._lm_loss()
+                    loss = loss + cfg.lm_coef * lm_loss
+                    metrics.update(lm_metrics)
             self.accelerator.backward(loss / cfg.grad_accum)
             metrics = {"train/loss": loss.item(), **metrics, **_data_metrics(batch)}
             for key, value in metrics.items():
@@ -330,6 +346,56 @@ class Trainer:
         self.scheduler.step()
         self.agent.after_update()
         return totals, tokens
+
+    def _lm_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """MiniLLM's pre-training term J_PT on a plain-text corpus: 0.5 * next-token NLL + 0.5 * KD
+        (cross-entropy from the teacher's top-k renormalised to the student's full-vocabulary policy)."""
+        cfg = self.config
+        if not hasattr(self, "_lm_chunks"):
+            self._lm_chunks = lm_chunks(self.teacher.tokenizer, cfg.lm_corpus, cfg.lm_seq_len)
+        rng = np.random.default_rng([cfg.seed, self.step, 2])
+        picks = rng.choice(
+            len(self._lm_chunks), size=cfg.lm_batch_size, replace=len(self._lm_chunks) < cfg.lm_batch_size
+        )
+        ids = self._lm_chunks[torch.as_tensor(picks)].to(self.student.device)
+        teacher = self.teacher.annotate(ids, top_k=cfg.top_k, top_p=1.0).subset
+        logp = torch.log_softmax(self.student.full_logits(self.student.hidden_states(ids))[:, :-1].float(), -1)
+        nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).mean()
+        target = torch.softmax(teacher.logprobs[:, :-1], -1)  # teacher top-k, renormalised
+        kd = -(target * logp.gather(-1, teacher.ids[:, :-1])).sum(-1).mean()
+        loss = 0.5 * nll + 0.5 * kd
+        return loss, {"loss/lm": loss.item(), "loss/lm_nll": nll.item(), "loss/lm_kd": kd.item()}
+
+    def collect_online(self) -> dict[str, float]:
+        """Student episodes through the vector env (the teacher scores and masks every step); they
+        replace the online buffer. Returns the ``rollout/*`` metrics."""
+        from tdrl.envs import TokenGenerationVectorEnv, rollout
+
+        cfg = self.config
+        env = TokenGenerationVectorEnv(
+            self.teacher,
+            self._online_prompts(),
+            num_envs=cfg.online_envs,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.online_max_new_tokens,
+        )
+        seed = cfg.seed * 1_000_003 + self.step
+        self.online = rollout(env, StudentPolicy(self.agent, seed=seed), cfg.online_episodes, seed=seed)
+        lengths = [len(r["response_ids"]) for r in self.online]
+        inside = sum(sum(r["action_in_cand"]) for r in self.online)
+        return {
+            "rollout/return": float(np.mean([r["return"] for r in self.online])),
+            "rollout/length": float(np.mean(lengths)),
+            "rollout/coverage": inside / max(sum(lengths), 1),
+            "rollout/off_support_rate": 1.0 - inside / max(sum(lengths), 1),
+        }
+
+    def _online_prompts(self) -> list[str]:
+        """Prompts of the training data (first 512 distinct) for online episodes."""
+        if not hasattr(self, "_prompt_pool"):
+            self._prompt_pool = list(dict.fromkeys(self.dataset.data["prompt"]))[:512]
+        return self._prompt_pool
 
     def _evaluate(self, tracker: Tracker) -> dict[str, float]:
         metrics, samples = evaluate(
@@ -393,6 +459,7 @@ class Trainer:
                 "sampler": self.sampler.state_dict(),
                 "history": self.history,
                 "best": self.best,
+                "online": self.online,
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             (tmp / COMPLETE).write_text(json.dumps({"step": self.step}))
@@ -424,10 +491,71 @@ class Trainer:
         torch.set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True)["torch"])
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         trainer.step, trainer.history, trainer.best = state["step"], state["history"], state["best"]
+        trainer.online = state.get("online", [])
         trainer.sampler.load_state_dict(state["sampler"])
         if trainer.step > config.steps:
             raise ConfigError(f"checkpoint is at step {trainer.step}, past --steps {config.steps}")
         return trainer
+
+
+def lm_chunks(tokenizer, corpus: str, seq_len: int) -> torch.Tensor:
+    """``[N, seq_len]`` token chunks of a plain-text corpus ('pydoc': the standard library's
+    ``pydoc_data.topics`` text, always available offline; else a path to a UTF-8 text file)."""
+    if corpus == "pydoc":
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[key] for key in sorted(topics))
+    else:
+        path = Path(corpus)
+        if not path.is_file():
+            raise DataError(f"lm_corpus {corpus!r} is neither 'pydoc' nor an existing text file")
+        text = path.read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise DataError(f"lm_corpus {corpus!r} has fewer than lm_seq_len={seq_len} tokens")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+class StudentPolicy:
+    """The student as an env policy: samples the next token from its decoding distribution over the
+    FULL vocabulary (on-policy data may leave A_p(s); the env flags it). Batched observations."""
+
+    def __init__(self, agent, seed: int = 0, temperature: float = 1.0):
+        self.agent, self.temperature = agent, temperature
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, obs: dict) -> np.ndarray:
+        student = self.agent.student
+        ids = torch.as_tensor(np.atleast_2d(obs["input_ids"]), device=student.device)
+        lengths = torch.as_tensor(np.atleast_1d(obs["length"]), device=student.device)
+        mask = (torch.arange(ids.shape[1], device=ids.device) < lengths.unsqueeze(-1)).long()
+        was_training = student.training
+        student.eval()
+        try:
+            hidden = student.hidden_states(ids, mask)
+        finally:
+            student.train(was_training)
+        last = hidden[torch.arange(ids.shape[0]), lengths - 1]
+        probs = torch.softmax(self.agent.policy_logits(last).float().cpu() / self.temperature, -1)
+        actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).numpy()
+        return actions if np.ndim(obs["length"]) else actions[0]
+
+
+def _record_tensors(record: dict) -> dict:
+    keys = (
+        "prompt_ids",
+        "response_ids",
+        "cand_ids",
+        "cand_logprobs",
+        "cand_mask",
+        "action_logprob",
+        "action_in_cand",
+        "reward",
+        "terminated",
+    )
+    return {k: torch.as_tensor(record[k]) for k in keys}
 
 
 def _data_metrics(batch: dict) -> dict[str, float]:

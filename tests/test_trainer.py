@@ -304,3 +304,39 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     fingerprints = json.loads((out / "summary.json").read_text())["rank_fingerprints"]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+
+
+def test_online_student_episodes_are_mixed_in_and_resume_exactly(tmp_path):
+    kw = dict(agent="bc", online_every=2, online_ratio=0.5, online_episodes=4, online_envs=2, online_max_new_tokens=5)
+    full = Trainer(tiny_config(tmp_path / "full", **kw), progress=False)
+    full.train()
+    assert len(full.online) == 4 and all(len(r["response_ids"]) <= 5 for r in full.online)
+    acc = EventAccumulator(str(tmp_path / "full"))
+    acc.Reload()
+    assert {"rollout/return", "rollout/coverage", "rollout/length", "rollout/off_support_rate"} <= set(
+        acc.Tags()["scalars"]
+    )
+    assert [e.step for e in acc.Scalars("rollout/return")] == [0, 2, 4]
+    broken = InterruptAt(tiny_config(tmp_path / "broken", **kw), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        broken.train()
+    resumed = Trainer.resume(tmp_path / "broken", progress=False)
+    resumed.train()
+    for key, value in full.agent.state_dict().items():
+        assert torch.equal(value, resumed.agent.state_dict()[key]), key
+
+
+def test_auxiliary_lm_loss_on_the_pydoc_corpus(tmp_path):
+    from tdrl.testing import tiny_tokenizer
+    from tdrl.trainer import lm_chunks
+
+    chunks = lm_chunks(tiny_tokenizer(), "pydoc", 32)
+    assert chunks.shape[1] == 32 and chunks.shape[0] > 100
+    trainer = Trainer(tiny_config(tmp_path / "lm", agent="bc", lm_coef=0.5, steps=2, eval_every=0), progress=False)
+    trainer.train()
+    acc = EventAccumulator(str(tmp_path / "lm"))
+    acc.Reload()
+    nll, kd, lm = (acc.Scalars(f"loss/lm{s}")[0].value for s in ("_nll", "_kd", ""))
+    assert lm == pytest.approx(0.5 * nll + 0.5 * kd, rel=1e-5)
+    bc = acc.Scalars("loss/bc")[0].value
+    assert acc.Scalars("train/loss")[0].value == pytest.approx(bc + 0.5 * lm, rel=1e-5)
