@@ -232,32 +232,12 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
 
 
 #: The demo's budget: all six agents, one seed, on the bundled teacher and prompts (~15 min, 2 cores).
-DEMO_ARGS = [
-    "--teacher",
-    "bundled",
-    "--student",
-    "layers:0,10,20,29",
-    "--data",
-    "bundled",
-    "--steps",
-    "60",
-    "--batch-size",
-    "8",
-    "--lr",
-    "2e-4",
-    "--eval-every",
-    "30",
-    "--eval-prompts",
-    "24",
-    "--eval-max-new-tokens",
-    "40",
-    "--checkpoint-every",
-    "60",
-    "--train-prompts",
-    "192",
-    "--response-tokens",
-    "40",
-]
+DEMO_ARGS = (
+    "--teacher bundled --student layers:0,1,2,3,4,5,24,25,26,27,28,29 --data bundled --train-prompts 192 "
+    "--response-tokens 40 --steps 60 --batch-size 8 --lr 1e-4 --eval-every 30 --eval-prompts 24 "
+    "--eval-max-new-tokens 40 "
+    "--checkpoint-every 60 --out runs/demo"
+).split()
 DEMO_AGENTS = "kd,sft,sql,cql,iql,iqlearn,bd"
 
 
@@ -366,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the main job: compare every agent on the bundled teacher (~15 min)", add_help=False
     )
     demo.add_argument("--agents", default=None, help=f"default: {DEMO_AGENTS}")
+    demo.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. N-1)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -42,7 +42,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1 (the paper: 0.9)")
     adam_beta2: float = _f(0.95, "AdamW beta2 (the paper: 0.95)")
-    warmup_steps: int = _f(10, "linear warm-up steps (the paper: 100)")
+    warmup_steps: int = _f(10, "linear warm-up steps, at most 10% of --steps (the paper: 100)")
     schedule: str = _f("cosine", "learning-rate schedule after warm-up: cosine, linear or constant")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     precision: str = _f("fp32", "fp32, or bf16 / fp16 autocast where the device supports it")

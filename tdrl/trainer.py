@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdrl.agents import make_agent
+from tdrl.agents import get_agent, make_agent
 from tdrl.config import TrainConfig, parse_agent_args
 from tdrl.data import (
     BucketBatchSampler,
@@ -172,14 +172,15 @@ class Trainer:
         )
         self.progress = progress and self.accelerator.is_main_process
         self.agent_args = parse_agent_args(config.agent_args)
-        from tdrl.agents import get_agent
-
         get_agent(config.agent)  # an unknown agent fails before any model loads
         set_seed(config.seed)
         self.teacher = teacher or load_teacher(config.teacher, dtype=config.teacher_dtype, device=config.device)
         self.student = load_student(config.student, teacher=self.teacher).to(config.device)
         check_same_vocabulary(self.teacher.tokenizer, self.student.tokenizer)
         self.agent = make_agent(config.agent, self.student, **self.agent_args).to(config.device)
+        if getattr(self.agent, "on_policy", False) and not config.online_every:
+            # on-policy agents (minillm) learn from their own samples: collect every 10 steps, all online
+            config.online_every, config.online_ratio = 10, 1.0
         with self.accelerator.main_process_first():  # one rank builds the cached data, the others read it
             if config.data == "bundled":
                 data_dir = prepare_bundled_data(self.teacher, config, self.progress)
@@ -381,7 +382,8 @@ class Trainer:
             max_new_tokens=cfg.online_max_new_tokens,
         )
         seed = cfg.seed * 1_000_003 + self.step
-        self.online = rollout(env, StudentPolicy(self.agent, seed=seed), cfg.online_episodes, seed=seed)
+        policy = StudentPolicy(self.agent, seed=seed, teacher_mix=getattr(self.agent.config, "teacher_mix", 0.0))
+        self.online = rollout(env, policy, cfg.online_episodes, seed=seed)
         lengths = [len(r["response_ids"]) for r in self.online]
         inside = sum(sum(r["action_in_cand"]) for r in self.online)
         return {
@@ -518,11 +520,13 @@ def lm_chunks(tokenizer, corpus: str, seq_len: int) -> torch.Tensor:
 
 
 class StudentPolicy:
-    """The student as an env policy: samples the next token from its decoding distribution over the
-    FULL vocabulary (on-policy data may leave A_p(s); the env flags it). Batched observations."""
+    """The student as an env policy (batched observations). It samples from its decoding policy on
+    R(s): A_p(s) (the top-p MDP) for ``restrict="topp"`` agents, the full vocabulary for
+    ``restrict="none"`` (then it may leave A_p(s); the env flags it). With ``teacher_mix`` alpha > 0
+    (MiniLLM) it samples from alpha pi_T + (1 - alpha) pi_S on A_p(s)."""
 
-    def __init__(self, agent, seed: int = 0, temperature: float = 1.0):
-        self.agent, self.temperature = agent, temperature
+    def __init__(self, agent, seed: int = 0, temperature: float = 1.0, teacher_mix: float = 0.0):
+        self.agent, self.temperature, self.teacher_mix = agent, temperature, teacher_mix
         self.generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
@@ -539,7 +543,18 @@ class StudentPolicy:
             student.train(was_training)
         last = hidden[torch.arange(ids.shape[0]), lengths - 1]
         probs = torch.softmax(self.agent.policy_logits(last).float().cpu() / self.temperature, -1)
-        actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).numpy()
+        if self.agent.config.restrict != "topp":
+            actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).numpy()
+        else:
+            cand = torch.as_tensor(np.atleast_2d(obs["cand_ids"]))
+            in_set = torch.as_tensor(np.atleast_2d(obs["cand_mask"])).bool()
+            on_set = probs.gather(-1, cand).masked_fill(~in_set, 0.0)
+            on_set = on_set / on_set.sum(-1, keepdim=True).clamp_min(1e-30)
+            if self.teacher_mix > 0:
+                teacher = torch.softmax(torch.as_tensor(np.atleast_2d(obs["cand_logprobs"])).float(), -1)
+                on_set = self.teacher_mix * teacher + (1 - self.teacher_mix) * on_set
+            choice = torch.multinomial(on_set, 1, generator=self.generator)
+            actions = cand.gather(-1, choice).squeeze(-1).numpy()
         return actions if np.ndim(obs["length"]) else actions[0]
 
 

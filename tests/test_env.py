@@ -172,7 +172,9 @@ def off_support_action(obs, info):
 def test_off_support_modes(tiny_teacher, mode):
     env = TokenGenerationEnv(tiny_teacher, PROMPTS, max_new_tokens=6, off_support=mode, off_support_penalty=-7.5)
     obs, info = env.reset(seed=0)
-    logprobs = torch.log_softmax(tiny_teacher.logits(torch.tensor([obs["input_ids"][: obs["length"]]]))[0, -1], -1)
+    logprobs = torch.log_softmax(
+        tiny_teacher.logits(torch.from_numpy(obs["input_ids"][None, : obs["length"]]))[0, -1], -1
+    )
     action = off_support_action(obs, info)
     obs2, reward, terminated, truncated, info2 = env.step(action)
     assert info2["in_support"] is False

@@ -340,3 +340,12 @@ def test_auxiliary_lm_loss_on_the_pydoc_corpus(tmp_path):
     assert lm == pytest.approx(0.5 * nll + 0.5 * kd, rel=1e-5)
     bc = acc.Scalars("loss/bc")[0].value
     assert acc.Scalars("train/loss")[0].value == pytest.approx(bc + 0.5 * lm, rel=1e-5)
+
+
+def test_demo_command_plumbing_with_tiny_overrides(tmp_path, capsys):
+    """`tdrl demo` = compare with the demo budget; later flags override it (tiny models here)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--agents", "kd,bd", *TINY, "--steps", "1", "--eval-every", "0", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| kd | 1 |" in text and "| bd | 1 |" in text and "demo wall time" in text
+    assert (out / "results.md").is_file()

@@ -1,11 +1,12 @@
 """Interchangeable agents behind one contract (:mod:`tdrl.agents.base`).
 
 Built in: ``bc`` (KD / SFT), ``sql``, ``cql``, ``iql`` (Implicit Q-Learning), ``iqlearn`` (Inverse
-soft-Q Learning, the paper's "IQL") and ``bd`` (Bellman Distill, the paper's method). Third-party
+soft-Q Learning, the paper's "IQL"), ``bd`` (Bellman Distill, the paper's method), and the on-policy
+baselines ``minillm`` and ``gkd``. Third-party
 agents register with :func:`register_agent` or the ``tdrl.agents`` entry-point group.
 """
 
-from tdrl.agents import bc, iql, iqlearn, sql  # noqa: F401  (register the built-in agents)
+from tdrl.agents import bc, gkd, iql, iqlearn, minillm, sql  # noqa: F401  (register the built-in agents)
 from tdrl.agents.base import (
     Agent,
     AgentConfig,
@@ -18,13 +19,15 @@ from tdrl.agents.base import (
     register_agent,
 )
 from tdrl.agents.bc import BC, BCConfig
+from tdrl.agents.gkd import GKD, GKDConfig
 from tdrl.agents.iql import IQL, IQLConfig, expectile_loss
 from tdrl.agents.iqlearn import BD, BDConfig, IQLearn, IQLearnConfig
+from tdrl.agents.minillm import MiniLLM, MiniLLMConfig
 from tdrl.agents.sql import CQL, SQL, CQLConfig, SQLConfig
 
 __all__ = [
     "Agent", "AgentConfig", "Transitions", "register_agent", "get_agent", "list_agents", "make_agent",
     "masked_logsumexp", "masked_log_softmax", "expectile_loss",
     "BC", "BCConfig", "SQL", "SQLConfig", "CQL", "CQLConfig", "IQL", "IQLConfig",
-    "IQLearn", "IQLearnConfig", "BD", "BDConfig",
+    "IQLearn", "IQLearnConfig", "BD", "BDConfig", "GKD", "GKDConfig", "MiniLLM", "MiniLLMConfig",
 ]  # fmt: skip

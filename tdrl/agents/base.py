@@ -139,6 +139,8 @@ class Agent(nn.Module):
     Config: ClassVar[type[AgentConfig]] = AgentConfig
     name: ClassVar[str] = "agent"
     description: ClassVar[str] = ""
+    #: on-policy agents train on the student's own episodes; the trainer collects them by default
+    on_policy: ClassVar[bool] = False
 
     def __init__(self, student: Student, config: AgentConfig | None = None):
         super().__init__()
