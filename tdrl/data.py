@@ -36,6 +36,7 @@ from torch import Tensor
 
 from tdrl.actions import validate_top_k, validate_top_p
 from tdrl.errors import ConfigError, DataError, VocabularyMismatchError
+from tdrl.records import TRAINING_FIELDS
 from tdrl.teachers import Reward, Teacher
 
 __all__ = [
@@ -681,20 +682,7 @@ class DistillDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         row = self._torch[int(index)]
-        item = {
-            key: row[key]
-            for key in (
-                "prompt_ids",
-                "response_ids",
-                "cand_ids",
-                "cand_logprobs",
-                "cand_mask",
-                "action_logprob",
-                "action_in_cand",
-                "reward",
-                "terminated",
-            )
-        }
+        item = {key: row[key] for key in TRAINING_FIELDS}
         item["cand_logprobs"] = item["cand_logprobs"].float()
         if self.top_p is not None:
             item["cand_mask"] = recut_mask(item["cand_logprobs"], self.top_p)

@@ -31,10 +31,17 @@ from torch import Tensor
 
 from tdrl.actions import ActionSubset
 
-__all__ = ["RESPONSE_FIELDS", "episode_record"]
+__all__ = ["RESPONSE_FIELDS", "TRAINING_FIELDS", "episode_record", "record_tensors"]
 
 #: Per-response-position fields (each a list of length n = len(response_ids)).
 RESPONSE_FIELDS = ("cand_ids", "cand_logprobs", "cand_mask", "action_logprob", "action_in_cand", "reward")
+#: What :func:`tdrl.data.collate` needs of a record.
+TRAINING_FIELDS = ("prompt_ids", "response_ids", *RESPONSE_FIELDS, "terminated")
+
+
+def record_tensors(record: dict) -> dict[str, Tensor]:
+    """The :data:`TRAINING_FIELDS` of a record (lists or tensors) as tensors, ready for ``collate``."""
+    return {key: torch.as_tensor(record[key]) for key in TRAINING_FIELDS}
 
 
 def episode_record(

@@ -45,6 +45,7 @@ from tdrl.data import (
 )
 from tdrl.errors import CheckpointNotFoundError, ConfigError, DataError
 from tdrl.evaluation import EvalConfig, evaluate
+from tdrl.records import record_tensors
 from tdrl.students import load_student
 from tdrl.teachers import Teacher, load_teacher, tdrl_cache_dir
 from tdrl.tracking import Tracker, samples_markdown
@@ -241,7 +242,7 @@ class Trainer:
                     n_online = round(self.config.online_ratio * len(items))
                     rng = np.random.default_rng([self.config.seed, self.step, 1])
                     picks = rng.choice(len(self.online), size=n_online, replace=n_online > len(self.online))
-                    items = items[: len(items) - n_online] + [_record_tensors(self.online[i]) for i in picks]
+                    items = items[: len(items) - n_online] + [record_tensors(self.online[i]) for i in picks]
                 mine = items[rank::world] or items[:1]
                 return collate(mine, self.teacher.pad_token_id)
             self._batches = iter(self.sampler)  # the rest of the epoch (or the next epoch)
@@ -556,21 +557,6 @@ class StudentPolicy:
             choice = torch.multinomial(on_set, 1, generator=self.generator)
             actions = cand.gather(-1, choice).squeeze(-1).numpy()
         return actions if np.ndim(obs["length"]) else actions[0]
-
-
-def _record_tensors(record: dict) -> dict:
-    keys = (
-        "prompt_ids",
-        "response_ids",
-        "cand_ids",
-        "cand_logprobs",
-        "cand_mask",
-        "action_logprob",
-        "action_in_cand",
-        "reward",
-        "terminated",
-    )
-    return {k: torch.as_tensor(record[k]) for k in keys}
 
 
 def _data_metrics(batch: dict) -> dict[str, float]:

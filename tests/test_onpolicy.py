@@ -11,6 +11,7 @@ from tdrl.agents import make_agent
 from tdrl.cli import main
 from tdrl.data import collate
 from tdrl.envs import TokenGenerationVectorEnv, rollout
+from tdrl.records import record_tensors
 from tdrl.testing import MarkovTeacher
 from tdrl.testing.agent_contract import CHECKS, TabularStudent, contract_batch
 from tdrl.trainer import StudentPolicy
@@ -126,23 +127,7 @@ def test_minillm_monte_carlo_gradient_from_env_rollouts_within_3_se():
     estimates = []
     for k in range(40):
         records = rollout(env, StudentPolicy(agent, seed=k), 64, seed=k)
-        items = [
-            {
-                key: torch.as_tensor(r[key])
-                for key in (
-                    "prompt_ids",
-                    "response_ids",
-                    "cand_ids",
-                    "cand_logprobs",
-                    "cand_mask",
-                    "action_logprob",
-                    "action_in_cand",
-                    "reward",
-                    "terminated",
-                )
-            }
-            for r in records
-        ]
+        items = [record_tensors(r) for r in records]
         student.model.weight.grad = None
         loss, _ = agent.loss(collate(items, teacher.pad_token_id))
         loss.backward()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tdrl.agents.base import Agent, make_agent
+from tdrl.records import record_tensors
 from tdrl.students import Student
 
 __all__ = [
@@ -95,7 +96,7 @@ def _contract_batch(num_records: int, max_new_tokens: int, top_k: int, top_p: fl
     prompts = ["What is the capital of France?", "Name three colors.", "hi", "Define gravity."]
     env = TokenGenerationEnv(teacher, prompts, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
     records = rollout(env, TeacherPolicy(seed=seed, temperature=1.5), num_records, seed=seed)
-    items = [{k: torch.as_tensor(v) if not isinstance(v, str) else v for k, v in r.items()} for r in records]
+    items = [record_tensors(r) for r in records]
     batch = collate(items, teacher.pad_token_id)
     # make row 0's second action a token outside its A_p(s), so every agent meets that case
     pos = int(torch.nonzero(batch["response_mask"][0])[1])
@@ -114,7 +115,7 @@ def markov_batch(vocab_size: int = 5, episodes: int = 64, horizon: int = 6, top_
     teacher = MarkovTeacher(vocab_size=vocab_size, seed=seed, eos_bias=-1.0)
     env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=8, top_k=vocab_size, top_p=top_p, max_new_tokens=horizon)
     records = rollout(env, TeacherPolicy(seed=seed), episodes, seed=seed)
-    items = [{k: torch.as_tensor(v) if not isinstance(v, str) else v for k, v in r.items()} for r in records]
+    items = [record_tensors(r) for r in records]
     return collate(items, teacher.pad_token_id), teacher
 
 
