@@ -168,7 +168,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist: pass a run, checkpoint or best/ directory")
-    model_dir = path if (path / "config.json").is_file() and (path / "model.safetensors").is_file() else None
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    is_model = (path / "config.json").is_file() and any((path / w).is_file() for w in weights)
+    model_dir = path if is_model else None
     teacher_name = args.teacher
     if model_dir is None:
         checkpoint = find_checkpoint(path)
