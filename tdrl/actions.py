@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ActionSubset", "top_p_subset", "validate_top_k", "validate_top_p"]
+__all__ = ["ActionSubset", "top_p_subset", "nucleus_mask", "validate_top_k", "validate_top_p"]
 
 
 def validate_top_p(top_p: float) -> float:
@@ -124,12 +124,18 @@ def top_p_subset(logits: Tensor, top_k: int = 64, top_p: float = 0.8) -> ActionS
     top_logits, ids = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
     logprobs = top_logits.float() - log_z
 
+    return ActionSubset(ids=ids, logprobs=logprobs, mask=nucleus_mask(logprobs, top_p))
+
+
+def nucleus_mask(logprobs: Tensor, top_p: float) -> Tensor:
+    """A_p over candidates sorted by descending probability (``logprobs`` ``[..., K]``, normalised
+    over the full vocabulary): the smallest prefix reaching mass ``top_p``, the crossing token
+    included, ``-inf`` entries never in. Also re-cuts a cached annotation at a smaller p."""
+    top_p = validate_top_p(top_p)
     finite = torch.isfinite(logprobs)
     if top_p >= 1.0:
-        mask = finite
-    else:
-        # mass strictly before each candidate, in float64 so the cut matches an exact cumulative sum
-        cumulative = logprobs.double().exp().cumsum(-1)
-        mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
-        mask = (mass_before < top_p) & finite
-    return ActionSubset(ids=ids, logprobs=logprobs, mask=mask)
+        return finite
+    # mass strictly before each candidate, in float64 so the cut matches an exact cumulative sum
+    cumulative = logprobs.double().exp().cumsum(-1)
+    mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
+    return (mass_before < top_p) & finite

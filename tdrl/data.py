@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tdrl.actions import validate_top_k, validate_top_p
+from tdrl.actions import nucleus_mask, validate_top_k, validate_top_p
 from tdrl.errors import ConfigError, DataError, VocabularyMismatchError
 from tdrl.records import TRAINING_FIELDS
 from tdrl.teachers import Reward, Teacher
@@ -272,9 +272,10 @@ def _shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
 
 
-def _write_meta(path: Path, meta: dict) -> None:
+def write_json_atomic(path: Path, value) -> None:
+    """Write ``value`` as JSON to a temporary sibling, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 
@@ -295,7 +296,7 @@ def _open_output(out: Path, meta_name: str, settings: dict, kind: str) -> dict:
         raise DataError(f"{out} exists and is not a tdrl {kind} directory: choose an empty or new --out")
     (out / "shards").mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "settings": settings, "fingerprint": _fingerprint(settings), "complete": False}
-    _write_meta(meta_path, meta)
+    write_json_atomic(meta_path, meta)
     return meta
 
 
@@ -389,7 +390,7 @@ def generate_responses(
         os.replace(tmp, shard)
         written += 1
     meta.update(complete=True, records=len(jobs))
-    _write_meta(out / RESPONSES_META, meta)
+    write_json_atomic(out / RESPONSES_META, meta)
     return out
 
 
@@ -547,7 +548,7 @@ def annotate(
     data = load_annotations(out, _meta=meta)
     meta["statistics"] = annotation_statistics(data)
     meta["bytes_per_token"] = _dir_bytes(out / "shards") / max(1, meta["statistics"]["tokens"])
-    _write_meta(out / ANNOTATION_META, meta)
+    write_json_atomic(out / ANNOTATION_META, meta)
     return out
 
 
@@ -639,18 +640,6 @@ def annotation_statistics(data) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- batching
-def recut_mask(logprobs: Tensor, top_p: float) -> Tensor:
-    """A_p for a different p from cached top-K log-probs (descending): the same rule as
-    :func:`tdrl.actions.top_p_subset` (crossing token included, -inf never in the set)."""
-    validate_top_p(top_p)
-    finite = torch.isfinite(logprobs)
-    if top_p >= 1.0:
-        return finite
-    cumulative = logprobs.double().exp().cumsum(-1)
-    before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], -1)
-    return (before < top_p) & finite
-
-
 class DistillDataset(torch.utils.data.Dataset):
     """An annotation cache as a map-style dataset of per-record tensors.
 
@@ -685,7 +674,7 @@ class DistillDataset(torch.utils.data.Dataset):
         item = {key: row[key] for key in TRAINING_FIELDS}
         item["cand_logprobs"] = item["cand_logprobs"].float()
         if self.top_p is not None:
-            item["cand_mask"] = recut_mask(item["cand_logprobs"], self.top_p)
+            item["cand_mask"] = nucleus_mask(item["cand_logprobs"], self.top_p)
         return item
 
 

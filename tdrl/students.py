@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from tdrl.errors import ConfigError, ModelNotFoundError
+from tdrl.teachers import is_hub_id
 
 __all__ = ["Student", "gather_logits", "load_student", "from_teacher_layers"]
 
@@ -175,7 +176,7 @@ def load_student(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name).expanduser()
-    if not local.exists() and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name):
+    if not local.exists() and not is_hub_id(name):
         raise ModelNotFoundError(
             f"student {name!r} is not 'tiny', 'layers:i,j,...', an existing directory, nor a hub id"
         )

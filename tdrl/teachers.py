@@ -174,6 +174,11 @@ class TeacherState:
         return self.attention_mask.sum(-1) - self.prompt_lengths
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a hub repository id (``name`` or ``org/name``)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+
+
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     if dtype is None:
         return torch.float32
@@ -294,8 +299,7 @@ class Teacher:
 
         name = str(name_or_path)
         local = Path(name).expanduser()
-        hub_like = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
-        if not local.exists() and not hub_like:
+        if not local.exists() and not is_hub_id(name):
             raise ModelNotFoundError(
                 f"teacher {name!r} is not an existing directory nor a hub id: "
                 "pass 'bundled', 'tiny', a local model directory, or a hub id "

@@ -42,6 +42,7 @@ from tdrl.data import (
     collate,
     generate_responses,
     load_source,
+    write_json_atomic,
 )
 from tdrl.errors import CheckpointNotFoundError, ConfigError, DataError
 from tdrl.evaluation import EvalConfig, evaluate
@@ -59,12 +60,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _atomic_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -113,7 +108,7 @@ def eval_records(teacher: Teacher, n: int, max_new_tokens: int, split: str = "va
         for r, ids in zip(rows, responses)
     ]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_json(path, records)
+    write_json_atomic(path, records)
     return records
 
 
@@ -303,7 +298,7 @@ class Trainer:
                 final = {**last, **{f"best_{k}": v for k, v in (self.best or {}).get("metrics", {}).items()}}
                 tracker.hparams(self._hparams(), final)
             tracker.close()
-            _atomic_json(self.out / "summary.json", summary)
+            write_json_atomic(self.out / "summary.json", summary)
         if interrupted:
             raise KeyboardInterrupt(f"interrupted at step {self.step}; resume with --resume {self.out}")
         return summary

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tdrl.actions import top_p_subset
+from tdrl.actions import nucleus_mask, top_p_subset
 from tdrl.data import (
     BucketBatchSampler,
     DistillDataset,
@@ -18,7 +18,6 @@ from tdrl.data import (
     generate_responses,
     load_annotations,
     load_source,
-    recut_mask,
 )
 from tdrl.errors import ConfigError, DataError, VocabularyMismatchError
 
@@ -149,11 +148,11 @@ def test_interrupted_generate_responses_resumes_identically(tiny_teacher, tmp_pa
         generate_responses(tiny_teacher, prompts, part, **(kwargs | {"seed": 2}))
 
 
-def test_recut_mask_matches_top_p_subset():
+def test_recut_of_cached_logprobs_matches_top_p_subset():
     logits = 3 * torch.randn(5, 7, 100)
     cached = top_p_subset(logits, top_k=32, top_p=1.0)
     for p in (0.3, 0.5, 0.8, 1.0):
-        assert torch.equal(recut_mask(cached.logprobs, p), top_p_subset(logits, top_k=32, top_p=p).mask)
+        assert torch.equal(nucleus_mask(cached.logprobs, p), top_p_subset(logits, top_k=32, top_p=p).mask)
 
 
 def test_distill_dataset_recut_to_smaller_p(cache):
