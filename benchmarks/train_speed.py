@@ -1,22 +1,58 @@
-"""Training speed of the sparse path (cached teacher candidates + subset_logits over A_p(s))
-against the full-vocabulary path (the same agent with restrict="none": [N, V] logits and
-normalisers over the whole vocabulary), same student, same batch, same process.
+"""Training step speed and peak memory: the sparse path against the full-vocabulary baseline.
 
-    python -m benchmarks.train_speed --teacher bundled --student layers:0,10,20,29 --steps 5
-    python -m benchmarks.train_speed --teacher tiny --student tiny
+Same student, same batch, same process (speed) and a fresh process per configuration (memory):
+
+* **sparse** (tdrl): the agent on a cached teacher annotation, logits only on A_p(s)
+  (``Student.subset_logits``); the teacher is not loaded at all;
+* **full-V** (ablation): the same agent with ``restrict="none"``: ``[N, V]`` logits and every
+  normaliser over the whole vocabulary, still on the cached annotation;
+* **baseline** (what distillation code does today, TRL's GKD trainer with lambda = 0): ``kd-online``,
+  the teacher run on every batch, full student logits, full-vocabulary forward KL.
+
+Vocabulary sizes: 49,152 (the bundled SmolLM2-135M-Instruct) and 8,192 (the same architecture with an
+8K BPE vocabulary, :mod:`benchmarks.vocab8k`). Student: a subset of the teacher's layers.
+
+    python -m benchmarks.train_speed --teacher bundled vocab8k --student layers:0,10,20,29
+    python -m benchmarks.train_speed --teacher tiny --student tiny --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from benchmarks.memory import PeakMemory
 from tdrl.agents import make_agent
 from tdrl.data import collate, load_source
 from tdrl.students import load_student
-from tdrl.teachers import load_teacher
+from tdrl.teachers import bundled_teacher_dir, load_teacher
+
+AGENTS = ["bc", "sql", "cql", "iql", "iqlearn", "bd", "gkd"]
+BASELINE = "kd-online"
+
+
+def get_teacher(name: str, device: str = "cpu"):
+    if name == "vocab8k":
+        from benchmarks import vocab8k
+
+        return vocab8k.load().to(device)
+    return load_teacher(name, device=device)
+
+
+def teacher_path(name: str) -> str:
+    """A name a child process can load the teacher from without rebuilding it."""
+    if name == "vocab8k":
+        from benchmarks import vocab8k
+
+        return str(vocab8k.teacher_dir())
+    return str(bundled_teacher_dir()) if name == "bundled" else name
 
 
 def annotated_batch(teacher, batch_size: int, response_tokens: int, top_k: int, top_p: float):
@@ -40,9 +76,19 @@ def annotated_batch(teacher, batch_size: int, response_tokens: int, top_k: int, 
     return collate(items, teacher.pad_token_id)
 
 
-def tokens_per_second(agent, batch, steps: int) -> float:
+def make(name: str, student, teacher=None):
+    """(agent, label) for a configuration name: ``bc`` (sparse), ``bc/full`` (restrict=none), ``kd-online``."""
+    agent_name, _, variant = name.partition("/")
+    agent = make_agent(agent_name, student, **({"restrict": "none"} if variant == "full" else {}))
+    if agent.uses_teacher:
+        agent.attach_teacher(teacher)
+    return agent
+
+
+def train_steps(agent, batch, steps: int, device: str = "cpu") -> float:
+    """Seconds for ``steps`` optimiser steps (loss + backward + AdamW) after one warm-up step."""
+    agent.to(device)
     optimiser = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=1e-5)
-    tokens = int(batch["response_mask"].sum())
 
     def step():
         loss, _ = agent.loss(batch)
@@ -51,42 +97,132 @@ def tokens_per_second(agent, batch, steps: int) -> float:
         optimiser.step()
         agent.after_update()
 
-    step()  # warm-up
+    step()  # warm-up: allocates the optimiser state
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps * tokens / (time.perf_counter() - start)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------- memory (one process each)
+def worker(spec: dict) -> dict:
+    """Run in a fresh process: load the student (and the teacher only if the configuration needs it),
+    run one warm-up step, then measure the peak memory of one more step above that level."""
+    device = spec["device"]
+    student = load_student(spec["student"]).to(device)
+    batch = torch.load(spec["batch"], weights_only=True)
+    teacher = get_teacher(spec["teacher"], device) if spec["config"] == BASELINE else None
+    agent = make(spec["config"], student, teacher).to(device)
+    optimiser = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss, _ = agent.loss(batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    step()
+    with PeakMemory(device) as peak:
+        step()
+    return {"step_peak_mb": peak.peak_bytes / 2**20}
+
+
+def measure_memory(config: str, teacher: str, student_dir: str, batch_path: str, device: str) -> float:
+    spec = {"config": config, "teacher": teacher, "student": student_dir, "batch": batch_path, "device": device}
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_speed", "--worker", json.dumps(spec)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"memory worker for {config} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["step_peak_mb"]
+
+
+# ---------------------------------------------------------------------------- one vocabulary
+def measure(teacher_name: str, student_name: str, agents: list[str], steps: int, batch_size: int,
+            response_tokens: int, device: str, memory: bool) -> dict:  # fmt: skip
+    teacher = get_teacher(teacher_name, device)
+    batch = annotated_batch(teacher, batch_size, response_tokens, top_k=64, top_p=0.8)
+    tokens = int(batch["response_mask"].sum())
+    configs = [BASELINE] + agents + [f"{a}/full" for a in agents]
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        load_student(student_name, teacher=teacher).save_pretrained(Path(tmp) / "student")
+        torch.save(batch, Path(tmp) / "batch.pt")
+        for config in configs:
+            torch.manual_seed(0)
+            student = load_student(str(Path(tmp) / "student"))
+            seconds = train_steps(make(config, student, teacher), batch, steps, device)
+            rows[config] = {"tokens_per_s": steps * tokens / seconds}
+            if memory:
+                rows[config]["step_peak_mb"] = measure_memory(
+                    config, teacher_path(teacher_name), str(Path(tmp) / "student"), str(Path(tmp) / "batch.pt"), device
+                )
+    shape = tuple(batch["input_ids"].shape)
+    return {"teacher": teacher_name, "vocab": teacher.vocab_size, "student": student_name, "shape": shape,
+            "tokens": tokens, "rows": rows, "agents": agents}  # fmt: skip
+
+
+def table(result: dict) -> str:
+    rows, memory = result["rows"], "step_peak_mb" in result["rows"][BASELINE]
+    base = rows[BASELINE]
+    b, t = result["shape"]
+    lines = [
+        f"**Vocabulary {result['vocab']:,}** (teacher {result['teacher']}, student {result['student']}); "
+        f"batch {b} x {t} tokens, {result['tokens']} response tokens per step, K = 64, p = 0.8. Baseline "
+        f"`kd-online` (teacher online, full-vocabulary forward KL): {base['tokens_per_s']:.0f} tokens/s"
+        + (f", step peak {base['step_peak_mb']:.0f} MB." if memory else "."),
+        "",
+    ]
+    head = "| agent | sparse tok/s | vs baseline | same agent full-V tok/s | sparse vs full-V |"
+    rule = "|---|---|---|---|---|"
+    if memory:
+        head += " sparse peak MB | full-V peak MB | baseline peak MB | baseline / sparse memory |"
+        rule += "---|---|---|---|"
+    lines += [head, rule]
+    for agent in result["agents"]:
+        sparse, full = rows[agent], rows[f"{agent}/full"]
+        cells = [
+            agent, f"{sparse['tokens_per_s']:.0f}", f"{sparse['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+            f"{full['tokens_per_s']:.0f}", f"{sparse['tokens_per_s'] / full['tokens_per_s']:.2f}x",
+        ]  # fmt: skip
+        if memory:
+            cells += [
+                f"{sparse['step_peak_mb']:.0f}", f"{full['step_peak_mb']:.0f}", f"{base['step_peak_mb']:.0f}",
+                f"{base['step_peak_mb'] / max(sparse['step_peak_mb'], 1e-9):.2f}x",
+            ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default="bundled")
+    parser.add_argument("--teacher", nargs="+", default=["bundled", "vocab8k"], help="bundled, vocab8k, tiny, ...")
     parser.add_argument("--student", default="layers:0,10,20,29")
-    parser.add_argument("--agents", nargs="+", default=["bc", "sql", "cql", "iql", "iqlearn", "bd"])
+    parser.add_argument("--agents", nargs="+", default=AGENTS)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--response-tokens", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory processes")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    teacher = load_teacher(args.teacher)
-    batch = annotated_batch(teacher, args.batch_size, args.response_tokens, top_k=64, top_p=0.8)
-    lines = [
-        f"student {args.student} (teacher {args.teacher}, vocabulary {teacher.vocab_size}), batch "
-        f"{args.batch_size} x {batch['input_ids'].shape[1]} tokens, {int(batch['response_mask'].sum())} response "
-        f"tokens per step, K = 64, p = 0.8",
-        "",
-        "| agent | sparse tokens/s | full-vocabulary tokens/s | ratio |",
-        "|---|---|---|---|",
-    ]
-    for name in args.agents:
-        rates = []
-        for restrict in ("topp", "none"):
-            torch.manual_seed(0)
-            student = load_student(args.student, teacher=teacher)
-            rates.append(tokens_per_second(make_agent(name, student, restrict=restrict), batch, args.steps))
-        lines.append(f"| {name} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[0] / rates[1]:.2f}x |")
-    out = "\n".join(lines)
-    print(out)
-    return out
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return ""
+    out = []
+    for name in args.teacher:
+        student = "tiny" if name == "tiny" else args.student
+        result = measure(name, student, args.agents, args.steps, args.batch_size, args.response_tokens,
+                         args.device, not args.no_memory)  # fmt: skip
+        out.append(table(result))
+        print(out[-1], flush=True)
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":

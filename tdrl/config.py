@@ -50,7 +50,8 @@ class TrainConfig:
     teacher_dtype: str = _f("float32", "teacher dtype: float32, bfloat16 or float16")
     log_every: int = _f(10, "log training scalars every N steps")
     eval_every: int = _f(50, "evaluate every N steps (and at the end); 0: only at the end")
-    eval_prompts: int = _f(32, "validation prompts per evaluation")
+    eval_prompts: int = _f(32, "bundled prompts per evaluation (from --eval-split)")
+    eval_split: str = _f("validation", "bundled split evaluated during training: validation or test")
     eval_max_new_tokens: int = _f(48, "response length limit at evaluation")
     eval_seeds: str = _f("0", "comma-separated sampling seeds (the paper: 5 seeds)")
     eval_top_p: float = _f(0.8, "student sampling nucleus at evaluation (the paper: 0.8; MiniLLM: 1.0)")
@@ -91,6 +92,8 @@ class TrainConfig:
             raise ConfigError(f"online_ratio must lie in [0, 1], got {self.online_ratio}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.eval_split not in ("validation", "test"):
+            raise ConfigError(f"eval_split must be validation or test, got {self.eval_split!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         try:

@@ -174,6 +174,8 @@ class Trainer:
         self.student = load_student(config.student, teacher=self.teacher).to(config.device)
         check_same_vocabulary(self.teacher.tokenizer, self.student.tokenizer)
         self.agent = make_agent(config.agent, self.student, **self.agent_args).to(config.device)
+        if getattr(self.agent, "uses_teacher", False):  # e.g. kd-online: the teacher runs inside the loss
+            self.agent.attach_teacher(self.teacher)
         if getattr(self.agent, "on_policy", False) and not config.online_every:
             # on-policy agents (minillm) learn from their own samples: collect every 10 steps, all online
             config.online_every, config.online_ratio = 10, 1.0
@@ -187,7 +189,9 @@ class Trainer:
                     f"data directory {data_dir} does not exist: build it with `tdrl annotate` or use --data bundled"
                 )
             self.dataset = DistillDataset(data_dir, tokenizer=self.student.tokenizer, top_p=self.agent.config.top_p)
-            self.eval_records = eval_records(self.teacher, config.eval_prompts, config.eval_max_new_tokens)
+            self.eval_records = eval_records(
+                self.teacher, config.eval_prompts, config.eval_max_new_tokens, split=config.eval_split
+            )
         self.sampler = BucketBatchSampler(self.dataset.lengths, config.batch_size, seed=config.seed)
         self.eval_config = EvalConfig(
             max_new_tokens=config.eval_max_new_tokens, seeds=config.seed_list(), top_p=config.eval_top_p,
@@ -203,6 +207,7 @@ class Trainer:
         self.online: list[dict] = []  # the latest student episodes (records), when online_every > 0
         self.history: list[dict] = []
         self.best: dict | None = None
+        self.train_time = 0.0  # seconds spent in training steps and collection (not eval, not checkpoints)
         self._batches = iter(())
 
     # ------------------------------------------------------------------ schedule
@@ -258,11 +263,14 @@ class Trainer:
         try:
             with _StopSignal() as stop:
                 while self.step < cfg.steps:
+                    step_start = time.perf_counter()
+                    rollout_metrics = None
                     if cfg.online_every and self.step % cfg.online_every == 0:
                         rollout_metrics = self.collect_online()
-                        if main:
-                            tracker.scalars(rollout_metrics, self.step)
                     metrics, tokens = self._train_step()
+                    self.train_time += time.perf_counter() - step_start
+                    if main and rollout_metrics is not None:
+                        tracker.scalars(rollout_metrics, self.step)
                     self.step += 1
                     window_tokens += tokens
                     if bar is not None:
@@ -402,7 +410,7 @@ class Trainer:
         )  # fmt: skip
         tracker.scalars(metrics, self.step)
         tracker.text("samples", samples_markdown(samples), self.step)
-        self.history.append({"step": self.step, "metrics": metrics})
+        self.history.append({"step": self.step, "train_time_s": self.train_time, "metrics": metrics})
         if self.best is None or metrics["eval/rougeL"] > self.best["metrics"]["eval/rougeL"]:
             self.best = {"step": self.step, "metrics": metrics}
             self._export(self.out / "best", metrics)
@@ -425,6 +433,7 @@ class Trainer:
             "steps": self.step,
             "interrupted": interrupted,
             "wall_time_s": wall_time,
+            "train_time_s": self.train_time,
             "last": self.history[-1] if self.history else None,
             "best": self.best,
             "history": self.history,
@@ -458,6 +467,7 @@ class Trainer:
                 "history": self.history,
                 "best": self.best,
                 "online": self.online,
+                "train_time_s": self.train_time,
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             (tmp / COMPLETE).write_text(json.dumps({"step": self.step}))
@@ -490,6 +500,7 @@ class Trainer:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         trainer.step, trainer.history, trainer.best = state["step"], state["history"], state["best"]
         trainer.online = state.get("online", [])
+        trainer.train_time = state.get("train_time_s", 0.0)
         trainer.sampler.load_state_dict(state["sampler"])
         if trainer.step > config.steps:
             raise ConfigError(f"checkpoint is at step {trainer.step}, past --steps {config.steps}")

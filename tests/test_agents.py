@@ -1,5 +1,6 @@
 """Agents: the conformance kit for every agent, and exact checks against brute force."""
 
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -294,3 +295,81 @@ def test_gkd_like_kd_equals_cross_entropy_by_hand():
         student_lp = torch.log_softmax(logits[b, t, cand], 0)
         terms.append(-(teacher * student_lp).sum().item())
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_kd_online_is_the_full_vocabulary_forward_kl_by_hand(tiny_teacher):
+    """kd-online: sum_V pi_T (log pi_T - log pi_S) at every response position, from the two HF models'
+    own forward passes, position by position; no teacher attached -> a clear error."""
+    from tdrl.students import load_student
+
+    batch = contract_batch()
+    torch.manual_seed(0)
+    student = load_student("tiny")
+    agent = make_agent("kd-online", student)
+    with pytest.raises(ConfigError, match="attach_teacher"):
+        agent.loss(batch)
+    agent.attach_teacher(tiny_teacher)
+    loss, metrics = agent.loss(batch)
+    loss.backward()
+    assert student.model.get_input_embeddings().weight.grad.abs().sum() > 0
+    terms, nll = [], []
+    with torch.no_grad():
+        for b, t in torch.nonzero(batch["response_mask"]).tolist():
+            ids = batch["input_ids"][b : b + 1, : t + 1]
+            pt = torch.log_softmax(tiny_teacher.model(input_ids=ids).logits[0, -1].double(), 0)
+            ps = torch.log_softmax(student.model(input_ids=ids).logits[0, -1].double(), 0)
+            terms.append((pt.exp() * (pt - ps)).sum().item())
+            nll.append(-ps[batch["input_ids"][b, t + 1]].item())
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+    assert metrics["policy/nll_data"] == pytest.approx(sum(nll) / len(nll), rel=1e-4)
+    assert "kd-online" in list_agents() and "teacher" not in " ".join(agent.state_dict())
+
+
+def _outside_exact(student, t):
+    """-log pi_S(A_p(s)|s) per transition state from the full-vocabulary softmax."""
+    logp = torch.log_softmax(student.full_logits(t.hidden[t.cur]).double(), -1)
+    ids, mask = t.cand_ids[t.cur], t.cand_mask[t.cur]
+    for row, m in zip(ids, mask):  # candidate ids are distinct within a row: each counted once
+        assert len(set(row[m].tolist())) == int(m.sum())
+    return -logp.gather(-1, ids).masked_fill(~mask, float("-inf")).logsumexp(-1)
+
+
+def test_outside_mass_term_is_exact_when_it_can_enumerate_and_unbiased_when_it_samples():
+    from tdrl.students import load_student
+
+    batch = contract_batch()
+    torch.manual_seed(0)
+    student = load_student("tiny")
+    agent = make_agent("bd", student, outside_samples=4096)  # more than V: every outside id, exactly
+    t = agent.transitions(batch)
+    gap, mass = agent.outside_loss(t)
+    exact = _outside_exact(student, t)
+    assert gap.item() == pytest.approx(exact.mean().item(), rel=1e-4)
+    assert mass.item() == pytest.approx((1 - torch.exp(-exact)).mean().item(), rel=1e-4)
+    # sampling 8 of the ~500 other ids: exp(gap) - 1 = Z_out / Z_A is unbiased, state by state
+    one = dataclasses.replace(t, cur=t.cur[:1])
+    target = math.expm1(_outside_exact(student, one).item())
+    sampler = make_agent("bd", student, outside_samples=8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        draws = np.array([math.expm1(sampler.outside_loss(one, generator=gen)[0].item()) for _ in range(3000)])
+    assert abs(draws.mean() - target) < 3 * draws.std() / math.sqrt(len(draws))
+    assert draws.std() > 0  # it did sample
+
+
+def test_forward_adds_the_outside_term_only_on_the_top_p_path():
+    from tdrl.students import load_student
+
+    batch = contract_batch()
+    torch.manual_seed(0)
+    student = load_student("tiny")
+    agent = make_agent("bc", student, outside_coef=0.5, outside_samples=4096)
+    loss, _ = agent.loss(batch)
+    total, metrics = agent(batch)
+    assert total.item() == pytest.approx(loss.item() + 0.5 * metrics["loss/outside"], rel=1e-6)
+    assert 0 < metrics["policy/outside_mass"] < 1
+    full = make_agent("bc", student, restrict="none")
+    total, metrics = full(batch)
+    assert "loss/outside" not in metrics and total.item() == pytest.approx(full.loss(batch)[0].item())
+    with pytest.raises(ConfigError, match="outside_coef"):
+        make_agent("bd", student, outside_coef=-1)

@@ -18,6 +18,23 @@ def test_subset_logits_equal_gathered_full_logits():
     assert hidden.shape == (2, 9, student.hidden_size) and student.vocab_size == 512
 
 
+@pytest.mark.parametrize("width", [2, 16])  # 2: more distinct ids than M * H, the per-row fallback
+def test_gather_logits_both_branches_match_full_logits_and_gradients(width):
+    from tdrl.students import gather_logits
+
+    torch.manual_seed(0)
+    weight = torch.randn(50, width, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    hidden = torch.randn(3, 4, width, requires_grad=True)
+    ids = torch.randint(0, 50, (3, 4, 3))
+    got = gather_logits(hidden, weight, bias, ids)
+    want = (hidden @ weight.T + bias).gather(-1, ids)
+    assert torch.allclose(got, want, atol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), (weight, bias, hidden))
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (weight, bias, hidden))):
+        assert torch.allclose(g, w, atol=1e-4)
+
+
 def test_layers_student_copies_teacher_layers(tiny_teacher):
     student = load_student("layers:1", teacher=tiny_teacher)
     assert student.model.config.num_hidden_layers == 1

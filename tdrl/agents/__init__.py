@@ -2,11 +2,12 @@
 
 Built in: ``bc`` (KD / SFT), ``sql``, ``cql``, ``iql`` (Implicit Q-Learning), ``iqlearn`` (Inverse
 soft-Q Learning, the paper's "IQL"), ``bd`` (Bellman Distill, the paper's method), and the on-policy
-baselines ``minillm`` and ``gkd``. Third-party
+baselines ``minillm`` and ``gkd``, and ``kd-online`` (word-level KD with the teacher run online over
+the full vocabulary: the ecosystem's usual baseline). Third-party
 agents register with :func:`register_agent` or the ``tdrl.agents`` entry-point group.
 """
 
-from tdrl.agents import bc, gkd, iql, iqlearn, minillm, sql  # noqa: F401  (register the built-in agents)
+from tdrl.agents import bc, gkd, iql, iqlearn, minillm, online_kd, sql  # noqa: F401  (register the built-in agents)
 from tdrl.agents.base import (
     Agent,
     AgentConfig,
@@ -23,6 +24,7 @@ from tdrl.agents.gkd import GKD, GKDConfig
 from tdrl.agents.iql import IQL, IQLConfig, expectile_loss
 from tdrl.agents.iqlearn import BD, BDConfig, IQLearn, IQLearnConfig
 from tdrl.agents.minillm import MiniLLM, MiniLLMConfig
+from tdrl.agents.online_kd import OnlineKD, OnlineKDConfig
 from tdrl.agents.sql import CQL, SQL, CQLConfig, SQLConfig
 
 __all__ = [
@@ -30,4 +32,5 @@ __all__ = [
     "masked_logsumexp", "masked_log_softmax", "expectile_loss",
     "BC", "BCConfig", "SQL", "SQLConfig", "CQL", "CQLConfig", "IQL", "IQLConfig",
     "IQLearn", "IQLearnConfig", "BD", "BDConfig", "GKD", "GKDConfig", "MiniLLM", "MiniLLMConfig",
+    "OnlineKD", "OnlineKDConfig",
 ]  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, ClassVar
@@ -57,17 +58,33 @@ class AgentConfig:
             teacher's set A_p(s) (the paper's point); ``"none"``: over the full vocabulary (ablation).
         gamma: discount (the paper: 0.99).
         top_p: re-cut the data's A_p(s) at this p (``None``: keep the annotation's p).
+        outside_coef: weight of the outside-mass term added by :meth:`Agent.forward` with
+            ``restrict="topp"``: ``E_s[-log pi_S(A_p(s)|s)] = E_s[KL(proj_p pi_S || pi_S)]``, the gap
+            between the projected policy the top-p losses train and the full softmax the student
+            decodes with. Every top-p loss is invariant to raising the logits outside A_p(s), so
+            nothing else in it stops a student from drifting towards tokens the teacher never
+            samples. 0 (default, the paper's losses) turns it off; ``benchmarks/RESULTS.md`` reports
+            BD with it on.
+        outside_samples: the outside mass is estimated without ``[N, V]`` logits: exactly over the
+            distinct candidate ids of the batch, plus this many ids drawn uniformly from the rest of
+            the vocabulary (importance-weighted; exact when the rest is no larger).
     """
 
     restrict: str = "topp"
     gamma: float = 0.99
     top_p: float | None = None
+    outside_coef: float = 0.0
+    outside_samples: int = 1024
 
     def __post_init__(self):
         if self.restrict not in RESTRICT_MODES:
             raise ConfigError(f"restrict must be one of {', '.join(RESTRICT_MODES)}, got {self.restrict!r}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma must lie in [0, 1], got {self.gamma}")
+        if self.outside_coef < 0:
+            raise ConfigError(f"outside_coef must be >= 0, got {self.outside_coef}")
+        if self.outside_samples < 1:
+            raise ConfigError(f"outside_samples must be >= 1, got {self.outside_samples}")
         if self.top_p is not None:
             from tdrl.actions import validate_top_p
 
@@ -141,6 +158,11 @@ class Agent(nn.Module):
     description: ClassVar[str] = ""
     #: on-policy agents train on the student's own episodes; the trainer collects them by default
     on_policy: ClassVar[bool] = False
+    #: agents that run the teacher inside ``loss`` (kd-online); the trainer calls ``attach_teacher``
+    uses_teacher: ClassVar[bool] = False
+
+    def attach_teacher(self, teacher) -> None:
+        """Give an agent with ``uses_teacher = True`` the teacher (not saved with the agent's state)."""
 
     def __init__(self, student: Student, config: AgentConfig | None = None):
         super().__init__()
@@ -155,8 +177,55 @@ class Agent(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """``agent(batch)`` is ``agent.loss(batch)``, so DDP / ``accelerate`` can wrap an agent."""
-        return self.loss(batch)
+        """What the trainer minimises: ``agent.loss(batch)`` plus, with ``restrict="topp"`` and
+        ``outside_coef > 0``, ``outside_coef * E_s[-log pi_S(A_p(s)|s)]`` on the same trunk forward
+        (:meth:`outside_loss`; metrics ``loss/outside``, ``policy/outside_mass``). ``agent(batch)``
+        is this, so DDP / ``accelerate`` can wrap an agent."""
+        self._last_transitions = None
+        loss, metrics = self.loss(batch)
+        t, self._last_transitions = self._last_transitions, None
+        if t is not None and self.config.restrict == "topp" and self.config.outside_coef > 0:
+            term, mass = self.outside_loss(t)
+            loss = loss + self.config.outside_coef * term
+            metrics = {**metrics, "loss/outside": term.item(), "policy/outside_mass": mass.item()}
+        return loss, metrics
+
+    def outside_loss(self, t: Transitions, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(E_s[-log pi_S(A_p(s)|s)], E_s[pi_S(V minus A_p(s)|s)])`` over the transition states of ``t``.
+
+        ``Z_out(s)`` = the student's ``sum_{a not in A_p(s)} exp(logit)`` is computed exactly over U, the
+        distinct candidate ids of the batch (the tokens a drifting student most often rates highly),
+        and estimated over the remaining ``V - |U|`` ids from ``outside_samples`` uniform draws scaled by
+        ``(V - |U|) / outside_samples`` (all of them, exactly, when there are no more than that).
+        Returns ``log(1 + Z_out / Z_A)`` averaged over states, and the implied outside mass.
+        """
+        hidden = t.hidden[t.cur]
+        ids, mask = t.cand_ids[t.cur], t.cand_mask[t.cur]
+        weight, bias = self.student.output_weight(), self.student.output_bias()
+        vocab = weight.shape[0]
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        in_set = torch.zeros(ids.shape[0], unique.numel(), device=ids.device).scatter_add_(1, inverse, mask.float()) > 0
+        rest = torch.ones(vocab, dtype=torch.bool, device=ids.device)
+        rest[unique] = False
+        rest_ids = torch.nonzero(rest).squeeze(-1)
+        n_rest, samples = rest_ids.numel(), self.config.outside_samples
+        if n_rest > samples:
+            draw = torch.randint(0, n_rest, (samples,), generator=generator, device="cpu").to(ids.device)
+            rest_ids, scale = rest_ids[draw], n_rest / samples
+        else:
+            scale = 1.0
+        cols = torch.cat([unique, rest_ids])
+        logits = hidden.to(weight.dtype) @ weight[cols].T
+        if bias is not None:
+            logits = logits + bias[cols]
+        logits = logits.float()
+        known, sampled = logits[:, : unique.numel()], logits[:, unique.numel() :]
+        log_z_set = masked_logsumexp(known, in_set)
+        log_z_out = known.masked_fill(in_set, float("-inf")).logsumexp(-1)
+        if sampled.shape[1]:
+            log_z_out = torch.logaddexp(log_z_out, sampled.logsumexp(-1) + math.log(scale))
+        gap = nn.functional.softplus(log_z_out - log_z_set)  # log(1 + Z_out / Z_A); 0 when nothing is outside
+        return gap.mean(), (1.0 - torch.exp(-gap)).mean().detach()
 
     def after_update(self) -> None:
         """Called by the trainer after each optimiser step (e.g. Polyak target updates)."""
@@ -199,7 +268,7 @@ class Agent(nn.Module):
         actions[:, :-1] = batch["input_ids"][:, 1:]
         nxt = next_index[sel]
         hidden = student.hidden_states(batch["input_ids"], batch["attention_mask"])
-        return Transitions(
+        t = Transitions(
             hidden=hidden[need],
             cur=flat[sel],
             nxt=nxt,
@@ -212,6 +281,9 @@ class Agent(nn.Module):
             action_in_cand=batch["action_in_cand"][sel].bool(),
             action_logprob=batch["action_logprob"][sel].float(),
         )
+        if student is self.student:  # kept for forward()'s outside-mass term on the same trunk forward
+            self._last_transitions = t
+        return t
 
     def set_logits(
         self,

@@ -1,0 +1,85 @@
+"""Word-level KD with the teacher run online over the full vocabulary: the baseline tdrl is measured against.
+
+This is what distillation code commonly does today (TRL's ``GKDTrainer`` with ``lmbda=0`` and
+``beta=0``, i.e. no student samples and the forward KL): every step runs the teacher on the batch
+and compares ``[N, V]`` teacher and student distributions over the whole vocabulary. It reads only
+the tokens of the data (no cached candidates), so it trains on any annotation cache, but each step
+pays one teacher forward and two full-vocabulary softmaxes. The benchmarks (``benchmarks/``) use it
+as the baseline of the sparse path's speed, memory and time-to-quality claims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tdrl.agents.base import Agent, AgentConfig, register_agent
+from tdrl.errors import ConfigError
+
+
+@dataclass
+class OnlineKDConfig(AgentConfig):
+    """Forward KL to the teacher over the whole vocabulary, teacher run in the loss:
+
+        L = E_s[ sum_{a in V} pi_T(a|s) (log pi_T(a|s) - log pi_S(a|s)) ],
+
+    both distributions at ``temperature`` (1 = the plain KL). ``restrict``, ``gamma`` and ``top_p``
+    are ignored: nothing here uses the teacher's set A_p(s).
+
+    Needs the teacher: the trainer attaches it (``agent.attach_teacher(teacher)``, as it does for
+    every agent with ``uses_teacher = True``); the teacher is not part of the agent's state.
+
+    Metrics: ``loss/kd`` (= ``policy/kl_teacher``, the full-vocabulary KL), ``policy/nll_data``,
+    ``policy/entropy`` (student, full vocabulary).
+    """
+
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+@register_agent("kd-online")
+class OnlineKD(Agent):
+    Config = OnlineKDConfig
+    description = "baseline: word-level KD with the teacher run online, full-vocabulary forward KL (TRL GKD, lambda=0)"
+    uses_teacher = True
+
+    def __init__(self, student, config=None):
+        super().__init__(student, config)
+        self._teacher = None  # not an nn.Module attribute: never saved, never moved with the agent
+
+    def attach_teacher(self, teacher) -> None:
+        self._teacher = teacher
+
+    def loss(self, batch):
+        if self._teacher is None:
+            raise ConfigError(
+                "kd-online runs the teacher inside its loss: call agent.attach_teacher(teacher) "
+                "(tdrl train and Trainer do this for you)"
+            )
+        tau = self.config.temperature
+        device = self.student.device
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        sel = batch["response_mask"].to(device).bool()
+        actions = torch.zeros_like(input_ids)
+        actions[:, :-1] = input_ids[:, 1:]
+        with torch.no_grad():
+            teacher_logits = self._teacher.logits(input_ids, attention_mask)[sel.to(self._teacher.device)]
+        teacher_logp = torch.log_softmax(teacher_logits.to(device) / tau, -1)
+        hidden = self.student.hidden_states(input_ids, attention_mask)[sel]
+        student_logp = torch.log_softmax(self.student.full_logits(hidden).float() / tau, -1)
+        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+        loss = kl.mean()
+        nll = -student_logp.gather(-1, actions[sel].unsqueeze(-1)).squeeze(-1)
+        metrics = {
+            "loss/kd": loss.item(),
+            "policy/kl_teacher": loss.item(),
+            "policy/nll_data": nll.mean().item(),
+            "policy/entropy": -(student_logp.exp() * student_logp).sum(-1).mean().item(),
+        }
+        return loss, metrics

@@ -1,0 +1,50 @@
+"""The benchmark helpers measure what they say (no timings asserted), and reproduce.py's plumbing runs."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import reproduce, topp_stats
+from benchmarks.memory import PeakMemory
+
+
+def test_peak_memory_sees_a_block_allocation_and_not_earlier_ones():
+    resident = torch.ones(32 * 2**20 // 4)  # 32 MiB allocated before the block: not counted
+    with PeakMemory("cpu") as before:
+        pass
+    with PeakMemory("cpu") as peak:
+        block = torch.ones(256 * 2**20 // 4)  # 256 MiB, pages touched
+    assert 200 * 2**20 < peak.peak_bytes < 400 * 2**20
+    assert before.peak_bytes < 64 * 2**20
+    del resident, block
+
+
+def test_top_p_statistics_by_hand():
+    probs = torch.tensor([[0.55, 0.3, 0.08, 0.04, 0.03], [0.91, 0.05, 0.02, 0.01, 0.01]])
+    stats = topp_stats.statistics(probs.log(), top_k=3)
+    # row 1: p=.5 -> {0}; .8 -> {0,1}; .9 and .95 -> capped at k=3 (mass .93); row 2: {0} up to p=.9, .95 -> {0,1}
+    assert stats["p"][0.5]["size_mean"] == 1 and stats["p"][0.5]["mass_mean"] == pytest.approx(0.73)
+    assert stats["p"][0.8]["size_mean"] == 1.5 and stats["p"][0.8]["mass_mean"] == pytest.approx(0.88)
+    assert stats["p"][0.9]["size_mean"] == 2 and stats["p"][0.9]["capped"] == 0.5
+    assert stats["p"][0.95]["size_mean"] == 2.5 and stats["p"][0.95]["mass_mean"] == pytest.approx(0.945)
+    assert stats["top7"]["mean"] == pytest.approx(1.0) and stats["top50"]["at_least_0.9"] == 1.0
+
+
+def test_reproduce_smoke_plumbing(tmp_path, monkeypatch):
+    """One seed, a few steps, the tiny models: tables, verdict, curve and the record file that makes a
+    second call reuse finished runs instead of training again."""
+    monkeypatch.setenv("TDRL_CACHE", str(tmp_path / "cache"))
+    argv = ["--budget", "smoke", "--seeds", "1", "--steps", "2", "--out", str(tmp_path / "r")]
+    text = reproduce.main(argv)
+    for needle in ("| BD |", "| SFT / SeqKD |", "BD without chi^2", "Time to quality", "Without the warm start"):
+        assert needle in text
+    records = json.loads((tmp_path / "r" / "records.json").read_text())
+    runs = [r for r in records.values() if isinstance(r, dict) and "test" in r]
+    assert len(runs) == 7 + 4 + 1 + 2  # main table, new ablations, kd-online, the two raw-student runs
+    assert all(not (tmp_path / "r" / "runs" / d / "checkpoints").exists() for d in ("bd-seed0", "kd-online-seed0"))
+    assert (tmp_path / "r" / "rouge_vs_time.png").stat().st_size > 0
+    # the same call again trains nothing: every run is read back from records.json
+    mtime = (tmp_path / "r" / "records.json").stat().st_mtime_ns
+    assert reproduce.main(argv).split("Reproduction wall time")[0] == text.split("Reproduction wall time")[0]
+    assert (tmp_path / "r" / "records.json").stat().st_mtime_ns == mtime
