@@ -78,7 +78,7 @@ BUDGETS = {
     ),
     "cpu": dict(
         teacher="bundled", student="layers:0,10,20,29", train_prompts=192, response_tokens=40, steps=32,
-        batch_size=8, lr=2e-5, eval_every=8, eval_prompts=12, eval_max_new_tokens=32, test_prompts=32, seeds=3,
+        batch_size=8, lr=2e-5, eval_every=8, eval_prompts=10, eval_max_new_tokens=24, test_prompts=24, seeds=3,
         curve_seeds=1, warm_start_steps=64, warm_start_lr=1e-4,
     ),
     "gpu": dict(

@@ -26,9 +26,10 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models (top-p statistics: 8 bundled prompts)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", default=None, help="reproduce.py budget (default: smoke with --quick, else cpu)")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    parser.add_argument("--out", help="default: benchmarks/RESULTS.md (RESULTS-quick.md with --quick)")
     args = parser.parse_args(argv)
     quick = args.quick
+    args.out = args.out or str(Path(__file__).with_name("RESULTS-quick.md" if quick else "RESULTS.md"))
     budget = args.budget or ("smoke" if quick else "cpu")
     started = time.perf_counter()
     timings = []
