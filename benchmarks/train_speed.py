@@ -85,9 +85,8 @@ def make(name: str, student, teacher=None):
     return agent
 
 
-def train_steps(agent, batch, steps: int, device: str = "cpu") -> float:
-    """Seconds for ``steps`` optimiser steps (loss + backward + AdamW) after one warm-up step."""
-    agent.to(device)
+def stepper(agent, batch, after_update: bool = True):
+    """One training step (loss + backward + AdamW, then ``agent.after_update()``) as a closure."""
     optimiser = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
@@ -95,8 +94,15 @@ def train_steps(agent, batch, steps: int, device: str = "cpu") -> float:
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        agent.after_update()
+        if after_update:
+            agent.after_update()
 
+    return step
+
+
+def train_steps(agent, batch, steps: int, device: str = "cpu") -> float:
+    """Seconds for ``steps`` optimiser steps (loss + backward + AdamW) after one warm-up step."""
+    step = stepper(agent.to(device), batch)
     step()  # warm-up: allocates the optimiser state
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -116,15 +122,7 @@ def worker(spec: dict) -> dict:
     student = load_student(spec["student"]).to(device)
     batch = torch.load(spec["batch"], weights_only=True)
     teacher = get_teacher(spec["teacher"], device) if spec["config"] == BASELINE else None
-    agent = make(spec["config"], student, teacher).to(device)
-    optimiser = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=1e-5)
-
-    def step():
-        loss, _ = agent.loss(batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-
+    step = stepper(make(spec["config"], student, teacher).to(device), batch, after_update=False)
     step()
     with PeakMemory(device) as peak:
         step()
