@@ -102,6 +102,12 @@ def base_config(budget: dict, device: str, out: Path) -> TrainConfig:
 WARM_START = "bc:mode=kd,restrict=none"
 
 
+def drop_checkpoints(run_dir: Path) -> None:
+    """Delete a finished run's checkpoints and best/ export (its events and summary stay)."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / "best", ignore_errors=True)
+
+
 def warm_start(base: TrainConfig, teacher, steps: int, lr: float, out: Path, store: dict) -> tuple[str, dict]:
     """The shared starting student: ``base.student`` trained with KD over the full vocabulary (on the
     cached top-K teacher log-probs) for ``steps`` steps, seed 0, exported to ``out/warm-start``.
@@ -122,8 +128,7 @@ def warm_start(base: TrainConfig, teacher, steps: int, lr: float, out: Path, sto
     summary = trainer.train()
     shutil.rmtree(target, ignore_errors=True)
     trainer.student.save_pretrained(target)
-    shutil.rmtree(Path(config.out) / "checkpoints", ignore_errors=True)
-    shutil.rmtree(Path(config.out) / "best", ignore_errors=True)
+    drop_checkpoints(Path(config.out))
     store[key] = {"train_time_s": summary["train_time_s"], "steps": steps,
                   "val_rougeL": summary["last"]["metrics"]["eval/rougeL"]}  # fmt: skip
     write_json_atomic(out / "records.json", store)
@@ -175,8 +180,7 @@ def run_one(
     store[key] = record
     write_json_atomic(out / "records.json", store)
     if not keep_checkpoints:  # keep events and summary; checkpoints of 31 runs would fill a disk
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        shutil.rmtree(run_dir / "best", ignore_errors=True)
+        drop_checkpoints(run_dir)
     print(f"  {label} seed {seed}: test Rouge-L last {record['test']['last']['eval/rougeL']:.2f}, "
           f"{record['wall_time_s']:.0f} s", flush=True)  # fmt: skip
     return record

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from tdrl.errors import ConfigError, ModelNotFoundError
 from tdrl.teachers import is_hub_id
 
-__all__ = ["Student", "gather_logits", "load_student", "from_teacher_layers"]
+__all__ = ["Student", "gather_logits", "column_logits", "load_student", "from_teacher_layers"]
+
+
+def column_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, cols: Tensor) -> Tensor:
+    """Logits ``[R, C]`` of the token ids ``cols`` ``[C]`` at every hidden state ``[R, H]``."""
+    logits = hidden.to(weight.dtype) @ weight[cols].T
+    return logits if bias is None else logits + bias[cols]
 
 
 def gather_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor) -> Tensor:
@@ -36,14 +42,11 @@ def gather_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tens
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     unique, inverse = torch.unique(flat_ids, return_inverse=True)
     if unique.numel() < m * weight.shape[1]:
-        logits = (flat_hidden.to(weight.dtype) @ weight[unique].T).gather(-1, inverse)
-    else:  # a very diverse set of ids: one weight row per (state, candidate)
-        rows = nn.functional.embedding(flat_ids, weight)  # [R, M, H]
-        logits = (rows @ flat_hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1)
-    logits = logits.reshape(*lead, m)
-    if bias is not None:
-        logits = logits + bias[ids]
-    return logits
+        return column_logits(flat_hidden, weight, bias, unique).gather(-1, inverse).reshape(*lead, m)
+    # a very diverse set of ids: one weight row per (state, candidate)
+    rows = nn.functional.embedding(flat_ids, weight)  # [R, M, H]
+    logits = (rows @ flat_hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1).reshape(*lead, m)
+    return logits if bias is None else logits + bias[ids]
 
 
 class Student(nn.Module):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from tdrl.errors import ConfigError
-from tdrl.students import Student, gather_logits
+from tdrl.students import Student, column_logits, gather_logits
 
 __all__ = [
     "Agent",
@@ -161,15 +161,15 @@ class Agent(nn.Module):
     #: agents that run the teacher inside ``loss`` (kd-online); the trainer calls ``attach_teacher``
     uses_teacher: ClassVar[bool] = False
 
-    def attach_teacher(self, teacher) -> None:
-        """Give an agent with ``uses_teacher = True`` the teacher (not saved with the agent's state)."""
-
     def __init__(self, student: Student, config: AgentConfig | None = None):
         super().__init__()
         self.student = student
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise ConfigError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(self.config).__name__}")
+
+    def attach_teacher(self, teacher) -> None:
+        """Give an agent with ``uses_teacher = True`` the teacher (not saved with the agent's state)."""
 
     # ------------------------------------------------------------------ contract
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -214,11 +214,7 @@ class Agent(nn.Module):
             rest_ids, scale = rest_ids[draw], n_rest / samples
         else:
             scale = 1.0
-        cols = torch.cat([unique, rest_ids])
-        logits = hidden.to(weight.dtype) @ weight[cols].T
-        if bias is not None:
-            logits = logits + bias[cols]
-        logits = logits.float()
+        logits = column_logits(hidden, weight, bias, torch.cat([unique, rest_ids])).float()
         known, sampled = logits[:, : unique.numel()], logits[:, unique.numel() :]
         log_z_set = masked_logsumexp(known, in_set)
         log_z_out = known.masked_fill(in_set, float("-inf")).logsumexp(-1)
