@@ -1,30 +1,26 @@
-"""The paper's table in miniature: every agent, same data, same budget, 3 seeds; the ablations; and
-validation Rouge-L against training time for BD (cached annotation, sparse) and for word-level KD
-with the teacher run online over the full vocabulary.
+"""The paper's table in miniature: every agent, same data, same budget, 3 seeds; the ablations of BD;
+and validation Rouge-L against training time for BD, MiniLLM and word-level KD with the teacher run
+online over the full vocabulary.
 
     python -m benchmarks.reproduce --budget smoke          # tiny models, a few minutes: the plumbing
-    python -m benchmarks.reproduce --budget cpu            # bundled teacher, CPU, ~30 minutes
+    python -m benchmarks.reproduce --budget cpu            # bundled teacher, CPU, about an hour
     python -m benchmarks.reproduce --budget gpu --device cuda
 
 Protocol (identical for every method; no method gets its own tuning):
 
 * teacher: the bundled SmolLM2-135M-Instruct (``smoke``: the tiny test teacher); student:
-  ``from_teacher_layers`` with the layers of the budget (teacher embeddings, final norm, LM head and
-  the listed decoder layers);
+  ``from_teacher_layers`` with the layers of the budget, warm-started once for everyone with
+  :func:`tdrl.warmstart.warm_start` (full-vocabulary KD on the cached annotation), as the paper's
+  students start from SFT;
 * data: the bundled training prompts with one teacher response each (sampled at top-p 0.8), annotated
   once (K = 64, p = 0.8) and cached; every method reads the same cache in the same seeded order;
-* same steps, batch size, learning rate and schedule for every method; seeds 0..n-1 (initial weights
-  are the teacher's, so the seed sets the data order and the sampling);
-* during training: validation Rouge-L every ``eval_every`` steps (model selection, the curve);
-  at the end: the last model and the best-validation model on the **test split**: Rouge-L (x100,
-  stemmed, against the teacher's greedy response), teacher NLL per token of the student's samples, and
-  coverage (fraction of student tokens inside the teacher's A_0.8(s)); mean +- std over seeds.
-  Sampling at top-p 0.8, temperature 1 (the paper's protocol).
-
-Methods: SFT/SeqKD (``bc:mode=sft``), KD (``bc``, on A_p), SQL, Implicit Q-Learning (``iql``),
-IQ-Learn (``iqlearn`` on the full vocabulary: the paper's "IQL" baseline = BD with p = 1, no mask),
-CQL, BD (``bd``). Ablations of BD: p in {1.0 (no mask), 0.8, 0.5}; chi^2 off; expert term ``topp_mean``
-(the authors' released code) instead of the data token.
+* same steps, batch size, learning rate and schedule for every method, each agent's documented
+  defaults (its own presets included: bd's J_PT, the on-policy agents' collection); seeds 0..n-1;
+* during training: validation Rouge-L every ``eval_every`` steps (model selection, the curve); at the
+  end the trainer scores the last and the best-validation model on the **test split**
+  (:meth:`tdrl.trainer.Trainer.test`) and probes the decoding policy's mass outside A_p(s)
+  (:meth:`~tdrl.trainer.Trainer.probe`); the table is :func:`tdrl.compare.results_table`.
+  Sampling at top-p 0.8, temperature 1, no top-k cap (the paper's protocol).
 
 Every finished run is recorded in ``<out>/records.json`` as soon as it ends: an interrupted
 reproduction continues where it stopped.
@@ -42,32 +38,38 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
+from tdrl.compare import results_table, start_row
 from tdrl.config import TrainConfig
 from tdrl.data import annotate, load_source, write_json_atomic
-from tdrl.evaluation import EvalConfig, evaluate
 from tdrl.teachers import load_teacher
-from tdrl.trainer import Trainer, eval_records, prepare_bundled_data
+from tdrl.trainer import Trainer, prepare_bundled_data
+from tdrl.warmstart import warm_start
 
 MAIN = [
     ("SFT / SeqKD", "bc:mode=sft"),
-    ("KD (on A_p)", "bc:mode=kd"),
+    ("KD", "bc:mode=kd"),
     ("SQL", "sql"),
     ("IQL (Implicit Q-Learning)", "iql"),
-    ("IQ-Learn (full V)", "iqlearn:restrict=none,top_p=1.0"),
+    ("IQ-Learn (the paper's 'IQL')", "iqlearn"),
     ("CQL", "cql"),
     ("BD", "bd"),
+    ("GKD", "gkd"),
+    ("MiniLLM", "minillm"),
 ]
 ABLATIONS = [
-    ("BD p = 0.8 (default)", "bd"),
-    ("BD p = 1.0 (no mask)", "iqlearn:restrict=none,top_p=1.0"),
+    ("BD (default: p = 0.8, released expert term, J_PT)", "bd"),
+    ("BD p = 1.0 (every top-K token)", "bd:top_p=1.0"),
     ("BD p = 0.5", "bd:top_p=0.5"),
     ("BD without chi^2", "bd:chi2=false"),
-    ("BD expert_term = topp_mean", "bd:expert_term=topp_mean"),
-    ("BD + outside-mass term (outside_coef = 1)", "bd:outside_coef=1.0"),
+    ("BD expert_term = token (the equation)", "bd:expert_term=token"),
+    ("BD without J_PT (lm_coef = 0)", "bd|lm_coef=0"),
+    ("BD + support term (support_coef = 1)", "bd:support_coef=1.0"),
+    ("BD, max over A_p(s) (restrict = set)", "bd:restrict=set"),
 ]
 BC = ("bc:mode=sft", "bc:mode=kd")
-TD = ("sql", "iql", "iqlearn:restrict=none,top_p=1.0", "cql", "bd")
+TD = ("sql", "iql", "iqlearn", "cql", "bd")
 ONLINE = ("KD, teacher online, full V", "kd-online")
 
 BUDGETS = {
@@ -99,40 +101,10 @@ def base_config(budget: dict, device: str, out: Path) -> TrainConfig:
     )  # fmt: skip
 
 
-WARM_START = "bc:mode=kd,restrict=none"
-
-
 def drop_checkpoints(run_dir: Path) -> None:
     """Delete a finished run's checkpoints and best/ export (its events and summary stay)."""
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "best", ignore_errors=True)
-
-
-def warm_start(base: TrainConfig, teacher, steps: int, lr: float, out: Path, store: dict) -> tuple[str, dict]:
-    """The shared starting student: ``base.student`` trained with KD over the full vocabulary (on the
-    cached top-K teacher log-probs) for ``steps`` steps, seed 0, exported to ``out/warm-start``.
-
-    The paper's students start from SFT; a student cut out of the teacher's layers does not even
-    write words, and the top-p losses never push down the tokens outside A_p(s) that it then
-    samples at decoding time (see RESULTS.md: from the raw student BD stays near Rouge-L 0), so every
-    method starts from this one checkpoint."""
-    target = out / "warm-start"
-    config = dataclasses.replace(
-        base, agent="bc", agent_args="mode=kd,restrict=none", seed=0, steps=steps, lr=lr, eval_every=0,
-        out=str(out / "runs" / "warm-start"), checkpoint_every=steps,
-    )  # fmt: skip
-    key = "warm-start-" + run_key(config)
-    if key in store and (target / "model.safetensors").is_file():
-        return str(target), store[key]
-    trainer = Trainer(config, teacher=teacher, progress=False)
-    summary = trainer.train()
-    shutil.rmtree(target, ignore_errors=True)
-    trainer.student.save_pretrained(target)
-    drop_checkpoints(Path(config.out))
-    store[key] = {"train_time_s": summary["train_time_s"], "steps": steps,
-                  "val_rougeL": summary["last"]["metrics"]["eval/rougeL"]}  # fmt: skip
-    write_json_atomic(out / "records.json", store)
-    return str(target), store[key]
 
 
 def run_key(config: TrainConfig) -> str:
@@ -140,159 +112,125 @@ def run_key(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def test_metrics(trainer: Trainer, summary: dict, records: list[dict], eval_config: EvalConfig) -> dict:
-    """The last model and the best-validation model (``best/``) on the test records."""
-    from transformers import AutoModelForCausalLM
-
-    temperature = trainer.agent.decode_temperature
-    student = trainer.student
-    last, _ = evaluate(student.model, student.tokenizer, trainer.teacher, records, eval_config,
-                       decode_temperature=temperature)  # fmt: skip
-    best_step = (summary.get("best") or {}).get("step")
-    if best_step is None or best_step == summary["steps"]:
-        best = last
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(trainer.out / "best")).to(trainer.config.device)
-        best, _ = evaluate(model, student.tokenizer, trainer.teacher, records, eval_config,
-                           decode_temperature=temperature)  # fmt: skip
-    return {"last": last, "best": best, "best_step": best_step}
-
-
-def run_one(
-    label, spec, seed, base, teacher, test_records, eval_config, store, out, keep_checkpoints=False, prefix=""
-) -> dict:
-    name, _, args = spec.partition(":")
+def run_one(label, spec, seed, base, teacher, store, out, keep_checkpoints=False, prefix="") -> dict:
+    """Train one (spec, seed), or read it back from ``store``; ``spec`` is ``agent[:args][|trainer=value,...]``."""
+    agent_spec, _, trainer_args = spec.partition("|")  # "bd:chi2=false|lm_coef=0": agent and trainer settings
+    name, _, args = agent_spec.partition(":")
     tag = "".join(c if c.isalnum() or c in "=.-" else "_" for c in spec)
     run_dir = out / "runs" / f"{prefix}{tag}-seed{seed}"
-    config = dataclasses.replace(base, agent=name, agent_args=args, seed=seed, out=str(run_dir))
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in trainer_args.split(",") if kv)}
+    config = dataclasses.replace(base, agent=name, agent_args=args, seed=seed, out=str(run_dir), **overrides)
     key = run_key(config)
     if key in store:
         return store[key]
-    trainer = Trainer(config, teacher=teacher, progress=False)
-    summary = trainer.train()
+    summary = Trainer(config, teacher=teacher, progress=False).train()
     record = {
         "label": label, "spec": spec, "seed": seed, "steps": summary["steps"],
         "wall_time_s": summary["wall_time_s"], "train_time_s": summary["train_time_s"],
         "history": [{"step": h["step"], "train_time_s": h["train_time_s"], "rougeL": h["metrics"]["eval/rougeL"]}
                     for h in summary["history"]],
-        "test": test_metrics(trainer, summary, test_records, eval_config),
+        "test": summary.get("test"), "outside_mass": summary["outside_mass"], "mode_outside": summary["mode_outside"],
     }  # fmt: skip
     store[key] = record
     write_json_atomic(out / "records.json", store)
-    if not keep_checkpoints:  # keep events and summary; checkpoints of 31 runs would fill a disk
+    if not keep_checkpoints:  # keep events and summary; checkpoints of 40 runs would fill a disk
         drop_checkpoints(run_dir)
     print(f"  {label} seed {seed}: test Rouge-L last {record['test']['last']['eval/rougeL']:.2f}, "
-          f"{record['wall_time_s']:.0f} s", flush=True)  # fmt: skip
+          f"outside mass {record['outside_mass']:.2f}, {record['wall_time_s']:.0f} s", flush=True)  # fmt: skip
     return record
 
 
-def _cell(values) -> str:
-    values = np.asarray(values, dtype=float)
-    return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) else "-"
+def table(rows: list[tuple[str, list[dict]]]) -> str:
+    """:func:`tdrl.compare.results_table` over the records, each labelled with its row's name."""
+    return results_table([{**r, "label": label} for label, records in rows for r in records])
 
 
-def metric_table(rows: list[tuple[str, list[dict]]]) -> str:
-    metrics = [("eval/rougeL", "Rouge-L"), ("eval/teacher_nll", "teacher NLL"), ("eval/coverage", "coverage")]
-    head = ["method", "seeds"] + [f"{name} ({w})" for _, name in metrics for w in ("last", "best")] + ["train s/run"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, records in rows:
-        cells = [label, str(len(records))]
-        for key, _ in metrics:
-            for which in ("last", "best"):
-                cells.append(_cell([r["test"][which][key] for r in records]))
-        cells.append(f"{np.mean([r['train_time_s'] for r in records]):.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _stats(records: list[dict], which: str = "last") -> tuple[float, float]:
+    values = np.array([r["test"][which]["eval/rougeL"] for r in records])
+    return float(values.mean()), float(values.std())
 
 
 def verdict(by_spec: dict[str, list[dict]], labels: dict[str, str]) -> str:
-    """Which TD agents beat the better BC baseline on last test Rouge-L, by more than the seeds' spread."""
+    """Where every TD agent, and BD in particular, stands against SFT and KD on test Rouge-L of the
+    last and of the best-validation model, beyond the seeds' spread or not."""
 
-    def stats(spec):
-        v = np.array([r["test"]["last"]["eval/rougeL"] for r in by_spec[spec]])
-        return v.mean(), v.std()
+    def word(a, b):
+        (ma, sa), (mb, sb) = a, b
+        if abs(ma - mb) <= sa + sb:
+            return f"{ma - mb:+.2f}: within the seed spread"
+        return f"{ma - mb:+.2f}: {'above' if ma > mb else 'below'}"
 
-    bc_spec = max(BC, key=lambda s: stats(s)[0])
-    bc_mean, bc_std = stats(bc_spec)
-    parts = []
-    for spec in TD:
-        mean, std = stats(spec)
-        diff = mean - bc_mean
-        if abs(diff) <= std + bc_std:
-            word = "within the seed spread"
-        else:
-            word = "above" if diff > 0 else "below"
-        parts.append(f"{labels[spec]} {mean:.2f} ({diff:+.2f}: {word})")
+    lines = []
+    for which, name in (("last", "last model"), ("best", "best-validation model")):
+        parts = []
+        for spec in TD:
+            parts.append(
+                f"{labels[spec]} {_stats(by_spec[spec], which)[0]:.2f} ("
+                + "; ".join(
+                    f"vs {labels[b]} {word(_stats(by_spec[spec], which), _stats(by_spec[b], which))}" for b in BC
+                )
+                + ")"
+            )
+        lines.append(f"Test Rouge-L, {name}: " + ", ".join(parts) + ".")
     return (
-        f"Last test Rouge-L against the better BC baseline, {labels[bc_spec]} ({bc_mean:.2f} ± {bc_std:.2f}): "
-        + "; ".join(parts)
-        + ". 'Within the seed spread' = the difference of means is no larger than the sum of the two standard "
+        " ".join(lines)
+        + " 'Within the seed spread' = the difference of means is no larger than the sum of the two standard "
         "deviations."
     )
 
 
-def curve_section(bd: list[dict], online: list[dict], annotate_s: float | None, out: Path) -> str:
-    def summary(records):
-        best = [max(r["history"], key=lambda h: h["rougeL"]) for r in records]
-        return (
-            np.mean([b["rougeL"] for b in best]), np.mean([b["train_time_s"] for b in best]),
-            np.mean([r["train_time_s"] / r["steps"] for r in records]),
-        )  # fmt: skip
+def _best(records):
+    """Mean over seeds of (best validation Rouge-L, training time to it, seconds per step)."""
+    best = [max(r["history"], key=lambda h: h["rougeL"]) for r in records]
+    return (
+        float(np.mean([b["rougeL"] for b in best])), float(np.mean([b["train_time_s"] for b in best])),
+        float(np.mean([r["train_time_s"] / r["steps"] for r in records])),
+    )  # fmt: skip
 
+
+def curve_section(curves: dict[str, list[dict]], annotate_s: float | None, out: Path) -> str:
+    """Best validation Rouge-L, training time to reach it, and seconds per step, for BD against
+    MiniLLM and against KD with the teacher online; the curve of seed 0 of each."""
     lines = [
         "| method | seeds | best validation Rouge-L | training time to best (s) | s/step |",
         "|---|---|---|---|---|",
     ]
-    results = {}
-    for label, records in (("BD (cached annotation, A_p)", bd), (ONLINE[0], online)):
-        rouge, t_best, per_step = summary(records)
-        results[label] = (rouge, t_best, per_step)
-        lines.append(f"| {label} | {len(records)} | {rouge:.2f} | {t_best:.1f} | {per_step:.2f} |")
-    (bd_r, bd_t, bd_s), (on_r, on_t, on_s) = results.values()
-    target = min(bd_r, on_r)
-
-    def time_to(records):  # mean over seeds of the first evaluation at or above the common target
-        hits = [next((h["train_time_s"] for h in r["history"] if h["rougeL"] >= target), None) for r in records]
-        hits = [h for h in hits if h is not None]
-        return (np.mean(hits), len(hits)) if hits else (float("nan"), 0)
-
-    (bd_hit, bd_n), (on_hit, on_n) = time_to(bd), time_to(online)
-    lines += [
-        "",
-        f"Per step, BD runs {on_s / bd_s:.2f}x faster than KD with the teacher online ({bd_s:.2f} s against "
-        f"{on_s:.2f} s). Best validation Rouge-L: BD {bd_r:.2f} after {bd_t:.1f} s of training, KD online {on_r:.2f} "
-        f"after {on_t:.1f} s"
-        + (" (BD's best is lower, so 'sooner' would compare different targets)" if bd_r < on_r else "")
-        + f". Time to first reach the lower of the two bests ({target:.2f}): BD {bd_hit:.1f} s ({bd_n} of "
-        f"{len(bd)} seeds), KD online {on_hit:.1f} s ({on_n} of {len(online)}); the resolution is one evaluation "
-        "interval. "
-        + (
+    results = {label: _best(records) for label, records in curves.items()}
+    for label, (rouge, t_best, per_step) in results.items():
+        lines.append(f"| {label} | {len(curves[label])} | {rouge:.2f} | {t_best:.1f} | {per_step:.2f} |")
+    (bd_label, (bd_r, bd_t, bd_s)), *others = results.items()
+    text = []
+    for label, (r, t, per) in others:
+        faster = f"BD reaches its best {t / max(bd_t, 1e-9):.2f}x sooner" if bd_t < t else (
+            f"BD reaches its best {bd_t / max(t, 1e-9):.2f}x later")  # fmt: skip
+        compare_best = "higher" if bd_r > r else "lower"
+        text.append(
+            f"Against {label}: per step BD is {per / bd_s:.2f}x as fast ({bd_s:.2f} s against {per:.2f} s); {faster} "
+            f"({bd_t:.1f} s against {t:.1f} s of training), and its best is {compare_best} ({bd_r:.2f} against "
+            f"{r:.2f}), so 'sooner' compares " + ("the same or a better target." if bd_r >= r else "a lower target.")
+        )
+    if annotate_s is not None:
+        text.append(
             f"BD's one-off cost, annotating the training data (top-K log-probs, one teacher forward per response), "
-            f"took {annotate_s:.1f} s; amortised over every run and agent that reads the cache."
-            if annotate_s is not None
-            else ""
-        ),
-        "",
-        "Validation Rouge-L against training time (evaluation time excluded), seed 0:",
-        "",
-        "| method | step | training time (s) | validation Rouge-L |",
-        "|---|---|---|---|",
-    ]
-    for label, records in (("BD", bd), ("KD online", online)):
+            f"took {annotate_s:.1f} s, amortised over every run and agent that reads the cache."
+        )
+    lines += ["", " ".join(text), "", "Validation Rouge-L against training time (evaluation excluded), seed 0:", "",
+              "| method | step | training time (s) | validation Rouge-L |", "|---|---|---|---|"]  # fmt: skip
+    for label, records in curves.items():
         for h in records[0]["history"]:
             lines.append(f"| {label} | {h['step']} | {h['train_time_s']:.1f} | {h['rougeL']:.2f} |")
-    _plot(bd, online, out / "rouge_vs_time.png")
+    _plot(curves, out / "rouge_vs_time.png")
     return "\n".join(lines)
 
 
-def _plot(bd, online, path: Path) -> None:
+def _plot(curves: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, records, colour in (("BD (sparse, cached)", bd, "C0"), ("KD, teacher online", online, "C1")):
+    for (label, records), colour in zip(curves.items(), ("C0", "C1", "C2", "C3")):
         for i, r in enumerate(records):
             ax.plot([h["train_time_s"] for h in r["history"]], [h["rougeL"] for h in r["history"]], marker="o",
                     color=colour, alpha=0.8, label=label if i == 0 else None)  # fmt: skip
@@ -327,7 +265,7 @@ def main(argv=None) -> str:
     parser.add_argument("--fresh", action="store_true", help="ignore runs recorded by an earlier call in --out")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints and best/")
     parser.add_argument("--no-curve", action="store_true")
-    parser.add_argument("--only", nargs="+", help="run just these agent specs (e.g. bd kd-online), print, and stop")
+    parser.add_argument("--only", nargs="+", help="run just these specs (e.g. bd 'bd|lm_coef=0'), print, and stop")
     args = parser.parse_args(argv)
     budget = dict(BUDGETS[args.budget])
     if args.seeds:
@@ -350,17 +288,22 @@ def main(argv=None) -> str:
     raw_student = base.student
     warm = None
     if budget["warm_start_steps"]:
-        path, warm = warm_start(base, teacher, budget["warm_start_steps"], budget["warm_start_lr"], out, store)
-        base = dataclasses.replace(base, student=path)
-    test_records = eval_records(teacher, budget["test_prompts"], base.eval_max_new_tokens, split="test")
-    eval_config = EvalConfig(max_new_tokens=base.eval_max_new_tokens, seeds=base.seed_list(), top_p=0.8)
+        warm_config = dataclasses.replace(
+            base, steps=budget["warm_start_steps"], lr=budget["warm_start_lr"], seed=0,
+            warmup_steps=max(1, budget["warm_start_steps"] // 10),
+        )  # fmt: skip
+        path, warm = warm_start(warm_config, out / "warm-start", teacher=teacher, progress=False)
+        base = dataclasses.replace(base, student=str(path))
     seeds = list(range(budget["seeds"]))
-    run = lambda label, spec, seed: run_one(
-        label, spec, seed, base, teacher, test_records, eval_config, store, out, args.keep_checkpoints
-    )
+    run = lambda label, spec, seed: run_one(label, spec, seed, base, teacher, store, out, args.keep_checkpoints)  # noqa: E731
 
     if args.only:
         return "\n".join(json.dumps(run(spec, spec, s)["test"]["last"]) for spec in args.only for s in seeds)
+    key = f"start-{run_key(base)}"
+    if key not in store:
+        store[key] = start_row(dataclasses.replace(base, out=str(out)), teacher)
+        write_json_atomic(out / "records.json", store)
+    start = [("warm start (no further training)" if warm else "start (no training)", [store[key]])]
     by_spec: dict[str, list[dict]] = {}
     labels = {}
     for label, spec in MAIN + ABLATIONS:
@@ -370,58 +313,47 @@ def main(argv=None) -> str:
     if not args.no_ablations:
         for label, spec in ABLATIONS:
             by_spec.setdefault(spec, [run(label, spec, s) for s in seeds])
-    start = (
-        f"`{raw_student}` warm-started with {WARM_START} (full-vocabulary KD on the cached top-K log-probs) for "
+    origin = (
+        f"`{raw_student}` warm-started with full-vocabulary KD (bc:mode=kd) on the cached annotation for "
         f"{warm['steps']} steps at lr {budget['warm_start_lr']:g} ({warm['train_time_s']:.0f} s; validation Rouge-L "
-        f"{warm['val_rougeL']:.2f}), the same starting checkpoint for every method"
+        f"{warm['validation'].get('eval/rougeL', float('nan')):.2f}), the same starting checkpoint for every method"
         if warm
         else f"`{raw_student}`"
     )
     sections = [
-        f"Budget `{args.budget}` on {args.device}: teacher {base.teacher}, student {start}, "
+        f"Budget `{args.budget}` on {args.device}: teacher {base.teacher}, student {origin}, "
         f"{base.train_prompts or 'all'} bundled training prompts x 1 teacher response of up to {base.response_tokens} "
         f"tokens (K = 64, p = 0.8), {base.steps} steps x batch {base.batch_size}, lr {base.lr:g} (cosine, "
         f"{base.warmup_steps} warm-up), seeds {', '.join(map(str, seeds))}. Validation: {base.eval_prompts} prompts "
-        f"every {base.eval_every} steps; test: {budget['test_prompts']} prompts, last and best-validation model, "
-        f"sampling top-p 0.8 / T = 1, {base.eval_max_new_tokens} new tokens.",
+        f"every {base.eval_every} steps; test: {base.test_prompts} prompts, last and best-validation model, "
+        f"sampling top-p 0.8 / T = 1 (no top-k cap), {base.eval_max_new_tokens} new tokens.",
         "",
-        metric_table([(label, by_spec[spec]) for label, spec in MAIN]),
-        "",
+        table(start + [(label, by_spec[spec]) for label, spec in MAIN]),
         verdict(by_spec, labels),
     ]
     if not args.no_ablations:
-        sections += [
-            "",
-            "**Ablations of BD** (same budget and seeds):",
-            "",
-            metric_table([(label, by_spec[spec]) for label, spec in ABLATIONS]),
-        ]
+        sections += ["", "**Ablations of BD** (same budget and seeds):", "",
+                     table(start + [(label, by_spec[spec]) for label, spec in ABLATIONS])]  # fmt: skip
     if not args.no_curve:
         online = [run(ONLINE[0], ONLINE[1], s) for s in range(budget["curve_seeds"])]
         key = f"annotation-{run_key(base)}"
         if key not in store:
             store[key] = annotation_seconds(teacher, base)
             write_json_atomic(out / "records.json", store)
-        sections += [
-            "",
-            "**Time to quality: BD (cached annotation, sparse) against KD with the teacher online (full vocabulary)**",
-            "",
-            curve_section(by_spec["bd"], online, store[key], out),
-        ]
+        curves = {"BD (cached annotation)": by_spec["bd"], "MiniLLM": by_spec["minillm"], ONLINE[0]: online}
+        sections += ["", "**Time to quality: BD against MiniLLM and against KD with the teacher online**", "",
+                     curve_section(curves, store[key], out)]  # fmt: skip
     if warm:
         raw_base = dataclasses.replace(base, student=raw_student)
-        raw = [
-            (label, run_one(label, spec, 0, raw_base, teacher, test_records, eval_config, store, out, prefix="raw-"))
-            for label, spec in (("BD", "bd"), ONLINE)
-        ]
+        raw = [(label, run_one(label, spec, 0, raw_base, teacher, store, out, prefix="raw-"))
+               for label, spec in (("BD", "bd"), ONLINE)]  # fmt: skip
         sections += [
             "",
             f"**Without the warm start** (from the raw `{raw_student}`, seed 0, same steps): test Rouge-L "
             + "; ".join(f"{label} {r['test']['last']['eval/rougeL']:.2f}" for label, r in raw)
             + ". Validation Rouge-L along the run: "
             + "; ".join(f"{label} " + ", ".join(f"{h['rougeL']:.1f}" for h in r["history"]) for label, r in raw)
-            + ". The top-p losses only shape the student's logits on A_p(s); a student that starts far from the "
-            "teacher keeps high logits elsewhere and samples them.",
+            + ". The top-p MDP can only shape a student that already decodes.",
         ]
     elapsed = time.perf_counter() - started
     sections += ["", f"Reproduction wall time: {elapsed:.0f} s (finished runs recorded in {out} are reused)."]

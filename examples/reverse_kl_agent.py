@@ -14,16 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tdrl.agents import Agent, AgentConfig, masked_log_softmax, register_agent
+from tdrl.agents import Agent, AgentConfig, register_agent
+from tdrl.agents.gkd import partition_log_probs
 
 
 @dataclass
 class ReverseKLConfig(AgentConfig):
-    """Token-level reverse KL to the teacher on A_p(s), the mode-seeking counterpart of KD:
+    """Token-level reverse KL to the teacher, the mode-seeking counterpart of KD:
 
-        L = E_s[ sum_{a in A_p(s)} pi_S^p(a|s) (log pi_S^p(a|s) - log pi_T^p(a|s)) ],
+        L = E_s[ sum_{a in A_p(s)} pi_S(a|s) (log pi_S(a|s) - log pi_T(a|s)) + pi_S(out) log(pi_S(out) / pi_T(out)) ],
 
-    both policies renormalised on A_p(s). ``temperature`` divides the student logits.
+    both full-vocabulary policies compared on A_p(s) plus one bucket for every token outside it
+    (:func:`tdrl.agents.gkd.partition_log_probs`). ``temperature`` divides both policies' logits.
 
     Metrics: ``loss/reverse_kl``, ``policy/entropy_in_set``.
     """
@@ -34,14 +36,12 @@ class ReverseKLConfig(AgentConfig):
 @register_agent("reverse-kl")
 class ReverseKL(Agent):
     Config = ReverseKLConfig
-    description = "example plug-in: token-level reverse KL to the teacher on A_p(s)"
+    description = "example plug-in: token-level reverse KL to the teacher on A_p(s) + outside"
 
-    def loss(self, batch):
-        t = self.transitions(batch)
-        mask = t.cand_mask[t.cur]
-        logits = self.student.subset_logits(t.hidden[t.cur], t.cand_ids[t.cur]) / self.config.temperature
-        student = masked_log_softmax(logits, mask)
-        teacher = masked_log_softmax(t.cand_logprobs[t.cur], mask)
+    def loss(self, t, batch):
+        # t: the batch's transitions (one trunk forward, built by Agent.forward)
+        pi = self.policy(t, current_only=True, temperature=self.config.temperature)  # normalised over V
+        teacher, student, mask = partition_log_probs(t, pi, self.student.vocab_size, self.config.temperature)
         kl = (student.exp() * (student - teacher).masked_fill(~mask, 0.0)).sum(-1).mean()
-        metrics = {"loss/reverse_kl": kl.item(), "policy/entropy_in_set": self.entropy_in_set(logits, mask).item()}
+        metrics = {"loss/reverse_kl": kl.detach(), "policy/entropy_in_set": self.entropy_in_set(pi.logits, pi.mask)}
         return kl, metrics

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ActionSubset", "top_p_subset", "nucleus_mask", "validate_top_k", "validate_top_p"]
+__all__ = ["exact_top_p", "ActionSubset", "top_p_subset", "nucleus_mask", "validate_top_k", "validate_top_p"]
 
 
 def validate_top_p(top_p: float) -> float:
@@ -125,6 +125,20 @@ def top_p_subset(logits: Tensor, top_k: int = 64, top_p: float = 0.8) -> ActionS
     logprobs = top_logits.float() - log_z
 
     return ActionSubset(ids=ids, logprobs=logprobs, mask=nucleus_mask(logprobs, top_p))
+
+
+def exact_top_p(logits: Tensor, top_p: float, start_k: int = 64) -> ActionSubset:
+    """The nucleus A_p with no top-k cap, without sorting the vocabulary: :func:`top_p_subset` at
+    k = ``start_k``, and k doubled while some row's top-k holds less than ``top_p`` of its mass (then
+    its nucleus may reach past k). Equal to the sort-everything nucleus; the returned subset has
+    K = the final k columns."""
+    vocab = logits.shape[-1]
+    k = min(start_k, vocab)
+    while True:
+        subset = top_p_subset(logits, top_k=k, top_p=top_p)
+        if k >= vocab or bool((subset.mass() >= top_p).all()):
+            return subset
+        k = min(2 * k, vocab)
 
 
 def nucleus_mask(logprobs: Tensor, top_p: float) -> Tensor:

@@ -160,57 +160,91 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tdrl.errors import CheckpointNotFoundError
-    from tdrl.evaluation import EvalConfig, evaluate
+    from tdrl.evaluation import EvalConfig, evaluate, reference_records
     from tdrl.students import load_student
     from tdrl.teachers import load_teacher
-    from tdrl.trainer import eval_records, find_checkpoint
+    from tdrl.trainer import RUN_FILE, find_checkpoint
 
     path = Path(args.checkpoint)
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist: pass a run, checkpoint or best/ directory")
     weights = ("model.safetensors", "model.safetensors.index.json")
     is_model = (path / "config.json").is_file() and any((path / w).is_file() for w in weights)
-    model_dir = path if is_model else None
-    teacher_name = args.teacher
+    model_dir, run = (path, path / RUN_FILE) if is_model else (None, None)
     if model_dir is None:
         checkpoint = find_checkpoint(path)
-        model_dir = checkpoint / "student"
-        teacher_name = teacher_name or json.loads((checkpoint / "config.json").read_text())["teacher"]
-    teacher = load_teacher(teacher_name or "bundled", device=args.device)
-    student = load_student(str(model_dir))
-    records = eval_records(teacher, args.prompts, args.max_new_tokens, split=args.split)
+        model_dir, run = checkpoint / "student", checkpoint / RUN_FILE
+    info = json.loads(run.read_text()) if run is not None and run.is_file() else {}
+    teacher_name = args.teacher or info.get("teacher") or "bundled"  # the run's own teacher unless told otherwise
+    teacher = load_teacher(teacher_name, dtype=info.get("teacher_dtype", "float32"), device=args.device)
+    student = load_student(str(model_dir)).to(args.device)
+    split = args.split or ("test" if args.data == "bundled" else None)
+    records = reference_records(
+        teacher, args.data, split=split, n=args.prompts, max_new_tokens=args.max_new_tokens,
+        prompt_column=args.prompt_column, reference_column=args.reference_column, context_column=args.context_column,
+    )  # fmt: skip
     config = EvalConfig(
-        max_new_tokens=args.max_new_tokens,
-        seeds=args.seeds,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        greedy=args.greedy,
+        max_new_tokens=args.max_new_tokens, seeds=args.seeds, top_p=args.top_p, temperature=args.temperature,
+        greedy=args.greedy, also_greedy=not args.greedy,
+    )  # fmt: skip
+    temperature = info.get("decode_temperature", 1.0)
+    metrics, samples = evaluate(
+        student.model, student.tokenizer, teacher, records, config, decode_temperature=temperature
     )
-    metrics, samples = evaluate(student.model, student.tokenizer, teacher, records, config)
-    print(f"{model_dir} on {len(records)} bundled {args.split} prompts, seeds {config.seeds}:")
+    where = f"{args.data} {split}" if split else args.data
+    print(f"{model_dir} on {len(records)} {where} prompts, teacher {teacher_name}, seeds {config.seeds}:")
     for key in sorted(k for k in metrics if not k.endswith("_std")):
-        print(f"  {key:<20} {metrics[key]:8.3f} ± {metrics[key + '_std']:.3f}")
+        print(f"  {key:<22} {metrics[key]:8.3f} ± {metrics[key + '_std']:.3f}")
+    if "eval/rougeL_reference" not in metrics:
+        print(
+            f"  (no human references in {args.data}: add a '{args.reference_column}' column for eval/rougeL_reference)"
+        )
     for sample in samples[:2]:
         print(f"\n  prompt:  {sample['prompt']}\n  student: {sample['student']}\n  teacher: {sample['teacher']}")
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
+#: ``tdrl warm-start``'s presets (64 steps of full-vocabulary KD at lr 1e-4: validation Rouge-L about 28
+#: for the bundled teacher's ``layers:0,10,20,29`` cut, which writes no words before).
+WARM_START_DEFAULTS = {"steps": 64, "lr": 1e-4, "out": "runs/warm-start"}
 
-    from tdrl.compare import compare, results_table
+
+def cmd_warm_start(args: argparse.Namespace) -> int:
+    from tdrl.config import parse_train_args
+    from tdrl.warmstart import warm_start
+
+    config, rest = parse_train_args(args.rest, defaults=WARM_START_DEFAULTS)
+    if rest:
+        raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl warm-start --help`)")
+    out, record = warm_start(config, config.out, overwrite=args.overwrite)
+    validation = record["validation"]
+    rouge = f", validation Rouge-L {validation['eval/rougeL']:.2f}" if "eval/rougeL" in validation else ""
+    print(f"warm start in {out} ({record['steps']} steps of full-vocabulary KD, {record['train_time_s']:.0f} s of "
+          f"training{rouge}; fingerprint {record['fingerprint']}); train from it with --student {out}")  # fmt: skip
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
     from tdrl.config import parse_train_args
 
     config, rest = parse_train_args(args.rest)
     if rest:
         raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl compare --help`)")
-    agents = [a for a in args.agents.split(",") if a.strip()]
-    seeds = list(range(args.seeds))
+    return _compare(config, args.agents, args.seeds)
+
+
+def _compare(config, agents: str, seeds: int, start: str = "start") -> int:
+    from pathlib import Path
+
+    from tdrl.compare import compare, results_table, split_agent_specs
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     out = Path(config.out)
-    summaries = compare(agents, seeds, config, out)
+    summaries = compare(split_agent_specs(agents), list(range(seeds)), config, out, start=start)
     print(results_table(summaries))
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'eval_curves.png'}")
-    print(f"TensorBoard: tdrl tensorboard {out / 'runs'}")
+    print(f"TensorBoard: tdrl tensorboard {out / 'runs'}   (then open http://127.0.0.1:6006/)")
     return 0
 
 
@@ -233,23 +267,35 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
-#: The demo's budget: all six agents, one seed, on the bundled teacher and prompts (~15 min, 2 cores).
-DEMO_ARGS = (
-    "--teacher bundled --student layers:0,1,2,3,4,5,24,25,26,27,28,29 --data bundled --train-prompts 192 "
-    "--response-tokens 40 --steps 60 --batch-size 8 --lr 1e-4 --eval-every 30 --eval-prompts 24 "
-    "--eval-max-new-tokens 40 "
-    "--checkpoint-every 60 --out runs/demo"
-).split()
-DEMO_AGENTS = "kd,sft,sql,cql,iql,iqlearn,bd"
+#: The demo: a shared warm start (cached in runs/demo/warm-start), then the paper's set (sft, kd, bd) and
+#: the offline RL agents (sql, cql, iql) from it, 3 seeds each, scored on bundled test prompts.
+DEMO_DEFAULTS = {
+    "teacher": "bundled", "student": "layers:0,10,20,29", "data": "bundled", "train_prompts": 192,
+    "response_tokens": 40, "steps": 16, "lr": 2e-5, "warmup_steps": 2, "eval_every": 8, "eval_prompts": 10,
+    "eval_max_new_tokens": 24, "test_prompts": 24, "checkpoint_every": 16, "log_every": 4, "out": "runs/demo",
+}  # fmt: skip
+DEMO_AGENTS = "sft,kd,bd,sql,cql,iql"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import dataclasses
     import time
+    from pathlib import Path
 
-    args.rest = DEMO_ARGS + args.rest
-    args.agents = args.agents or DEMO_AGENTS
+    from tdrl.config import parse_train_args
+    from tdrl.warmstart import warm_start
+
     start = time.perf_counter()
-    status = cmd_compare(args)
+    config, rest = parse_train_args(args.rest, defaults=DEMO_DEFAULTS)
+    if rest:
+        raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl demo --help`)")
+    steps = args.warm_start_steps
+    warm = dataclasses.replace(config, steps=steps, lr=args.warm_start_lr, warmup_steps=max(1, steps // 10), seed=0)
+    print(f"warm start: {steps} steps of full-vocabulary KD of {config.student} (reused when cached) ...", flush=True)
+    path, record = warm_start(warm, Path(config.out) / "warm-start")
+    print(f"warm start ready in {path} ({record['train_time_s']:.0f} s of training)", flush=True)
+    status = _compare(dataclasses.replace(config, student=str(path)), args.agents or DEMO_AGENTS, args.seeds,
+                      start="warm start")  # fmt: skip
     print(f"demo wall time: {time.perf_counter() - start:.0f} s")
     return status
 
@@ -318,17 +364,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint, a run directory or an exported model")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--teacher", default=None, help="teacher for NLL/coverage (default: the run's)")
-    evaluate.add_argument("--split", default="test", choices=["validation", "test"])
-    evaluate.add_argument("--prompts", type=int, default=64)
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="a run directory, one of its checkpoints, best/, or a model"
+    )
+    evaluate.add_argument(
+        "--teacher", default=None, help="teacher for references, NLL and coverage (default: the run's)"
+    )
+    evaluate.add_argument(
+        "--data", default="bundled",
+        help="prompts: 'bundled', 'dolly', a .jsonl/.json/.csv file or HF data set with a prompt column and an "
+        "optional reference column (human references: eval/rougeL_reference)",
+    )  # fmt: skip
+    evaluate.add_argument("--split", default=None, help="split of --data (bundled: default test)")
+    evaluate.add_argument("--prompt-column", default="prompt")
+    evaluate.add_argument("--reference-column", default="reference", help="column of human reference answers")
+    evaluate.add_argument("--context-column", default=None, help="joined into the prompt after a blank line")
+    evaluate.add_argument("--prompts", type=int, default=64, help="evaluate the first N prompts")
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the paper: 5 seeds")
-    evaluate.add_argument("--top-p", type=float, default=0.8)
+    evaluate.add_argument("--top-p", type=float, default=0.8, help="the paper: 0.8 (no top-k cap)")
     evaluate.add_argument("--temperature", type=float, default=1.0)
-    evaluate.add_argument("--greedy", action="store_true")
+    evaluate.add_argument("--greedy", action="store_true", help="only greedy decoding")
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=cmd_eval)
+
+    warm = sub.add_parser(
+        "warm-start", help="train the shared starting student (full-vocabulary KD) and export it", add_help=False
+    )
+    warm.add_argument("--overwrite", action="store_true", help="replace a warm start made with other settings")
+    warm.set_defaults(func=cmd_warm_start)
 
     comp = sub.add_parser("compare", help="train several agents on the same data, budget and seeds", add_help=False)
     comp.add_argument(
@@ -345,10 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     board.set_defaults(func=cmd_tensorboard)
 
     demo = sub.add_parser(
-        "demo", help="the main job: compare every agent on the bundled teacher (~15 min)", add_help=False
-    )
+        "demo", help="the main job: a warm start, then six agents x 3 seeds on the bundled teacher (~15 min)",
+        add_help=False,
+    )  # fmt: skip
     demo.add_argument("--agents", default=None, help=f"default: {DEMO_AGENTS}")
-    demo.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. N-1)")
+    demo.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
+    demo.add_argument("--warm-start-steps", type=int, default=64, help="steps of the shared warm start")
+    demo.add_argument("--warm-start-lr", type=float, default=1e-4, help="learning rate of the shared warm start")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -361,10 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv[:1] in (["train"], ["compare"], ["demo"]) and any(a in ("-h", "--help") for a in argv):
+    if argv[:1] in (["train"], ["compare"], ["demo"], ["warm-start"]) and any(a in ("-h", "--help") for a in argv):
         return _train_help(argv[0])
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("train", "compare", "demo"):
+    if rest and args.command not in ("train", "compare", "demo", "warm-start"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     try:
@@ -393,6 +460,15 @@ def _train_help(command: str) -> int:
     parser.add_argument("--config", help="YAML or JSON file of settings (flags override it)")
     if command == "train":
         parser.add_argument("--resume", help="continue the run in this directory (or checkpoint)")
+    elif command == "warm-start":
+        parser.set_defaults(**WARM_START_DEFAULTS)
+        parser.add_argument("--overwrite", action="store_true", help="replace a warm start made with other settings")
+    elif command == "demo":
+        parser.set_defaults(**DEMO_DEFAULTS)
+        parser.add_argument("--agents", help=f"comma-separated agent specs (default: {DEMO_AGENTS})")
+        parser.add_argument("--seeds", type=int, help="number of seeds (default 3)")
+        parser.add_argument("--warm-start-steps", type=int, help="steps of the shared warm start (default 64)")
+        parser.add_argument("--warm-start-lr", type=float, help="learning rate of the shared warm start (1e-4)")
     else:
         parser.add_argument("--agents", help="comma-separated agent specs (name, name:key=value, kd, sft, seqkd)")
         parser.add_argument("--seeds", type=int, help="number of seeds (0 .. N-1)")

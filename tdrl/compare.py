@@ -4,8 +4,12 @@
 
 * ``runs/<agent>-seed<k>/``: each run's TensorBoard events, checkpoints, ``best/`` and summary;
   ``tensorboard --logdir <out>/runs`` shows them all (HParams tab included);
-* ``results.csv``: one row per run (last and best evaluation metrics, wall time);
-* ``results.md``: mean +- std over seeds per agent, last and best (CORL style);
+* ``results.csv``: one row per run: test metrics of the last and of the best-validation model,
+  the mass outside A_p(s), wall and training time;
+* ``results.md``: mean +- std over seeds per agent (CORL style), the starting student as a reference
+  row, and which differences exceed the seeds' spread. Every figure is measured on the **test**
+  prompts (``--test-data``); the validation score that picked the best model is never reported as
+  its quality (it is biased upward by the very selection);
 * ``eval_curves.png``: validation Rouge-L against step per agent (mean over seeds).
 
 Agent specs: a registered name, ``name:key=value,...`` for settings, and the aliases ``kd``
@@ -25,10 +29,42 @@ from tdrl.config import TrainConfig
 from tdrl.errors import ConfigError
 from tdrl.teachers import load_teacher
 
-__all__ = ["parse_agent_spec", "compare", "results_table", "METRICS"]
+__all__ = ["parse_agent_spec", "split_agent_specs", "compare", "results_table", "separations", "start_row", "COLUMNS"]
 
 ALIASES = {"kd": "bc:mode=kd", "sft": "bc:mode=sft", "seqkd": "bc:mode=sft"}
-METRICS = ("eval/rougeL", "eval/teacher_nll", "eval/coverage", "eval/answer_match", "eval/length")
+
+
+def _test(which: str, key: str):
+    return lambda s: ((s.get("test") or {}).get(which) or {}).get(key, float("nan"))
+
+
+#: The table's columns: (header, getter over a run summary). Rouge-L of the last and of the
+#: best-validation model; the rest of the last model; the outside mass from the end-of-run probe.
+COLUMNS = (
+    ("Rouge-L last", _test("last", "eval/rougeL")),
+    ("Rouge-L best-val model", _test("best", "eval/rougeL")),
+    ("Rouge-L vs human, last", _test("last", "eval/rougeL_reference")),
+    ("greedy Rouge-L", _test("last", "eval/rougeL_greedy")),
+    ("teacher NLL", _test("last", "eval/teacher_nll")),
+    ("coverage", _test("last", "eval/coverage")),
+    ("entropy", _test("last", "eval/entropy")),
+    ("outside mass", lambda s: s.get("outside_mass", float("nan"))),
+    ("mode outside", lambda s: s.get("mode_outside", float("nan"))),
+)
+
+
+def split_agent_specs(text: str) -> list[str]:
+    """``"kd,iqlearn:chi2=false,alpha=0.2,bd"`` -> ``["kd", "iqlearn:chi2=false,alpha=0.2", "bd"]``: a comma
+    starts a new spec unless what follows is another ``key=value`` of the previous one."""
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if specs and ":" in specs[-1] and "=" in part and ":" not in part:
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    return specs
 
 
 def parse_agent_spec(spec: str) -> tuple[str, str, str]:
@@ -42,18 +78,38 @@ def parse_agent_spec(spec: str) -> tuple[str, str, str]:
     return re.sub(r"[^\w.=-]+", "_", label), name, args
 
 
+def start_row(base: TrainConfig, teacher, progress: bool = False, label: str = "start") -> dict:
+    """The starting student itself (``base.student``, untrained) under the same test protocol and
+    outside-mass probe as every run: the reference row of a comparison."""
+    from tdrl.trainer import Trainer
+
+    config = dataclasses.replace(base, agent="bc", agent_args="", out=str(Path(base.out) / "runs" / "start"))
+    trainer = Trainer(config, teacher=teacher, progress=progress)
+    test = trainer.test() if base.test_prompts else {}
+    return {"label": label, "seed": 0, "steps": 0, "wall_time_s": 0.0, "train_time_s": 0.0, "test": test,
+            "history": [], **trainer.probe()}  # fmt: skip
+
+
 def compare(
-    agents: list[str], seeds: list[int], base: TrainConfig, out: str | Path, progress: bool = True
+    agents: list[str],
+    seeds: list[int],
+    base: TrainConfig,
+    out: str | Path,
+    progress: bool = True,
+    start: str | None = "start",
 ) -> list[dict]:
-    """Train every (agent, seed) with ``base``'s settings; write results.{csv,md} and the plot."""
+    """Train every (agent, seed) with ``base``'s settings; write results.{csv,md} and the plot. Unless
+    ``start`` is None, the starting student is evaluated once as the reference row labelled ``start``."""
     from tdrl.trainer import Trainer
 
     out = Path(out)
     if not agents:
         raise ConfigError("compare needs at least one agent")
+    if not seeds:
+        raise ConfigError("compare needs at least one seed (--seeds N with N >= 1)")
     specs = [parse_agent_spec(a) for a in agents]  # all names checked before anything trains
     teacher = load_teacher(base.teacher, dtype=base.teacher_dtype, device=base.device)
-    summaries = []
+    summaries = [start_row(dataclasses.replace(base, out=str(out)), teacher, progress, start)] if start else []
     for label, name, args in specs:
         for seed in seeds:
             config = dataclasses.replace(
@@ -66,50 +122,81 @@ def compare(
     return summaries
 
 
-def _get(summary: dict, which: str, key: str) -> float:
-    entry = summary.get(which) or {}
-    return entry.get("metrics", {}).get(key, float("nan"))
-
-
 def write_results(summaries: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "results.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(
-            ["agent", "seed", "steps", "wall_time_s", "best_step"]
-            + [f"{w}_{m.split('/')[1]}" for w in ("last", "best") for m in METRICS]
-        )
+        writer.writerow(["agent", "seed", "steps", "wall_time_s", "train_time_s", "best_step"]
+                        + [name for name, _ in COLUMNS])  # fmt: skip
         for s in summaries:
             writer.writerow(
-                [s["label"], s["seed"], s["steps"], f"{s['wall_time_s']:.1f}", (s.get("best") or {}).get("step")]
-                + [f"{_get(s, w, m):.4f}" for w in ("last", "best") for m in METRICS]
-            )
+                [s["label"], s["seed"], s["steps"], f"{s['wall_time_s']:.1f}", f"{s.get('train_time_s', 0.0):.1f}",
+                 (s.get("test") or {}).get("best_step")]
+                + [f"{get(s):.4f}" for _, get in COLUMNS]
+            )  # fmt: skip
     (out / "results.md").write_text(results_table(summaries))
     _plot(summaries, out / "eval_curves.png")
 
 
+def _groups(summaries: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault(s["label"], []).append(s)
+    return groups
+
+
+def _cell(values: np.ndarray) -> str:
+    if not np.isfinite(values).any():
+        return "-"
+    values = values[np.isfinite(values)]
+    return f"{values.mean():.2f}" if len(values) == 1 else f"{values.mean():.2f} ± {values.std():.2f}"
+
+
+def separations(summaries: list[dict], column: str = "Rouge-L last") -> list[str]:
+    """Pairs of agents whose mean ``column`` differs by more than the sum of their standard deviations
+    over seeds (a run with one seed has none: it is compared by its value), largest gap first."""
+    get = dict(COLUMNS)[column]
+    stats = {}
+    for label, runs in _groups(summaries).items():
+        values = np.array([get(r) for r in runs], dtype=float)
+        if np.isfinite(values).any():
+            stats[label] = (float(np.nanmean(values)), float(np.nanstd(values)))
+    labels = list(stats)
+    pairs = []
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            (ma, sa), (mb, sb) = stats[a], stats[b]
+            if abs(ma - mb) > sa + sb:
+                hi, lo = (a, b) if ma > mb else (b, a)
+                pairs.append((abs(ma - mb), f"{hi} > {lo} ({stats[hi][0]:.2f} vs {stats[lo][0]:.2f})"))
+    return [text for _, text in sorted(pairs, reverse=True)]
+
+
 def results_table(summaries: list[dict]) -> str:
-    """Markdown: per agent, mean +- std over seeds of each metric, last and best (by Rouge-L)."""
-    labels = list(dict.fromkeys(s["label"] for s in summaries))
-    shown = [m for m in METRICS if any(np.isfinite(_get(s, "last", m)) for s in summaries)]
-    header = ["agent", "seeds", "s/run"] + [f"{m.split('/')[1]} ({w})" for m in shown for w in ("last", "best")]
+    """Markdown: per agent, mean ± std over seeds of each test column, the separations, a legend."""
+    shown = [(name, get) for name, get in COLUMNS if any(np.isfinite(get(s)) for s in summaries)]
+    header = ["agent", "seeds", "train s/run"] + [name for name, _ in shown]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label in labels:
-        runs = [s for s in summaries if s["label"] == label]
-        cells = [label, str(len(runs)), f"{np.mean([r['wall_time_s'] for r in runs]):.0f}"]
-        for m in shown:
-            for w in ("last", "best"):
-                values = np.array([_get(r, w, m) for r in runs])
-                cells.append(
-                    f"{np.nanmean(values):.2f} ± {np.nanstd(values):.2f}" if np.isfinite(values).any() else "-"
-                )
+    for label, runs in _groups(summaries).items():
+        cells = [label, str(len(runs)), f"{np.mean([r.get('train_time_s', 0.0) for r in runs]):.0f}"]
+        cells += [_cell(np.array([get(r) for r in runs], dtype=float)) for _, get in shown]
         lines.append("| " + " | ".join(cells) + " |")
-    note = (
-        "\nRouge-L: F1 x 100 vs the teacher's greedy response on bundled validation prompts; teacher_nll: "
-        "teacher NLL per token of the student's samples; coverage: fraction of student tokens inside the "
-        "teacher's A_p(s). 'best' = the evaluation with the highest Rouge-L (the paper's model selection).\n"
-    )
-    return "\n".join(lines) + "\n" + note
+    pairs = separations(summaries)
+    lines += [
+        "",
+        "Beyond the seed spread (test Rouge-L of the last model; the difference of means exceeds the sum of the "
+        "standard deviations): " + ("; ".join(pairs) if pairs else "no pair") + ".",
+        "",
+        "All figures on the test prompts, mean ± std over seeds. Rouge-L: F1 x 100 against the teacher's greedy "
+        "response (vs human: against the data's reference answers, where it has them); 'best-val model' = the "
+        "checkpoint with the best validation Rouge-L, scored on the test prompts. greedy Rouge-L: greedy decoding of "
+        "the last model; teacher NLL: per token of the student's samples; coverage: fraction of sampled tokens "
+        "inside the teacher's A_p(s); entropy: of the student's full-vocabulary sampling distribution (nats); "
+        "outside mass: the decoding policy's mass outside A_p(s) on 64 training records' states (the probe); mode "
+        "outside: how often its most likely token lies outside A_p(s) there. "
+        "The first row is the student before any training.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _plot(summaries: list[dict], path: Path) -> None:
@@ -119,8 +206,8 @@ def _plot(summaries: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label in dict.fromkeys(s["label"] for s in summaries):
-        runs = [s for s in summaries if s["label"] == label and s["history"]]
+    for label, group in _groups(summaries).items():
+        runs = [s for s in group if s.get("history")]
         if not runs:
             continue
         steps = [h["step"] for h in runs[0]["history"]]

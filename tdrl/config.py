@@ -50,8 +50,17 @@ class TrainConfig:
     teacher_dtype: str = _f("float32", "teacher dtype: float32, bfloat16 or float16")
     log_every: int = _f(10, "log training scalars every N steps")
     eval_every: int = _f(50, "evaluate every N steps (and at the end); 0: only at the end")
-    eval_prompts: int = _f(32, "bundled prompts per evaluation (from --eval-split)")
-    eval_split: str = _f("validation", "bundled split evaluated during training: validation or test")
+    eval_data: str = _f(
+        "bundled",
+        "validation prompts (model selection): 'bundled', 'dolly', a .jsonl/.json/.csv file or HF data "
+        "set with a prompt column and an optional reference column (human references: eval/rougeL_reference)",
+    )
+    eval_split: str = _f("validation", "split of --eval-data (bundled: validation or test; files have none)")
+    eval_prompts: int = _f(32, "prompts per evaluation (the first N of --eval-data)")
+    eval_reference_column: str = _f("reference", "column of --eval-data / --test-data holding human references")
+    test_data: str = _f("bundled", "test prompts, evaluated once at the end (last and best-validation model)")
+    test_split: str = _f("test", "split of --test-data")
+    test_prompts: int = _f(32, "test prompts (0: no test evaluation)")
     eval_max_new_tokens: int = _f(48, "response length limit at evaluation")
     eval_seeds: str = _f("0", "comma-separated sampling seeds (the paper: 5 seeds)")
     eval_top_p: float = _f(0.8, "student sampling nucleus at evaluation (the paper: 0.8; MiniLLM: 1.0)")
@@ -59,12 +68,24 @@ class TrainConfig:
     eval_greedy: bool = _f(False, "greedy decoding at evaluation")
     checkpoint_every: int = _f(50, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
     keep_last: int = _f(2, "checkpoints to keep (the best one is kept apart in best/)")
-    online_every: int = _f(0, "collect student episodes through the env every N steps (0: offline only)")
-    online_ratio: float = _f(0.5, "fraction of each batch taken from the latest student episodes when online")
+    online_every: int | None = _f(
+        None,
+        "collect student episodes through the env every N steps (0: offline only; default: the agent's "
+        "preset: minillm and gkd 10, others 0)",
+    )
+    online_ratio: float | None = _f(
+        None,
+        "fraction of each batch taken from the latest student episodes when online (default: the agent's "
+        "preset: minillm 1.0, gkd 0.5 (GKD's lambda), else 0.5)",
+    )
     online_episodes: int = _f(16, "student episodes per collection")
     online_envs: int = _f(8, "sub-environments of the vector env used for collection")
     online_max_new_tokens: int = _f(32, "response length limit of collected episodes")
-    lm_coef: float = _f(0.0, "weight of the auxiliary LM loss J_PT (MiniLLM: 0.5 next-token NLL + 0.5 KD); 0: off")
+    lm_coef: float | None = _f(
+        None,
+        "weight of the auxiliary LM loss J_PT (MiniLLM's: 0.5 next-token NLL + 0.5 KD); 0: off (default: the "
+        "agent's preset: bd 1.0, others 0)",
+    )
     lm_corpus: str = _f("pydoc", "plain-text corpus of J_PT: 'pydoc' (the stdlib's pydoc_data text) or a .txt file")
     lm_seq_len: int = _f(64, "tokens per J_PT sequence")
     lm_batch_size: int = _f(4, "J_PT sequences per step")
@@ -88,12 +109,19 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.online_ratio <= 1.0:
+        if self.online_ratio is not None and not 0.0 <= self.online_ratio <= 1.0:
             raise ConfigError(f"online_ratio must lie in [0, 1], got {self.online_ratio}")
+        if self.online_every is not None and self.online_every < 0:
+            raise ConfigError(f"online_every must be >= 0, got {self.online_every}")
+        if self.lm_coef is not None and self.lm_coef < 0:
+            raise ConfigError(f"lm_coef must be >= 0, got {self.lm_coef}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.eval_split not in ("validation", "test"):
-            raise ConfigError(f"eval_split must be validation or test, got {self.eval_split!r}")
+        for name, data, split in (("eval", self.eval_data, self.eval_split), ("test", self.test_data, self.test_split)):
+            if data == "bundled" and split not in ("train", "validation", "test"):
+                raise ConfigError(f"{name}_split of the bundled set must be train, validation or test, got {split!r}")
+        if self.test_prompts < 0:
+            raise ConfigError(f"test_prompts must be >= 0, got {self.test_prompts}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         try:
@@ -112,6 +140,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_agent_defaults(self, trainer_defaults: dict[str, Any]) -> TrainConfig:
+        """A copy whose unset (None) fields take the agent's preset (``Agent.trainer_defaults``), then
+        the library's defaults (:data:`UNSET_DEFAULTS`); fields the user set are kept."""
+        values = {}
+        for name, default in UNSET_DEFAULTS.items():
+            if getattr(self, name) is None:
+                values[name] = trainer_defaults.get(name, default)
+        return dataclasses.replace(self, **values)
+
+
+#: What an unset trainer field means when the agent has no preset for it.
+UNSET_DEFAULTS: dict[str, Any] = {"online_every": 0, "online_ratio": 0.5, "lm_coef": 0.0}
 
 
 def parse_agent_args(text: str) -> dict[str, Any]:
@@ -158,12 +199,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_train_args(argv: list[str]) -> tuple[TrainConfig, list[str]]:
-    """Parse ``--config FILE`` plus TrainConfig flags; return the config and leftover arguments."""
+def parse_train_args(argv: list[str], defaults: dict[str, Any] | None = None) -> tuple[TrainConfig, list[str]]:
+    """Parse ``--config FILE`` plus TrainConfig flags; return the config and leftover arguments.
+    ``defaults`` replace TrainConfig's own defaults (a command's presets); the file and flags win."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(TrainConfig)
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it)")
+    if defaults:
+        parser.set_defaults(**defaults)
     known, rest = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_config_file(known.config))

@@ -36,8 +36,8 @@ from torch import Tensor
 
 from tdrl.actions import nucleus_mask, validate_top_k, validate_top_p
 from tdrl.errors import ConfigError, DataError, VocabularyMismatchError
-from tdrl.records import TRAINING_FIELDS
-from tdrl.teachers import Reward, Teacher
+from tdrl.records import ONLINE_FIELDS, TRAINING_FIELDS
+from tdrl.teachers import Reward, Teacher, model_fingerprint
 
 __all__ = [
     "PRESETS",
@@ -49,6 +49,7 @@ __all__ = [
     "annotation_statistics",
     "tokenizer_fingerprint",
     "model_fingerprint",
+    "records_fingerprint",
     "check_same_vocabulary",
     "DistillDataset",
     "BucketBatchSampler",
@@ -237,16 +238,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((body + specials).encode()).hexdigest()[:16]
 
 
-def model_fingerprint(model) -> str:
-    """sha256 over every parameter's name, shape and bytes."""
-    digest = hashlib.sha256()
-    for name, param in model.state_dict().items():
-        digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _records_fingerprint(ds) -> str:
+def records_fingerprint(ds) -> str:
+    """sha256 over every record's id, prompt, response and response ids (order included)."""
     digest = hashlib.sha256()
     for row in ds:
         digest.update(json.dumps([row.get("id"), row["prompt"], row.get("response"), row.get("response_ids")]).encode())
@@ -336,10 +329,10 @@ def generate_responses(
     out = Path(out)
     settings = {
         "teacher": teacher.name,
-        "weights": model_fingerprint(teacher.model),
+        "weights": teacher.weights_fingerprint(),
         "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
         "template": teacher.render_prompt("{prompt}"),
-        "source": _records_fingerprint(source),
+        "source": records_fingerprint(source),
         "num_responses": num_responses,
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -484,11 +477,11 @@ def annotate(
     out = Path(out)
     settings = {
         "teacher": teacher.name,
-        "weights": model_fingerprint(teacher.model),
+        "weights": teacher.weights_fingerprint(),
         "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
         "vocab_size": teacher.vocab_size,
         "template": teacher.render_prompt("{prompt}"),
-        "source": _records_fingerprint(source),
+        "source": records_fingerprint(source),
         "top_k": top_k,
         "top_p": top_p,
         "reward": reward.value,
@@ -690,7 +683,9 @@ def collate(records: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str
       A_p(s)), ``cand_mask`` ``[B, T, K]``;
     * ``action_logprob``, ``reward`` ``[B, T]`` (0 off the response), ``action_in_cand`` ``[B, T]``;
     * ``done`` ``[B, T]`` True at the last response position (its next state is terminal);
-    * ``terminated`` ``[B]`` the response ended with EOS (False: cut at the length limit).
+    * ``terminated`` ``[B]`` the response ended with EOS (False: cut at the length limit);
+    * ``behaviour_logprob``, ``student_logprob`` ``[B, T]`` only when every record is an online
+      episode that carries them (:data:`tdrl.records.ONLINE_FIELDS`).
     """
     if not records:
         raise DataError("cannot collate an empty batch")
@@ -726,6 +721,12 @@ def collate(records: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str
         batch["reward"][i, lo:hi] = torch.as_tensor(r["reward"]).float()
         batch["done"][i, hi - 1] = True
         batch["terminated"][i] = bool(r["terminated"])
+    for key in ONLINE_FIELDS:
+        if all(key in r for r in records):
+            batch[key] = torch.zeros((b, t))
+            for i, r in enumerate(records):
+                lo = len(r["prompt_ids"]) - 1
+                batch[key][i, lo : lo + len(r["response_ids"])] = torch.as_tensor(r[key]).float()
     return batch
 
 

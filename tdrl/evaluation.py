@@ -3,18 +3,27 @@
 Metrics (mean and std over sampling seeds; the paper samples with top-p 0.8 and temperature 1 over
 5 seeds, MiniLLM with top-p 1.0 - both configurable):
 
-* ``eval/rougeL``: Rouge-L F1 x 100 against the reference response (``rouge-score``, Porter stemming,
-  the MiniLLM / DistiLLM protocol);
+* ``eval/rougeL``: Rouge-L F1 x 100 against the teacher's greedy response (``rouge-score``, Porter
+  stemming, the MiniLLM / DistiLLM protocol);
+* ``eval/rougeL_reference``: the same against a human reference, for records that have one (a
+  ``reference`` column of your data, or the ``dolly`` preset's responses: the paper's protocol);
 * ``eval/teacher_nll``: the teacher's negative log-likelihood per token of the student's responses
   (minus the env return per token);
 * ``eval/coverage``: fraction of student tokens inside the teacher's A_p(s) (k = 64, p = 0.8);
-* ``eval/answer_match``: for records with a short ``reference`` answer, how often it appears in the
-  response (case-insensitive);
-* ``eval/length`` (response tokens) and ``eval/terminated`` (fraction that ended with EOS).
+* ``eval/answer_match``: for records with a short ``answer`` (the bundled prompts' short answers),
+  how often it appears in the response (case-insensitive);
+* ``eval/length`` (response tokens) and ``eval/terminated`` (fraction that ended with EOS);
+* ``eval/entropy``: the entropy (nats) of the student's sampling distribution over the whole vocabulary
+  (before the nucleus cut), averaged over the tokens it generated: a method that wins Rouge-L by
+  sharpening towards the teacher's mode shows here;
+* ``eval/rougeL_greedy`` (with ``also_greedy``): Rouge-L of greedy decoding, one pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +32,65 @@ import torch
 
 from tdrl.teachers import Teacher
 
-__all__ = ["EvalConfig", "evaluate", "generate_texts"]
+__all__ = ["EvalConfig", "evaluate", "generate_texts", "reference_records"]
+
+
+def reference_records(
+    teacher: Teacher,
+    source="bundled",
+    *,
+    split: str | None = None,
+    n: int | None = None,
+    max_new_tokens: int = 48,
+    prompt_column: str = "prompt",
+    reference_column: str = "reference",
+    context_column: str | None = None,
+) -> list[dict]:
+    """Evaluation records: the first ``n`` prompts of ``source`` (anything
+    :func:`tdrl.data.load_source` reads: ``bundled`` (default split: validation), JSONL / JSON / CSV,
+    a ``save_to_disk`` directory, a hub id, the ``dolly`` preset) with the teacher's greedy response
+    (``reference_response``, for ``eval/rougeL``), the human reference where the source has one
+    (``human_reference``: ``reference_column``, or the preset's response column, for
+    ``eval/rougeL_reference``), and the bundled set's short answers (``answer``).
+
+    The teacher's responses are cached under ``$TDRL_CACHE/data``, keyed by a hash of the teacher's
+    weights (not its name), the records, ``n`` and ``max_new_tokens``."""
+    from tdrl.data import load_source, records_fingerprint, write_json_atomic
+    from tdrl.errors import DataError
+    from tdrl.teachers import tdrl_cache_dir
+
+    bundled = isinstance(source, str) and source == "bundled"
+    ds = load_source(
+        source, split=split or ("validation" if bundled else None), prompt_column=prompt_column,
+        response_column=reference_column, context_column=context_column,
+    )  # fmt: skip
+    if n is not None:
+        if n < 1:
+            raise DataError(f"the number of evaluation prompts must be >= 1, got {n}")
+        ds = ds.select(range(min(n, len(ds))))
+    rows = [
+        {"prompt": r["prompt"], "answer": r.get("reference") if bundled else None,
+         "human_reference": None if bundled else r.get("response")}
+        for r in ds.to_list()
+    ]  # fmt: skip
+    key = json.dumps([teacher.weights_fingerprint(), records_fingerprint(ds), max_new_tokens])
+    path = tdrl_cache_dir() / "data" / f"references-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        responses = json.loads(path.read_text())
+    else:
+        ids = []
+        for start in range(0, len(rows), 16):
+            batch = [r["prompt"] for r in rows[start : start + 16]]
+            ids += teacher.generate(batch, max_new_tokens, do_sample=False)
+        eos = teacher.eos_token_id
+        responses = [
+            teacher.tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True).strip() for r in ids
+        ]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, responses)
+    for row, response in zip(rows, responses):
+        row["reference_response"] = response
+    return [{k: v for k, v in row.items() if v is not None} for row in rows]
 
 
 @dataclass
@@ -35,19 +102,23 @@ class EvalConfig:
         seeds: sampling seeds; metrics are mean +- std over them (the paper: 5 seeds).
         top_p: nucleus of the student's sampling (the paper: 0.8; MiniLLM: 1.0).
         temperature: sampling temperature (the paper: 1.0).
+        top_k: a cap on the sampling candidates (None, the paper's protocol: no cap, the exact nucleus).
         greedy: decode greedily instead (one pass, seeds ignored).
         coverage_top_k / coverage_top_p: the teacher set A_p(s) the coverage is measured against.
         samples: how many (prompt, student, reference) examples to return for logging.
+        also_greedy: also decode greedily once and report ``eval/rougeL_greedy``.
     """
 
     max_new_tokens: int = 64
     seeds: list[int] = field(default_factory=lambda: [0])
     top_p: float = 0.8
     temperature: float = 1.0
+    top_k: int | None = None
     greedy: bool = False
     coverage_top_k: int = 64
     coverage_top_p: float = 0.8
     samples: int = 3
+    also_greedy: bool = False
 
 
 def generate_texts(
@@ -61,8 +132,7 @@ def generate_texts(
 ) -> list[list[int]]:
     """Student responses (token ids) for ``prompts``, KV-cached, seeded."""
     lm = Teacher(model, tokenizer, freeze=False)
-    vocab = lm.vocab_size
-    top_k = vocab if config.top_p >= 1.0 else min(256, vocab)
+    top_k = lm.vocab_size if config.top_k is None else config.top_k
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         out += lm.generate(
@@ -99,6 +169,25 @@ def _teacher_scores(teacher: Teacher, prompt_ids: list[list[int]], responses: li
     return results
 
 
+def _student_entropy(model, prompt_ids, responses, scale: float) -> tuple[float, int]:
+    """Summed full-vocabulary entropy of ``softmax(scale * logits)`` at the states that chose each
+    response token, and the token count (chunked: no ``[T, V]`` tensor)."""
+    from tdrl.students import Student, vocab_summary
+
+    student = Student(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, response in zip(prompt_ids, responses):
+            if not response:
+                continue
+            ids = torch.tensor([prompt + response[:-1]], device=student.device)
+            hidden = student.hidden_states(ids)[0, len(prompt) - 1 :]
+            summary = vocab_summary(hidden, student.output_weight(), student.output_bias(), scale=scale)
+            total += summary.entropy.sum().item()
+            count += len(response)
+    return total, count
+
+
 def evaluate(
     student_model,
     tokenizer,
@@ -108,8 +197,9 @@ def evaluate(
     *,
     decode_temperature: float = 1.0,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
-    """Evaluate a student LM on ``records`` (each with ``prompt`` and ``reference_response``, and
-    optionally a short ``reference``). Returns (metrics, text samples)."""
+    """Evaluate a student LM on ``records`` (:func:`reference_records`: each with ``prompt`` and
+    ``reference_response``, optionally ``human_reference`` and a short ``answer``). Returns (metrics,
+    text samples)."""
     from rouge_score import rouge_scorer
 
     config = config or EvalConfig()
@@ -120,10 +210,10 @@ def evaluate(
     student_model.eval()
     per_seed: dict[str, list[float]] = {}
     samples: list[dict[str, str]] = []
+    eos = tokenizer.eos_token_id
     try:
         for seed in [0] if config.greedy else config.seeds:
             responses = generate_texts(student_model, tokenizer, prompts, config, seed, decode_temperature)
-            eos = tokenizer.eos_token_id
             texts = [tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True).strip() for r in responses]
             rouge = [
                 scorer.score(rec["reference_response"], text)["rougeL"].fmeasure * 100
@@ -131,8 +221,14 @@ def evaluate(
             ]
             scores = _teacher_scores(teacher, prompt_ids, responses, config)
             tokens = sum(n for _, _, n in scores)
-            matches = [
-                rec["reference"].lower() in text.lower() for rec, text in zip(records, texts) if rec.get("reference")
+            entropy, counted = _student_entropy(
+                student_model, prompt_ids, responses, 1.0 / (config.temperature * decode_temperature)
+            )
+            matches = [rec["answer"].lower() in text.lower() for rec, text in zip(records, texts) if rec.get("answer")]
+            human = [
+                scorer.score(rec["human_reference"], text)["rougeL"].fmeasure * 100
+                for rec, text in zip(records, texts)
+                if rec.get("human_reference")
             ]
             seed_metrics = {
                 "eval/rougeL": float(np.mean(rouge)),
@@ -140,9 +236,12 @@ def evaluate(
                 "eval/coverage": sum(c for _, c, _ in scores) / max(tokens, 1),
                 "eval/length": tokens / len(responses),
                 "eval/terminated": float(np.mean([bool(r) and r[-1] == eos for r in responses])),
+                "eval/entropy": entropy / max(counted, 1),
             }
             if matches:
                 seed_metrics["eval/answer_match"] = float(np.mean(matches))
+            if human:
+                seed_metrics["eval/rougeL_reference"] = float(np.mean(human))
             for key, value in seed_metrics.items():
                 per_seed.setdefault(key, []).append(value)
             if not samples:
@@ -150,6 +249,15 @@ def evaluate(
                     {"prompt": p, "student": s, "teacher": rec["reference_response"]}
                     for p, s, rec in list(zip(prompts, texts, records))[: config.samples]
                 ]
+        if config.also_greedy and not config.greedy:
+            greedy = dataclasses.replace(config, greedy=True)
+            responses = generate_texts(student_model, tokenizer, prompts, greedy, 0, decode_temperature)
+            texts = [tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True).strip() for r in responses]
+            greedy_rouge = [
+                scorer.score(rec["reference_response"], text)["rougeL"].fmeasure * 100
+                for rec, text in zip(records, texts)
+            ]
+            per_seed["eval/rougeL_greedy"] = [float(np.mean(greedy_rouge))]
     finally:
         student_model.train(was_training)
     metrics = {}

@@ -20,6 +20,11 @@ field              type                        meaning
 ``reward``         list[float] (n)             the configured teacher reward of each step
 ``terminated``     bool                        the response ended with EOS (not cut at the limit)
 =================  ==========================  =====================================================
+
+Online episodes (the student's own samples) also carry, per response position, the log-probs they
+were sampled under: ``behaviour_logprob`` (the behaviour policy, e.g. a student/teacher mixture) and
+``student_logprob`` (the student at collection time), so an agent can reuse them with importance
+ratios after the student moved (:data:`ONLINE_FIELDS`).
 """
 
 from __future__ import annotations
@@ -31,17 +36,21 @@ from torch import Tensor
 
 from tdrl.actions import ActionSubset
 
-__all__ = ["RESPONSE_FIELDS", "TRAINING_FIELDS", "episode_record", "record_tensors"]
+__all__ = ["RESPONSE_FIELDS", "TRAINING_FIELDS", "ONLINE_FIELDS", "episode_record", "record_tensors"]
 
 #: Per-response-position fields (each a list of length n = len(response_ids)).
 RESPONSE_FIELDS = ("cand_ids", "cand_logprobs", "cand_mask", "action_logprob", "action_in_cand", "reward")
 #: What :func:`tdrl.data.collate` needs of a record.
 TRAINING_FIELDS = ("prompt_ids", "response_ids", *RESPONSE_FIELDS, "terminated")
+#: Optional per-position fields of online episodes: the log-probs each token was sampled under.
+ONLINE_FIELDS = ("behaviour_logprob", "student_logprob")
 
 
 def record_tensors(record: dict) -> dict[str, Tensor]:
-    """The :data:`TRAINING_FIELDS` of a record (lists or tensors) as tensors, ready for ``collate``."""
-    return {key: torch.as_tensor(record[key]) for key in TRAINING_FIELDS}
+    """The :data:`TRAINING_FIELDS` of a record (lists or tensors), and its :data:`ONLINE_FIELDS` if
+    it has them, as tensors, ready for ``collate``."""
+    keys = TRAINING_FIELDS + tuple(k for k in ONLINE_FIELDS if k in record)
+    return {key: torch.as_tensor(record[key]) for key in keys}
 
 
 def episode_record(

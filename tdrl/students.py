@@ -12,6 +12,7 @@ import copy
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,21 @@ from torch import Tensor, nn
 from tdrl.errors import ConfigError, ModelNotFoundError
 from tdrl.teachers import is_hub_id
 
-__all__ = ["Student", "gather_logits", "column_logits", "load_student", "from_teacher_layers"]
+__all__ = [
+    "Student",
+    "gather_logits",
+    "column_logits",
+    "vocab_logsumexp",
+    "vocab_summary",
+    "VocabSummary",
+    "VOCAB_CHUNK",
+    "load_student",
+    "from_teacher_layers",
+]
+
+#: Vocabulary columns per chunk of the full-vocabulary normaliser: the peak extra memory is
+#: ``N x VOCAB_CHUNK`` float32 values for N states (32 MB for 1,000 states).
+VOCAB_CHUNK = 8192
 
 
 def column_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, cols: Tensor) -> Tensor:
@@ -47,6 +62,121 @@ def gather_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tens
     rows = nn.functional.embedding(flat_ids, weight)  # [R, M, H]
     logits = (rows @ flat_hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1).reshape(*lead, m)
     return logits if bias is None else logits + bias[ids]
+
+
+# ---------------------------------------------------------------------- the full-vocabulary normaliser
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the LM-head product runs in: autocast's when it is on, else the wider input dtype."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, start: int, stop: int, scale: float) -> Tensor:
+    """``scale * (h @ W[start:stop].T + b[start:stop])`` in float32, ``h`` already in the compute dtype."""
+    z = (h @ weight[start:stop].to(h.dtype).T).float()
+    if bias is not None:
+        z = z + bias[start:stop].float()
+    return z * scale if scale != 1.0 else z
+
+
+class _VocabLogSumExp(torch.autograd.Function):
+    """``log sum_{a in V} exp(scale * (w_a . h + b_a))`` per row, chunked over the vocabulary.
+
+    Forward keeps only the ``[N]`` result; backward recomputes each chunk's logits, so no ``[N, V]``
+    tensor ever exists. d lse / d z_a = scale * softmax(scale * z)_a, hence per chunk
+    ``G = grad * scale * exp(scale * z - lse)`` and ``dh = G @ W_c``, ``dW_c = G^T h``, ``db_c = sum G``.
+    Products run in the compute dtype (autocast's, e.g. bfloat16); softmax weights and the
+    log-sum-exp accumulate in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, scale, chunk):
+        compute = _compute_dtype(hidden, weight)
+        h = hidden.to(compute)
+        out = torch.full(hidden.shape[:1], float("-inf"), dtype=torch.float32, device=hidden.device)
+        for start in range(0, weight.shape[0], chunk):
+            z = _chunk_logits(h, weight, bias, start, min(start + chunk, weight.shape[0]), scale)
+            out = torch.logaddexp(out, z.logsumexp(-1))
+        ctx.save_for_backward(hidden, weight, bias, out)
+        ctx.scale, ctx.chunk, ctx.compute = scale, chunk, compute
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, out = ctx.saved_tensors
+        scale, chunk, compute = ctx.scale, ctx.chunk, ctx.compute
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        h = hidden.to(compute)
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
+        row_scale = (grad.float() * scale).unsqueeze(-1)
+        for start in range(0, weight.shape[0], chunk):
+            stop = min(start + chunk, weight.shape[0])
+            g = torch.exp(_chunk_logits(h, weight, bias, start, stop, scale) - out.unsqueeze(-1)) * row_scale
+            g_c = g.to(compute)
+            if need_h:
+                grad_h += (g_c @ weight[start:stop].to(compute)).float()
+            if need_w:
+                grad_w[start:stop] = (g_c.T @ h).to(weight.dtype)
+            if grad_b is not None:
+                grad_b[start:stop] = g.sum(0).to(bias.dtype)
+        return (grad_h.to(hidden.dtype) if need_h else None), grad_w, grad_b, None, None
+
+
+def vocab_logsumexp(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, scale: float = 1.0, chunk: int = VOCAB_CHUNK
+) -> Tensor:
+    """Exact ``logsumexp_{a in V} scale * (w_a . h + b_a)`` over the whole vocabulary, differentiable,
+    in ``chunk``-column pieces: peak memory O(N x chunk) instead of the ``[N, V]`` logits. ``hidden``
+    is ``[..., H]``; the result is float32 ``[...]``."""
+    if chunk < 1:
+        raise ConfigError(f"chunk must be >= 1, got {chunk}")
+    lead = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _VocabLogSumExp.apply(flat, weight, bias, float(scale), int(chunk)).reshape(lead)
+
+
+class VocabSummary(NamedTuple):
+    """Per-row facts about ``softmax(scale * logits)`` over the whole vocabulary (no gradient)."""
+
+    log_z: Tensor  # logsumexp of the scaled logits
+    max: Tensor  # the largest scaled logit
+    argmax: Tensor  # its token id
+    entropy: Tensor  # entropy of the softmax, nats
+
+
+@torch.no_grad()
+def vocab_summary(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, scale: float = 1.0, chunk: int = VOCAB_CHUNK
+) -> VocabSummary:
+    """One chunked pass without gradient: log-normaliser, max, argmax and entropy of the full-vocabulary
+    softmax. The running sums are rescaled whenever the running max grows (the online-softmax
+    recurrence), so the pass keeps O(N x chunk) memory."""
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    h = h.to(_compute_dtype(h, weight))
+    n, device = h.shape[0], h.device
+    best = torch.full((n,), float("-inf"), device=device)
+    arg = torch.zeros(n, dtype=torch.long, device=device)
+    total = torch.zeros(n, device=device)  # sum exp(z - best)
+    first = torch.zeros(n, device=device)  # sum exp(z - best) * z
+    for start in range(0, weight.shape[0], chunk):
+        z = _chunk_logits(h, weight, bias, start, min(start + chunk, weight.shape[0]), scale)
+        value, index = z.max(-1)
+        grow = value > best
+        arg = torch.where(grow, index + start, arg)
+        new = torch.maximum(best, value)
+        shrink = torch.exp(best - new)
+        e = torch.exp(z - new.unsqueeze(-1))
+        total = total * shrink + e.sum(-1)
+        first = first * shrink + (e * z).sum(-1)
+        best = new
+    log_z = best + total.log()
+    entropy = log_z - first / total
+    return VocabSummary(*(x.reshape(lead) for x in (log_z, best, arg, entropy)))
 
 
 class Student(nn.Module):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tdrl.actions import ActionSubset, top_p_subset
+from tdrl.actions import ActionSubset, exact_top_p, top_p_subset
 from tdrl.errors import ConfigError, MissingDependencyError, ModelNotFoundError
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "tdrl_cache_dir",
     "sample_tokens",
     "sparsity_statistics",
+    "model_fingerprint",
 ]
 
 #: Prompt template for tokenizers without a chat template. ``{prompt}`` is the instruction text.
@@ -172,6 +173,15 @@ class TeacherState:
 
     def response_lengths(self) -> Tensor:
         return self.attention_mask.sum(-1) - self.prompt_lengths
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over every parameter's name, shape, dtype and bytes (a module's weights, not its name)."""
+    digest = hashlib.sha256()
+    for name, param in model.state_dict().items():
+        digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def is_hub_id(name: str) -> bool:
@@ -358,6 +368,13 @@ class Teacher:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    def weights_fingerprint(self) -> str:
+        """:func:`model_fingerprint` of the teacher's weights, computed once (the teacher is frozen).
+        Caches of teacher outputs are keyed by it, so two teachers with one name never share them."""
+        if getattr(self, "_weights_fingerprint", None) is None:
+            self._weights_fingerprint = model_fingerprint(self.model)
+        return self._weights_fingerprint
 
     # ------------------------------------------------------------------ prompts
     def render_prompt(self, prompt: str) -> str:
@@ -576,12 +593,15 @@ def sample_tokens(
     logits: Tensor, generator: torch.Generator, do_sample: bool, temperature: float, top_k: int, top_p: float
 ) -> Tensor:
     """One token per row of ``logits`` ``[B, V]``: greedy, or a draw from the temperature-scaled
-    top-k/top-p set."""
+    top-k/top-p set (``top_k >= V``: no cap, the exact nucleus, found without sorting V)."""
     if not do_sample:
         return logits.argmax(-1)
     if top_p >= 1.0 and top_k >= logits.shape[-1]:  # plain sampling: no top-k, and no sort at all
         return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
-    subset = top_p_subset(logits / temperature, top_k=top_k, top_p=top_p)
+    if top_k >= logits.shape[-1]:
+        subset = exact_top_p(logits / temperature, top_p)
+    else:
+        subset = top_p_subset(logits / temperature, top_k=top_k, top_p=top_p)
     probs = subset.masked_logprobs().exp()
     choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return subset.ids.gather(-1, choice.unsqueeze(-1)).squeeze(-1)

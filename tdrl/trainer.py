@@ -16,6 +16,7 @@ model selection on validation Rouge-L (the paper's), TensorBoard logging, and ch
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from tdrl.agents import get_agent, make_agent
+from tdrl.agents.base import TRAINER_METRIC_GROUPS
 from tdrl.config import TrainConfig, parse_agent_args
 from tdrl.data import (
     BucketBatchSampler,
@@ -45,15 +47,18 @@ from tdrl.data import (
     write_json_atomic,
 )
 from tdrl.errors import CheckpointNotFoundError, ConfigError, DataError
-from tdrl.evaluation import EvalConfig, evaluate
+from tdrl.evaluation import EvalConfig, evaluate, reference_records
 from tdrl.records import record_tensors
-from tdrl.students import load_student
+from tdrl.students import VOCAB_CHUNK, gather_logits, load_student, vocab_logsumexp
 from tdrl.teachers import Teacher, load_teacher, tdrl_cache_dir
 from tdrl.tracking import Tracker, samples_markdown
 
-__all__ = ["Trainer", "prepare_bundled_data", "eval_records", "find_checkpoint", "set_seed"]
+__all__ = ["Trainer", "prepare_bundled_data", "find_checkpoint", "set_seed", "RUN_FILE"]
 
 COMPLETE = "tdrl-checkpoint.json"
+#: Beside every exported student (``best/``, a warm start): what it came from, so ``tdrl eval`` can
+#: use the run's own teacher and the agent's decoding temperature.
+RUN_FILE = "tdrl-run.json"
 
 
 def set_seed(seed: int) -> None:
@@ -64,7 +69,8 @@ def set_seed(seed: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- data
 def _data_root(teacher: Teacher, config: TrainConfig) -> Path:
-    key = json.dumps([teacher.name, config.train_prompts, config.response_tokens, config.top_k, config.top_p])
+    key = json.dumps([teacher.weights_fingerprint(), config.train_prompts, config.response_tokens, config.top_k,
+                      config.top_p])  # fmt: skip
     return tdrl_cache_dir() / "data" / f"bundled-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -88,28 +94,6 @@ def prepare_bundled_data(teacher: Teacher, config: TrainConfig, progress: bool =
         shard_size=256,
         progress=progress,
     )
-
-
-def eval_records(teacher: Teacher, n: int, max_new_tokens: int, split: str = "validation") -> list[dict]:
-    """The first ``n`` bundled ``split`` prompts with the teacher's greedy response as reference
-    (cached under ``$TDRL_CACHE/data``)."""
-    key = json.dumps([teacher.name, n, max_new_tokens, split])
-    path = tdrl_cache_dir() / "data" / f"references-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    rows = load_source("bundled", split=split).select(range(n)).to_list()
-    responses = []
-    for start in range(0, len(rows), 16):
-        responses += teacher.generate([r["prompt"] for r in rows[start : start + 16]], max_new_tokens, do_sample=False)
-    eos = teacher.eos_token_id
-    records = [
-        {"prompt": r["prompt"], "reference": r.get("reference"),
-         "reference_response": teacher.tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True).strip()}
-        for r, ids in zip(rows, responses)
-    ]  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, records)
-    return records
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -158,6 +142,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, teacher: Teacher | None = None, progress: bool = True):
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
+        agent_cls = get_agent(config.agent)  # an unknown agent fails before any model loads
+        config = config.with_agent_defaults(agent_cls.trainer_defaults)  # e.g. bd's J_PT, minillm's collection
         self.config = config
         self.out = Path(config.out)
         # single process by default; under `accelerate launch` / `torchrun` every rank runs this trainer,
@@ -168,7 +154,6 @@ class Trainer:
         )
         self.progress = progress and self.accelerator.is_main_process
         self.agent_args = parse_agent_args(config.agent_args)
-        get_agent(config.agent)  # an unknown agent fails before any model loads
         set_seed(config.seed)
         self.teacher = teacher or load_teacher(config.teacher, dtype=config.teacher_dtype, device=config.device)
         self.student = load_student(config.student, teacher=self.teacher).to(config.device)
@@ -176,9 +161,6 @@ class Trainer:
         self.agent = make_agent(config.agent, self.student, **self.agent_args).to(config.device)
         if getattr(self.agent, "uses_teacher", False):  # e.g. kd-online: the teacher runs inside the loss
             self.agent.attach_teacher(self.teacher)
-        if getattr(self.agent, "on_policy", False) and not config.online_every:
-            # on-policy agents (minillm) learn from their own samples: collect every 10 steps, all online
-            config.online_every, config.online_ratio = 10, 1.0
         with self.accelerator.main_process_first():  # one rank builds the cached data, the others read it
             if config.data == "bundled":
                 data_dir = prepare_bundled_data(self.teacher, config, self.progress)
@@ -189,18 +171,19 @@ class Trainer:
                     f"data directory {data_dir} does not exist: build it with `tdrl annotate` or use --data bundled"
                 )
             self.dataset = DistillDataset(data_dir, tokenizer=self.student.tokenizer, top_p=self.agent.config.top_p)
-            self.eval_records = eval_records(
-                self.teacher, config.eval_prompts, config.eval_max_new_tokens, split=config.eval_split
-            )
+            self.eval_records = reference_records(
+                self.teacher, config.eval_data, split=config.eval_split, n=config.eval_prompts,
+                max_new_tokens=config.eval_max_new_tokens, reference_column=config.eval_reference_column,
+            )  # fmt: skip
         self.sampler = BucketBatchSampler(self.dataset.lengths, config.batch_size, seed=config.seed)
         self.eval_config = EvalConfig(
             max_new_tokens=config.eval_max_new_tokens, seeds=config.seed_list(), top_p=config.eval_top_p,
             temperature=config.eval_temperature, greedy=config.eval_greedy,
         )  # fmt: skip
-        params = [p for p in self.agent.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
-        )
+            self.agent.param_groups(config.lr), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+        )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.model, self.optimizer = self.accelerator.prepare(self.agent, self.optimizer)
         self.step = 0
@@ -267,7 +250,8 @@ class Trainer:
                     rollout_metrics = None
                     if cfg.online_every and self.step % cfg.online_every == 0:
                         rollout_metrics = self.collect_online()
-                    metrics, tokens = self._train_step()
+                    log = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
+                    metrics, tokens = self._train_step(log)
                     self.train_time += time.perf_counter() - step_start
                     if main and rollout_metrics is not None:
                         tracker.scalars(rollout_metrics, self.step)
@@ -275,8 +259,9 @@ class Trainer:
                     window_tokens += tokens
                     if bar is not None:
                         bar.update(1)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if log:
                         elapsed = time.perf_counter() - window_start
+                        metrics = {k: float(v) for k, v in metrics.items()}  # the one device sync per log step
                         metrics["perf/tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
                         if main:
                             tracker.scalars(metrics, self.step)
@@ -302,8 +287,17 @@ class Trainer:
             summary["rank_fingerprints"] = gather_object([model_fingerprint(self.agent)])
         if main:
             if not interrupted:
+                summary.update(self.probe())
+                if cfg.test_prompts:
+                    summary["test"] = self.test()
+                    for which, group in (("last", "test"), ("best", "test_best")):
+                        tracker.scalars({k.replace("eval/", f"{group}/"): v for k, v in summary["test"][which].items()},
+                                        self.step)  # fmt: skip
                 last = self.history[-1]["metrics"] if self.history else {}
                 final = {**last, **{f"best_{k}": v for k, v in (self.best or {}).get("metrics", {}).items()}}
+                for which, metrics in (summary.get("test") or {}).items():
+                    if isinstance(metrics, dict):
+                        final.update({f"test_{which}_{k.split('/')[1]}": v for k, v in metrics.items()})
                 tracker.hparams(self._hparams(), final)
             tracker.close()
             write_json_atomic(self.out / "summary.json", summary)
@@ -324,52 +318,69 @@ class Trainer:
             leave=False,
         )
 
-    def _train_step(self) -> tuple[dict[str, float], int]:
+    def _train_step(self, log: bool) -> tuple[dict[str, torch.Tensor], int]:
+        """One optimiser step over ``grad_accum`` micro-batches. Metrics stay tensors (no device sync)
+        until the caller logs them; with ``log`` the last micro-batch adds the agent's diagnostics."""
         cfg = self.config
         self.agent.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         tokens = 0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = self._next_batch()
             with self._autocast():
-                loss, metrics = self.model(batch)
+                loss, metrics = self.model(batch, diagnostics=log and micro == cfg.grad_accum - 1)
+                _check_metric_names(metrics)
                 if cfg.lm_coef > 0:
                     lm_loss, lm_metrics = self._lm_loss()
                     loss = loss + cfg.lm_coef * lm_loss
                     metrics.update(lm_metrics)
             self.accelerator.backward(loss / cfg.grad_accum)
-            metrics = {"train/loss": loss.item(), **metrics, **_data_metrics(batch)}
+            metrics = {"train/loss": loss.detach(), **metrics, **_batch_metrics(batch)}
             for key, value in metrics.items():
+                value = torch.as_tensor(value, dtype=torch.float32).detach()
                 totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
             tokens += int(batch["response_mask"].sum())
         params = [p for p in self.agent.parameters() if p.requires_grad]
         if cfg.max_grad_norm > 0:
-            totals["train/grad_norm"] = float(self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-        totals["train/lr"] = self.scheduler.get_last_lr()[0]
+            totals["train/grad_norm"] = self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        totals["train/lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         self.agent.after_update()
         return totals, tokens
 
-    def _lm_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+    def _lm_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MiniLLM's pre-training term J_PT on a plain-text corpus: 0.5 * next-token NLL + 0.5 * KD
-        (cross-entropy from the teacher's top-k renormalised to the student's full-vocabulary policy)."""
+        (cross-entropy from the teacher's top-k, renormalised, to the student's full-vocabulary policy).
+        The student's normaliser is the chunked one (no ``[B, T, V]`` tensor); the teacher's top-k of
+        each corpus chunk is computed once and kept (the corpus is fixed, the teacher frozen)."""
         cfg = self.config
         if not hasattr(self, "_lm_chunks"):
             self._lm_chunks = lm_chunks(self.teacher.tokenizer, cfg.lm_corpus, cfg.lm_seq_len)
+            self._lm_targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         rng = np.random.default_rng([cfg.seed, self.step, 2])
         picks = rng.choice(
             len(self._lm_chunks), size=cfg.lm_batch_size, replace=len(self._lm_chunks) < cfg.lm_batch_size
         )
-        ids = self._lm_chunks[torch.as_tensor(picks)].to(self.student.device)
-        teacher = self.teacher.annotate(ids, top_k=cfg.top_k, top_p=1.0).subset
-        logp = torch.log_softmax(self.student.full_logits(self.student.hidden_states(ids))[:, :-1].float(), -1)
-        nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).mean()
-        target = torch.softmax(teacher.logprobs[:, :-1], -1)  # teacher top-k, renormalised
-        kd = -(target * logp.gather(-1, teacher.ids[:, :-1])).sum(-1).mean()
+        missing = [int(i) for i in dict.fromkeys(picks.tolist()) if int(i) not in self._lm_targets]
+        if missing:
+            subset = self.teacher.annotate(self._lm_chunks[missing], top_k=cfg.top_k, top_p=1.0).subset
+            for j, i in enumerate(missing):
+                self._lm_targets[i] = (subset.ids[j, :-1].cpu(), subset.logprobs[j, :-1].cpu())
+        device = self.student.device
+        ids = self._lm_chunks[torch.as_tensor(picks)].to(device)
+        cand = torch.stack([self._lm_targets[int(i)][0] for i in picks]).to(device)
+        target = torch.softmax(torch.stack([self._lm_targets[int(i)][1] for i in picks]).to(device), -1)
+        student = self.student
+        hidden = student.hidden_states(ids)[:, :-1]
+        weight, bias = student.output_weight(), student.output_bias()
+        log_z = vocab_logsumexp(hidden, weight, bias, chunk=getattr(self.agent.config, "vocab_chunk", VOCAB_CHUNK))
+        nll = (log_z - gather_logits(hidden, weight, bias, ids[:, 1:].unsqueeze(-1)).squeeze(-1).float()).mean()
+        cand_logp = gather_logits(hidden, weight, bias, cand).float() - log_z.unsqueeze(-1)
+        kd = -(target * cand_logp).sum(-1).mean()
         loss = 0.5 * nll + 0.5 * kd
-        return loss, {"loss/lm": loss.item(), "loss/lm_nll": nll.item(), "loss/lm_kd": kd.item()}
+        return loss, {"loss/lm": loss.detach(), "loss/lm_nll": nll.detach(), "loss/lm_kd": kd.detach()}
 
     def collect_online(self) -> dict[str, float]:
         """Student episodes through the vector env (the teacher scores and masks every step); they
@@ -416,15 +427,63 @@ class Trainer:
             self._export(self.out / "best", metrics)
         return metrics
 
+    def test(self) -> dict:
+        """The last and the best-validation model on ``test_prompts`` of ``--test-data`` (sampled with the
+        evaluation settings, plus one greedy pass): ``{"last", "best", "best_step"}``. This, not the
+        validation score that selected the best model, is what a comparison reports."""
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        records = reference_records(
+            self.teacher, cfg.test_data, split=cfg.test_split, n=cfg.test_prompts,
+            max_new_tokens=cfg.eval_max_new_tokens, reference_column=cfg.eval_reference_column,
+        )  # fmt: skip
+        config = dataclasses.replace(self.eval_config, also_greedy=True)
+        run = lambda model: evaluate(  # noqa: E731
+            model,
+            self.student.tokenizer,
+            self.teacher,
+            records,
+            config,
+            decode_temperature=self.agent.decode_temperature,
+        )[0]
+        last = run(self.student.model)
+        best_step = (self.best or {}).get("step")
+        if best_step is None or best_step == self.step:
+            return {"last": last, "best": last, "best_step": best_step}
+        best_model = AutoModelForCausalLM.from_pretrained(str(self.out / "best"), dtype=torch.float32)
+        return {"last": last, "best": run(best_model.to(self.student.device)), "best_step": best_step}
+
+    @torch.no_grad()
+    def probe(self, n: int = 64) -> dict[str, float]:
+        """The decoding policy's ``outside_mass`` (its exact mass outside A_p(s)) and ``mode_outside``
+        (how often its most likely token lies outside A_p(s)) over the response states of the first ``n``
+        training records: one fixed probe, comparable across agents and with the start."""
+        totals, states = {"outside_mass": 0.0, "mode_outside": 0.0}, 0
+        for start in range(0, min(n, len(self.dataset)), 8):
+            rows = range(start, min(start + 8, n, len(self.dataset)))
+            t = self.agent.transitions(collate([self.dataset[i] for i in rows], self.teacher.pad_token_id))
+            found = self.agent.diagnostics(t)
+            for key in totals:
+                totals[key] += float(found[f"policy/{key}"]) * t.n
+            states += t.n
+        return {key: value / max(states, 1) for key, value in totals.items()}
+
     def _export(self, target: Path, metrics: dict) -> None:
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
         self.student.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps({"step": self.step, "metrics": metrics}, indent=2))
+        (tmp / RUN_FILE).write_text(json.dumps(self._run_info(), indent=2))
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         if target.exists():
             os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
+
+    def _run_info(self) -> dict:
+        """What an exported student came from (:data:`RUN_FILE`)."""
+        return {"teacher": self.config.teacher, "teacher_dtype": self.config.teacher_dtype, "agent": self.config.agent,
+                "decode_temperature": self.agent.decode_temperature, "step": self.step}  # fmt: skip
 
     def _summary(self, wall_time: float, interrupted: bool) -> dict:
         return {
@@ -461,6 +520,7 @@ class Trainer:
             torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
             self.student.save_pretrained(tmp / "student")
             (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            (tmp / RUN_FILE).write_text(json.dumps(self._run_info(), indent=2))
             state = {
                 "step": self.step,
                 "sampler": self.sampler.state_dict(),
@@ -527,14 +587,18 @@ def lm_chunks(tokenizer, corpus: str, seq_len: int) -> torch.Tensor:
 
 
 class StudentPolicy:
-    """The student as an env policy (batched observations). It samples from its decoding policy on
-    R(s): A_p(s) (the top-p MDP) for ``restrict="topp"`` agents, the full vocabulary for
-    ``restrict="none"`` (then it may leave A_p(s); the env flags it). With ``teacher_mix`` alpha > 0
-    (MiniLLM) it samples from alpha pi_T + (1 - alpha) pi_S on A_p(s)."""
+    """The student as an env policy (batched observations), sampling the way it decodes: from its
+    policy over the whole vocabulary (``agent.policy_logits`` / ``temperature``), so it may leave
+    A_p(s) (the env flags it). With ``teacher_mix`` alpha > 0 (MiniLLM) it samples from
+    mu = alpha pi_T + (1 - alpha) pi_S, the teacher part renormalised on the observation's A_p(s).
+    After each call ``last_extras`` holds, per row, ``behaviour_logprob`` = log mu(a|s) and
+    ``student_logprob`` = log pi_S(a|s) of the chosen tokens; :func:`~tdrl.envs.rollout` stores them in
+    the episode records (importance ratios when the episodes are reused)."""
 
     def __init__(self, agent, seed: int = 0, temperature: float = 1.0, teacher_mix: float = 0.0):
         self.agent, self.temperature, self.teacher_mix = agent, temperature, teacher_mix
         self.generator = torch.Generator().manual_seed(seed)
+        self.last_extras: dict[str, np.ndarray] = {}
 
     @torch.no_grad()
     def __call__(self, obs: dict) -> np.ndarray:
@@ -550,27 +614,38 @@ class StudentPolicy:
             student.train(was_training)
         last = hidden[torch.arange(ids.shape[0]), lengths - 1]
         probs = torch.softmax(self.agent.policy_logits(last).float().cpu() / self.temperature, -1)
-        if self.agent.config.restrict != "topp":
-            actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1).numpy()
-        else:
-            cand = torch.as_tensor(np.atleast_2d(obs["cand_ids"]))
-            in_set = torch.as_tensor(np.atleast_2d(obs["cand_mask"])).bool()
-            on_set = probs.gather(-1, cand).masked_fill(~in_set, 0.0)
-            on_set = on_set / on_set.sum(-1, keepdim=True).clamp_min(1e-30)
-            if self.teacher_mix > 0:
-                teacher = torch.softmax(torch.as_tensor(np.atleast_2d(obs["cand_logprobs"])).float(), -1)
-                on_set = self.teacher_mix * teacher + (1 - self.teacher_mix) * on_set
-            choice = torch.multinomial(on_set, 1, generator=self.generator)
-            actions = cand.gather(-1, choice).squeeze(-1).numpy()
+        behaviour = probs
+        if self.teacher_mix > 0:
+            cand = torch.as_tensor(np.atleast_2d(obs["cand_ids"])).long()
+            teacher = torch.softmax(torch.as_tensor(np.atleast_2d(obs["cand_logprobs"])).float(), -1)
+            teacher_full = torch.zeros_like(probs).scatter_add_(-1, cand, teacher)
+            behaviour = self.teacher_mix * teacher_full + (1 - self.teacher_mix) * probs
+        actions = torch.multinomial(behaviour, 1, generator=self.generator)
+        self.last_extras = {
+            "behaviour_logprob": behaviour.gather(-1, actions).squeeze(-1).clamp_min(1e-30).log().numpy(),
+            "student_logprob": probs.gather(-1, actions).squeeze(-1).clamp_min(1e-30).log().numpy(),
+        }
+        actions = actions.squeeze(-1).numpy()
         return actions if np.ndim(obs["length"]) else actions[0]
 
 
-def _data_metrics(batch: dict) -> dict[str, float]:
+def _batch_metrics(batch: dict) -> dict[str, torch.Tensor]:
+    """What the trainer logs about each batch (group ``batch/``; agents never use it)."""
     sel = batch["response_mask"].bool()
     mask = batch["cand_mask"][sel]
     mass = torch.where(mask, batch["cand_logprobs"][sel].exp(), torch.zeros_like(mask, dtype=torch.float32))
     return {
-        "data/support_size": mask.sum(-1).float().mean().item(),
-        "data/support_mass": mass.sum(-1).mean().item(),
-        "data/off_support_frac": 1.0 - batch["action_in_cand"][sel].float().mean().item(),
+        "batch/support_size": mask.sum(-1).float().mean(),
+        "batch/support_mass": mass.sum(-1).mean(),
+        "batch/off_support_frac": 1.0 - batch["action_in_cand"][sel].float().mean(),
     }
+
+
+def _check_metric_names(metrics: dict) -> None:
+    """Agent metrics and trainer metrics never share a key: the trainer's groups are reserved."""
+    for key in metrics:
+        if key.startswith(TRAINER_METRIC_GROUPS):
+            raise ConfigError(
+                f"agent metric {key!r} uses a group the trainer logs itself ({', '.join(TRAINER_METRIC_GROUPS)}): "
+                "rename it"
+            )

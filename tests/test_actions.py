@@ -156,3 +156,19 @@ def test_non_floating_logits_raise():
 def test_rows_without_a_distribution_raise(row):
     with pytest.raises(ValueError, match="NaN|-inf"):
         top_p_subset(torch.tensor(row), top_k=2, top_p=0.8)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.8, 0.95, 0.999])
+def test_exact_top_p_equals_the_sort_everything_nucleus(top_p):
+    """No top-k cap, no full sort: doubling k until every row's top-k holds p gives the nucleus of a
+    full sort (flat rows need far more than the first k = 4)."""
+    from tdrl.actions import exact_top_p
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.cat([0.2 * torch.randn(3, 500, generator=gen), 6.0 * torch.randn(3, 500, generator=gen)])
+    subset = exact_top_p(logits, top_p, start_k=4)
+    full = top_p_subset(logits, top_k=500, top_p=top_p)
+    for r in range(logits.shape[0]):
+        assert set(subset.ids[r][subset.mask[r]].tolist()) == set(full.ids[r][full.mask[r]].tolist())
+    peaked = exact_top_p(logits[3:], top_p, start_k=4)  # peaked rows alone stop long before V
+    assert peaked.ids.shape[-1] <= 128 < subset.ids.shape[-1]  # the flat rows made it grow

@@ -41,7 +41,8 @@ def test_reproduce_smoke_plumbing(tmp_path, monkeypatch):
         assert needle in text
     records = json.loads((tmp_path / "r" / "records.json").read_text())
     runs = [r for r in records.values() if isinstance(r, dict) and "test" in r]
-    assert len(runs) == 7 + 4 + 1 + 2  # main table, new ablations, kd-online, the two raw-student runs
+    # main table, new ablations, kd-online, the two raw-student runs, the warm start's own row
+    assert len(runs) == len(reproduce.MAIN) + len(reproduce.ABLATIONS) - 1 + 1 + 2 + 1
     assert all(not (tmp_path / "r" / "runs" / d / "checkpoints").exists() for d in ("bd-seed0", "kd-online-seed0"))
     assert (tmp_path / "r" / "rouge_vs_time.png").stat().st_size > 0
     # the same call again trains nothing: every run is read back from records.json

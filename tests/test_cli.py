@@ -31,3 +31,13 @@ def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
     err = capsys.readouterr().err
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_agent_specs_keep_their_own_commas():
+    from tdrl.compare import split_agent_specs
+
+    assert split_agent_specs("kd, iqlearn:chi2=false,alpha=0.2,bd") == ["kd", "iqlearn:chi2=false,alpha=0.2", "bd"]
+    assert split_agent_specs("sql:alpha=0.5,cql:cql_alpha=2,target=none") == [
+        "sql:alpha=0.5",
+        "cql:cql_alpha=2,target=none",
+    ]

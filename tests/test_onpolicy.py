@@ -24,31 +24,57 @@ def test_contract(name, check):
 
 
 @pytest.mark.parametrize("divergence", ["reverse", "jsd"])
-def test_gkd_variants_pass_the_kit(divergence):
+@pytest.mark.parametrize("restrict", ["mdp", "none", "set"])
+def test_gkd_variants_pass_the_kit(divergence, restrict):
     for check in CHECKS:
-        check("gkd", divergence=divergence, restrict="none")
+        check("gkd", divergence=divergence, restrict=restrict)
 
 
-def test_gkd_forward_kl_is_kd_on_the_same_batch():
-    """lambda = 0 (offline batch) with the forward KL: the same gradient as bc-kd; the losses differ
-    by the teacher's entropy on A_p(s), a constant."""
+def partition_by_hand(batch, logits, b, t, temperature=1.0):
+    """Teacher and student over {A_p(s)} + {outside} at one position, from full student logits."""
+    m = batch["cand_mask"][b, t]
+    cand = batch["cand_ids"][b, t][m]
+    logp_s = torch.log_softmax(logits[b, t] / temperature, 0)
+    student = torch.cat([logp_s[cand], torch.log1p(-logp_s[cand].exp().sum()).reshape(1)])
+    teacher_lp = batch["cand_logprobs"][b, t][m].double()
+    vocab, n_out = logits.shape[-1], logits.shape[-1] - len(cand)
+    rest = 1 - teacher_lp.exp().sum()
+    tail = math.log(n_out) + (torch.log(rest) - math.log(n_out)) / temperature
+    teacher = torch.log_softmax(torch.cat([teacher_lp / temperature, tail.reshape(1)]), 0)
+    assert vocab > len(cand)
+    return teacher, student
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_gkd_divergences_by_hand(temperature):
+    """Forward KL, reverse KL and the generalised JSD (beta 0.3) between the full-vocabulary teacher
+    and student coarsened to A_p(s) + one outside bucket, at a temperature dividing both; at
+    temperature 1 the teacher's bucket is exactly 1 - pi_T(A_p(s))."""
     from tdrl.students import load_student
 
     batch = contract_batch()
-    grads, losses = [], []
-    for name, kw in (("gkd", {"divergence": "forward"}), ("bc", {"mode": "kd"})):
-        torch.manual_seed(0)
-        student = load_student("tiny")
-        loss, _ = make_agent(name, student, **kw).loss(batch)
-        loss.backward()
-        losses.append(loss.item())
-        grads.append(torch.cat([p.grad.flatten() for p in student.model.parameters() if p.grad is not None]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
-    sel = batch["response_mask"]
-    teacher = torch.log_softmax(batch["cand_logprobs"][sel].double(), -1)
-    p = teacher.exp()
-    entropy = -(p * teacher.masked_fill(~batch["cand_mask"][sel], 0.0)).sum(-1).mean().item()
-    assert losses[1] - losses[0] == pytest.approx(entropy, abs=1e-5)
+    torch.manual_seed(0)
+    student = load_student("tiny")
+    logits = student.full_logits(student.hidden_states(batch["input_ids"], batch["attention_mask"])).double()
+    results = {}
+    for divergence in ("forward", "reverse", "jsd"):
+        agent = make_agent("gkd", student, divergence=divergence, beta=0.3, temperature=temperature)
+        results[divergence], _ = agent(batch)
+    fwd, rev, jsd = [], [], []
+    for b, t in torch.nonzero(batch["response_mask"]).tolist():
+        lt, ls = partition_by_hand(batch, logits, b, t, temperature)
+        pt, ps = lt.exp(), ls.exp()
+        lm = torch.log(0.3 * pt + 0.7 * ps)
+        fwd.append((pt * (lt - ls)).sum().item())
+        rev.append((ps * (ls - lt)).sum().item())
+        jsd.append((0.3 * pt * (lt - lm) + 0.7 * ps * (ls - lm)).sum().item())
+        if temperature == 1.0:
+            assert pt[-1].item() == pytest.approx(
+                1 - batch["cand_logprobs"][b, t].exp()[batch["cand_mask"][b, t]].sum().item()
+            )
+    for name, terms in (("forward", fwd), ("reverse", rev), ("jsd", jsd)):
+        assert results[name].item() == pytest.approx(np.mean(terms), rel=1e-4), name
+    assert min(np.mean(fwd), np.mean(rev), np.mean(jsd)) > 0
 
 
 HORIZON = 3
@@ -94,7 +120,7 @@ def minillm_problem():
     student = TabularStudent(4)
     with torch.no_grad():
         student.model.weight.copy_(torch.randn(4, 4))
-    agent = make_agent("minillm", student, length_norm=False, baseline="none", teacher_mix=0.0, clip=1e9)
+    agent = make_agent("minillm", student, length_norm=False, baseline="none", teacher_mix=0.0, clip=1e9, cliprange=0.2)
     return teacher, student, agent
 
 
@@ -110,7 +136,7 @@ def test_minillm_expected_gradient_is_the_reverse_kl_gradient():
         p = math.exp(sum(log_s[last, tok].item() for last, tok in zip([0, *seq[:-1]], seq)))
         total_p += p
         student.model.weight.grad = None
-        loss, _ = agent.loss(sequence_batch(teacher, [seq]))
+        loss, _ = agent(sequence_batch(teacher, [seq]))
         loss.backward()
         expected += p * student.model.weight.grad
     assert total_p == pytest.approx(1.0, abs=1e-9)
@@ -129,7 +155,7 @@ def test_minillm_monte_carlo_gradient_from_env_rollouts_within_3_se():
         records = rollout(env, StudentPolicy(agent, seed=k), 64, seed=k)
         items = [record_tensors(r) for r in records]
         student.model.weight.grad = None
-        loss, _ = agent.loss(collate(items, teacher.pad_token_id))
+        loss, _ = agent(collate(items, teacher.pad_token_id))
         loss.backward()
         estimates.append((student.model.weight.grad.double() * direction).sum().item())
     target = (exact.double() * direction).sum().item()
@@ -176,3 +202,53 @@ def test_compare_with_the_on_policy_agents(tmp_path, capsys, monkeypatch):
     acc = EventAccumulator(str(out / "runs" / "minillm-seed0"))
     acc.Reload()
     assert {"rollout/return", "rollout/coverage", "rollout/length", "loss/minillm"} <= set(acc.Tags()["scalars"])
+
+
+def test_student_policy_records_the_probabilities_it_sampled_from():
+    """Sampling over the whole vocabulary from mu = alpha pi_T(.|A_p) + (1 - alpha) pi_S: each step's
+    behaviour_logprob is log mu(a|s) and student_logprob log pi_S(a|s), checked against the models."""
+    teacher, student, agent = minillm_problem()
+    env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=4, top_k=4, top_p=0.8, max_new_tokens=HORIZON)
+    records = rollout(env, StudentPolicy(agent, seed=1, teacher_mix=0.3), 12, seed=1)
+    log_s = torch.log_softmax(student.model.weight.T.detach().double(), -1)
+    checked = 0
+    for rec in records:
+        for i, (state, action) in enumerate(zip([0, *rec["response_ids"][:-1]], rec["response_ids"])):
+            cand = torch.tensor(rec["cand_ids"][i])
+            mask = torch.tensor(rec["cand_mask"][i])
+            t_probs = torch.zeros(4, dtype=torch.float64)
+            t_probs[cand[mask]] = torch.softmax(teacher.logprobs[state][cand[mask]], 0)
+            mu = 0.3 * t_probs[action] + 0.7 * log_s[state, action].exp()
+            assert rec["behaviour_logprob"][i] == pytest.approx(math.log(mu), abs=1e-5)
+            assert rec["student_logprob"][i] == pytest.approx(log_s[state, action].item(), abs=1e-5)
+            checked += 1
+    assert checked > 20
+
+
+def test_minillm_reuses_episodes_with_clipped_importance_ratios_by_hand():
+    """Episodes collected under mu (teacher-mixed), trained on after the student moved: the loss is
+    (1/#seq) sum_t [KL(pi_S || pi_T)(s_t) + max(A_t rho_t, A_t clip(rho_t, 0.8, 1.2))], rho = pi_S / mu,
+    A_t the cost-to-go after t of c = log pi_S_then - log pi_T."""
+    teacher, student, agent = minillm_problem()
+    env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=4, top_k=4, top_p=1.0, max_new_tokens=HORIZON)
+    records = rollout(env, StudentPolicy(agent, seed=2, teacher_mix=0.3), 8, seed=2)
+    with torch.no_grad():
+        student.model.weight.add_(0.5 * torch.randn(4, 4, generator=torch.Generator().manual_seed(3)))
+    loss, metrics = agent(collate([record_tensors(r) for r in records], teacher.pad_token_id))
+    log_s = torch.log_softmax(student.model.weight.T.detach().double(), -1)
+    log_t = teacher.logprobs
+    total, clipped = 0.0, 0
+    for rec in records:
+        states = [0, *rec["response_ids"][:-1]]
+        costs = [
+            rec["student_logprob"][i] - log_t[s, a].item() for i, (s, a) in enumerate(zip(states, rec["response_ids"]))
+        ]
+        for i, (s, a) in enumerate(zip(states, rec["response_ids"])):
+            kl = (log_s[s].exp() * (log_s[s] - log_t[s])).sum().item()
+            future = sum(costs[i + 1 :])
+            rho = math.exp(log_s[s, a].item() - rec["behaviour_logprob"][i])
+            term = max(future * rho, future * min(max(rho, 0.8), 1.2))
+            clipped += future * min(max(rho, 0.8), 1.2) > future * rho
+            total += kl + term
+    assert loss.item() == pytest.approx(total / len(records), rel=1e-4)
+    assert clipped > 0  # some ratios were clipped: the PPO branch is exercised

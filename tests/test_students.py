@@ -35,6 +35,72 @@ def test_gather_logits_both_branches_match_full_logits_and_gradients(width):
         assert torch.allclose(g, w, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("chunk", [7, 64, 1000])  # 7 and 64 do not divide V = 101; 1000 > V: one chunk
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_vocab_logsumexp_matches_torch_logsumexp_values_and_gradients(dtype, tol, chunk, with_bias):
+    """The chunked full-vocabulary normaliser against torch.logsumexp over the full logits: values and
+    gradients for hidden states, weight and bias, at a temperature, in float32 and bfloat16."""
+    from tdrl.students import vocab_logsumexp
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(2, 5, 16, generator=gen) * 2).to(dtype).requires_grad_()
+    weight = torch.randn(101, 16, generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(101, generator=gen).to(dtype).requires_grad_() if with_bias else None
+    upstream = torch.randn(2, 5, generator=gen)
+    got = vocab_logsumexp(hidden, weight, bias, scale=0.8, chunk=chunk)
+    assert got.shape == (2, 5) and got.dtype == torch.float32
+    inputs = [x for x in (hidden, weight, bias) if x is not None]
+    got_grads = torch.autograd.grad((got * upstream).sum(), inputs)
+    logits = hidden.float() @ weight.float().T + (bias.float() if with_bias else 0.0)
+    want = (0.8 * logits).logsumexp(-1)
+    want_grads = torch.autograd.grad((want * upstream).sum(), inputs)
+    assert torch.allclose(got, want, atol=tol, rtol=tol)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == dtype
+        assert torch.allclose(g.float(), w.float(), atol=tol, rtol=tol), (g.float() - w.float()).abs().max()
+
+
+def test_vocab_logsumexp_keeps_no_full_vocabulary_tensor_for_backward():
+    """What autograd saves for the backward pass is the inputs and the [N] result, never [N, V]."""
+    from tdrl.students import vocab_logsumexp
+
+    hidden = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(5000, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+        out = vocab_logsumexp(hidden, weight, chunk=256)
+    out.sum().backward()
+    assert saved and max(saved) <= weight.numel() and 64 * 5000 not in saved
+    assert weight.grad.shape == weight.shape
+
+
+def test_vocab_logsumexp_under_bfloat16_autocast_with_float32_weights():
+    from tdrl.students import vocab_logsumexp
+
+    hidden = torch.randn(6, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vocab_logsumexp(hidden, weight, chunk=128)
+    got.sum().backward()
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    assert torch.allclose(got, (hidden @ weight.T).logsumexp(-1), atol=0.1)
+
+
+def test_vocab_summary_by_brute_force():
+    """log-normaliser, max, argmax and entropy of the scaled softmax, chunked, against the full one."""
+    from tdrl.students import vocab_summary
+
+    gen = torch.Generator().manual_seed(1)
+    hidden, weight, bias = torch.randn(9, 12, generator=gen), torch.randn(77, 12, generator=gen), torch.randn(77)
+    got = vocab_summary(hidden, weight, bias, scale=1.7, chunk=10)
+    z = 1.7 * (hidden @ weight.T + bias)
+    p = z.softmax(-1)
+    assert torch.allclose(got.log_z, z.logsumexp(-1), atol=1e-5)
+    assert torch.allclose(got.max, z.max(-1).values) and torch.equal(got.argmax, z.argmax(-1))
+    assert torch.allclose(got.entropy, -(p * p.log()).sum(-1), atol=1e-5)
+
+
 def test_layers_student_copies_teacher_layers(tiny_teacher):
     student = load_student("layers:1", teacher=tiny_teacher)
     assert student.model.config.num_hidden_layers == 1

@@ -3,6 +3,7 @@ TensorBoard tags, and one-line errors for bad configurations."""
 
 import csv
 import dataclasses
+import json
 import os
 import signal
 
@@ -119,9 +120,11 @@ def test_compare_two_agents_two_seeds(tmp_path, capsys):
         == 0
     )
     text = capsys.readouterr().out
-    assert "| kd | 2 |" in text and "| bd | 2 |" in text
+    assert "| start | 1 |" in text and "| kd | 2 |" in text and "| bd | 2 |" in text
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [(r["agent"], r["seed"]) for r in rows] == [("kd", "0"), ("kd", "1"), ("bd", "0"), ("bd", "1")]
+    pairs = [(r["agent"], r["seed"]) for r in rows]
+    assert pairs == [("start", "0"), ("kd", "0"), ("kd", "1"), ("bd", "0"), ("bd", "1")]
+    assert all(0 <= float(r["outside mass"]) <= 1 and float(r["Rouge-L last"]) >= 0 for r in rows)
     assert (out / "eval_curves.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["bd-seed0", "bd-seed1", "kd-seed0", "kd-seed1"]
 
@@ -131,8 +134,8 @@ class InterruptAt(Trainer):
 
     stop_at = 3
 
-    def _train_step(self):
-        out = super()._train_step()
+    def _train_step(self, log):
+        out = super()._train_step(log)
         if self.step + 1 == self.stop_at:
             os.kill(os.getpid(), signal.SIGINT)
         return out
@@ -180,9 +183,13 @@ def test_tensorboard_events_have_the_documented_tags(tmp_path):
         "eval/teacher_nll",
         "eval/coverage",
         "eval/length",
-        "data/support_size",
-        "data/support_mass",
+        "batch/support_size",
+        "batch/support_mass",
+        "batch/off_support_frac",
         "data/off_support_frac",
+        "loss/support",
+        "policy/outside_mass",
+        "policy/entropy",
         "perf/tokens_per_s",
     }
     assert expected <= tags, expected - tags
@@ -191,8 +198,10 @@ def test_tensorboard_events_have_the_documented_tags(tmp_path):
     assert rouge[-1].value == pytest.approx(summary["last"]["metrics"]["eval/rougeL"], rel=1e-5)
     assert len(acc.Scalars("train/loss")) == 6
     assert "samples/text_summary" in acc.Tags()["tensors"]
-    sizes = [e.value for e in acc.Scalars("data/support_size")]
+    sizes = [e.value for e in acc.Scalars("batch/support_size")]
     assert all(1 <= s <= 64 for s in sizes)
+    outside = [e.value for e in acc.Scalars("policy/outside_mass")]
+    assert len(outside) == len(sizes) and all(0 < m < 1 for m in outside)  # every log step, a probability
 
 
 def test_checkpoints_keep_last_k(tmp_path):
@@ -345,9 +354,76 @@ def test_auxiliary_lm_loss_on_the_pydoc_corpus(tmp_path):
 
 
 def test_demo_command_plumbing_with_tiny_overrides(tmp_path, capsys):
-    """`tdrl demo` = compare with the demo budget; later flags override it (tiny models here)."""
+    """`tdrl demo` = a cached warm start, then compare from it with the demo budget; later flags
+    override the budget (tiny models here). The table is on test prompts with the warm start as a row."""
     out = tmp_path / "demo"
-    assert main(["demo", "--agents", "kd,bd", *TINY, "--steps", "1", "--eval-every", "0", "--out", str(out)]) == 0
+    argv = ["demo", "--agents", "kd,bd", "--seeds", "2", *TINY, "--steps", "1", "--eval-every", "0",
+            "--warm-start-steps", "2", "--test-prompts", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "| kd | 1 |" in text and "| bd | 1 |" in text and "demo wall time" in text
-    assert (out / "results.md").is_file()
+    assert "| warm start | 1 |" in text and "| kd | 2 |" in text and "| bd | 2 |" in text
+    assert "demo wall time" in text and "Beyond the seed spread" in text and "tdrl tensorboard" in text
+    assert (out / "results.md").is_file() and (out / "warm-start" / "tdrl-warm-start.json").is_file()
+    marker = (out / "warm-start" / "tdrl-warm-start.json").stat().st_mtime_ns
+    assert main(argv) == 0  # the second demo reuses the warm start
+    assert (out / "warm-start" / "tdrl-warm-start.json").stat().st_mtime_ns == marker
+
+
+def test_warm_start_command_is_cached_by_its_settings(tmp_path, capsys):
+    out = tmp_path / "warm"
+    argv = ["warm-start", *TINY, "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    record = json.loads((out / "tdrl-warm-start.json").read_text())
+    assert record["steps"] == 2 and record["settings"]["agent"] == "bc:mode=kd"
+    assert (out / "model.safetensors").is_file() and (out / "run").is_dir()
+    assert not list(tmp_path.glob(".warm.partial-*"))  # nothing left half-done
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0 and (out / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not retrained
+    capsys.readouterr()
+    assert main([*argv, "--lr", "0.5"]) == 2
+    assert "other settings (lr differ)" in capsys.readouterr().err
+    assert main([*argv, "--lr", "0.5", "--overwrite"]) == 0
+    assert json.loads((out / "tdrl-warm-start.json").read_text())["settings"]["lr"] == 0.5
+    run = tmp_path / "from-warm"
+    student_args = [a if a != "tiny" or i != TINY.index("--student") + 1 else str(out) for i, a in enumerate(TINY)]
+    assert main(["train", "--agent", "bd", "--steps", "1", "--out", str(run), *student_args]) == 0
+    assert json.loads((run / "summary.json").read_text())["config"]["student"] == str(out)
+
+
+def test_eval_on_the_users_own_data_with_references(tmp_path, capsys):
+    """`tdrl eval --data my.jsonl`: Rouge-L against the human references and against the run's own
+    teacher's greedy answers, NLL and coverage; the test split of a run is reported in its summary."""
+    out = tmp_path / "run"
+    assert main(["train", "--agent", "bc", "--steps", "2", "--test-prompts", "2", "--out", str(out), *TINY]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"last", "best", "best_step"} <= set(summary["test"])
+    assert "eval/rougeL_greedy" in summary["test"]["last"] and 0 <= summary["outside_mass"] <= 1
+    data = tmp_path / "my.jsonl"
+    rows = [{"prompt": "What is the capital of France?", "reference": "Paris is the capital of France."},
+            {"prompt": "Name three colors.", "reference": "Red, green and blue."},
+            {"prompt": "Say hi.", "reference": "Hi!"}]  # fmt: skip
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    capsys.readouterr()
+    assert (
+        main(["eval", "--checkpoint", str(out / "best"), "--data", str(data), "--seeds", "0", "--max-new-tokens", "5"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "eval/rougeL_reference" in text and "eval/rougeL " in text and "eval/coverage" in text
+    assert "teacher tiny" in text and "on 3 " in text  # the run's own teacher, every prompt of the file
+
+
+def test_references_are_cached_by_the_teachers_weights_not_its_name(tmp_path, monkeypatch):
+    from tdrl.evaluation import reference_records
+    from tdrl.teachers import Teacher
+    from tdrl.testing import tiny_teacher
+
+    monkeypatch.setenv("TDRL_CACHE", str(tmp_path / "cache"))
+    a, b = tiny_teacher(seed=0), tiny_teacher(seed=1)
+    a, b = (Teacher(t.model, t.tokenizer, name="same-name") for t in (a, b))
+    ra = reference_records(a, "bundled", n=4, max_new_tokens=6)
+    rb = reference_records(b, "bundled", n=4, max_new_tokens=6)
+    assert len(list((tmp_path / "cache" / "data").glob("references-*.json"))) == 2
+    assert [r["reference_response"] for r in ra] != [r["reference_response"] for r in rb]
+    assert reference_records(a, "bundled", n=4, max_new_tokens=6) == ra  # read back from the cache
+    assert all("answer" in r and "human_reference" not in r for r in ra)  # bundled: short answers only

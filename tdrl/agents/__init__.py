@@ -11,9 +11,12 @@ from tdrl.agents import bc, gkd, iql, iqlearn, minillm, online_kd, sql  # noqa: 
 from tdrl.agents.base import (
     Agent,
     AgentConfig,
+    Policy,
     Transitions,
+    detached,
     get_agent,
     list_agents,
+    log1mexp,
     make_agent,
     masked_log_softmax,
     masked_logsumexp,
@@ -28,8 +31,8 @@ from tdrl.agents.online_kd import OnlineKD, OnlineKDConfig
 from tdrl.agents.sql import CQL, SQL, CQLConfig, SQLConfig
 
 __all__ = [
-    "Agent", "AgentConfig", "Transitions", "register_agent", "get_agent", "list_agents", "make_agent",
-    "masked_logsumexp", "masked_log_softmax", "expectile_loss",
+    "Agent", "AgentConfig", "Transitions", "Policy", "register_agent", "get_agent", "list_agents", "make_agent",
+    "masked_logsumexp", "masked_log_softmax", "log1mexp", "detached", "expectile_loss",
     "BC", "BCConfig", "SQL", "SQLConfig", "CQL", "CQLConfig", "IQL", "IQLConfig",
     "IQLearn", "IQLearnConfig", "BD", "BDConfig", "GKD", "GKDConfig", "MiniLLM", "MiniLLMConfig",
     "OnlineKD", "OnlineKDConfig",

@@ -6,19 +6,33 @@ An agent owns its maths (``loss``); the trainer owns optimisers, schedules, AMP 
     class MyAgent(Agent):
         Config = MyConfig                     # dataclass: loss in the docstring, defaults, metric names
         description = "one line for `tdrl agents`"
-        def loss(self, batch) -> tuple[Tensor, dict[str, float]]: ...
+        def loss(self, t, batch) -> tuple[Tensor, dict[str, Tensor]]: ...
 
-A batch is the collated dict of :func:`tdrl.data.collate`. :meth:`Agent.transitions` turns it into
-N transitions (s, a, r, s', done) over the response positions, flattened row-major, with ONE student
-forward; :meth:`Agent.set_logits` gives logits on the action set (A_p(s) for ``restrict="topp"``,
-the whole vocabulary for ``restrict="none"``) without ever building ``[B, T, V]`` on the sparse path.
+A batch is the collated dict of :func:`tdrl.data.collate`. :meth:`Agent.forward` turns it ONCE into
+N transitions (s, a, r, s', done) over the response positions, flattened row-major, with one student
+trunk forward (:meth:`Agent.transitions`), and passes them to ``loss``. :meth:`Agent.policy` gives
+the student's logits on the action set with their normaliser, without building ``[B, T, V]``.
+
+The student's policy is what it decodes with: ``pi_S = softmax`` of its logits over the whole
+vocabulary. ``restrict`` says what the teacher's set A_p(s) restricts:
+
+* ``"mdp"`` (default): the top-p MDP. A_p(s) restricts the Bellman backups, V(s) as the soft maximum
+  over A_p(s), and the teacher's targets; every student log-probability is normalised over V, exactly,
+  by the chunked :func:`~tdrl.students.vocab_logsumexp` (no ``[N, V]`` tensor).
+* ``"set"`` (ablation: the set-only normaliser): the student's softmax is normalised on A_p(s) too.
+  Every loss is then invariant to the logits outside A_p(s) and to a common per-state shift, which
+  leaves free the student's mass outside the set: nothing stops it from growing, and decoding (which
+  has no teacher) samples there. Measured: from a warm start that mass went 0.75 -> 0.99 in 20 steps.
+* ``"none"`` (ablation): no set at all; sums, maxima and normalisers run over V (``[N, V]`` logits).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import functools
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, ClassVar
@@ -28,23 +42,27 @@ import torch
 from torch import Tensor, nn
 
 from tdrl.errors import ConfigError
-from tdrl.students import Student, column_logits, gather_logits
+from tdrl.students import VOCAB_CHUNK, Student, gather_logits, vocab_logsumexp, vocab_summary
 
 __all__ = [
     "Agent",
     "AgentConfig",
     "Transitions",
-    "SetLogits",
+    "Policy",
     "register_agent",
     "get_agent",
     "list_agents",
     "make_agent",
     "masked_logsumexp",
     "masked_log_softmax",
+    "log1mexp",
     "RESTRICT_MODES",
+    "TRAINER_METRIC_GROUPS",
 ]
 
-RESTRICT_MODES = ("topp", "none")
+RESTRICT_MODES = ("mdp", "set", "none")
+#: Metric groups the trainer logs itself; an agent's metric names never start with these.
+TRAINER_METRIC_GROUPS = ("train/", "batch/", "perf/", "eval/", "test/", "test_best/", "rollout/", "loss/lm")
 _REGISTRY: dict[str, type[Agent]] = {}
 _ENTRY_POINTS_LOADED = False
 
@@ -54,37 +72,47 @@ class AgentConfig:
     """Settings every agent shares.
 
     Attributes:
-        restrict: ``"topp"`` (default): every max / logsumexp / softmax / normaliser runs over the
-            teacher's set A_p(s) (the paper's point); ``"none"``: over the full vocabulary (ablation).
+        restrict: what the teacher's set A_p(s) restricts (see :mod:`tdrl.agents.base`): ``"mdp"``
+            (default: the backups, values and targets; the student normalised over V), ``"set"``
+            (ablation: the student's softmax normalised on A_p(s) as well, which leaves its mass
+            outside the set free) or ``"none"`` (ablation: everything over V).
         gamma: discount (the paper: 0.99).
         top_p: re-cut the data's A_p(s) at this p (``None``: keep the annotation's p).
-        outside_coef: weight of the outside-mass term added by :meth:`Agent.forward` with
-            ``restrict="topp"``: ``E_s[-log pi_S(A_p(s)|s)] = E_s[KL(proj_p pi_S || pi_S)]``, the gap
-            between the projected policy the top-p losses train and the full softmax the student
-            decodes with. Every top-p loss is invariant to raising the logits outside A_p(s), so
-            nothing else in it stops a student from drifting towards tokens the teacher never
-            samples. 0 (default, the paper's losses) turns it off; ``benchmarks/RESULTS.md`` reports
-            BD with it on.
-        outside_samples: the outside mass is estimated without ``[N, V]`` logits: exactly over the
-            distinct candidate ids of the batch, plus this many ids drawn uniformly from the rest of
-            the vocabulary (importance-weighted; exact when the rest is no larger).
+        support_coef: weight of the exact support term ``E_s[-log pi_S(A_p(s)|s)]`` (the student's
+            mass outside A_p(s), as a log-loss) added by :meth:`Agent.forward` with ``restrict="mdp"``;
+            computed from the full-vocabulary normaliser at the decoding temperature. 0 by default;
+            agents whose losses leave that mass free set their own default.
+        vocab_chunk: vocabulary columns per chunk of the full-vocabulary normaliser (memory knob).
+        head_lr_scale: learning-rate multiplier of the heads an agent adds (a value head starts at zero
+            and must reach the scale of the returns, while the pretrained student needs small steps).
     """
 
-    restrict: str = "topp"
+    restrict: str = "mdp"
     gamma: float = 0.99
     top_p: float | None = None
-    outside_coef: float = 0.0
-    outside_samples: int = 1024
+    support_coef: float = 0.0
+    vocab_chunk: int = VOCAB_CHUNK
+    head_lr_scale: float = 1.0
 
     def __post_init__(self):
+        if self.restrict == "topp":  # the name before the full-vocabulary normaliser existed
+            warnings.warn(
+                "restrict='topp' is now called restrict='set' (the set-only normaliser, an ablation); "
+                "the default 'mdp' normalises the student over the whole vocabulary",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            self.restrict = "set"
         if self.restrict not in RESTRICT_MODES:
             raise ConfigError(f"restrict must be one of {', '.join(RESTRICT_MODES)}, got {self.restrict!r}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"gamma must lie in [0, 1], got {self.gamma}")
-        if self.outside_coef < 0:
-            raise ConfigError(f"outside_coef must be >= 0, got {self.outside_coef}")
-        if self.outside_samples < 1:
-            raise ConfigError(f"outside_samples must be >= 1, got {self.outside_samples}")
+        if self.support_coef < 0:
+            raise ConfigError(f"support_coef must be >= 0, got {self.support_coef}")
+        if self.vocab_chunk < 1:
+            raise ConfigError(f"vocab_chunk must be >= 1, got {self.vocab_chunk}")
+        if not self.head_lr_scale > 0:
+            raise ConfigError(f"head_lr_scale must be > 0, got {self.head_lr_scale}")
         if self.top_p is not None:
             from tdrl.actions import validate_top_p
 
@@ -108,6 +136,13 @@ def masked_log_softmax(x: Tensor, mask: Tensor) -> Tensor:
     return (x - masked_logsumexp(x, mask).unsqueeze(-1)).masked_fill(~mask, float("-inf"))
 
 
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate at both ends. ``x`` is clamped at -1e-7 (so the
+    result is at least about -16 and its gradient finite where rounding puts a log-mass at 0)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 @dataclass
 class Transitions:
     """The response positions of a batch as N transitions, flattened row-major.
@@ -115,6 +150,8 @@ class Transitions:
     ``hidden`` holds M >= N states: every state s of a transition and every next state s'. ``cur``
     and ``nxt`` index into it (``nxt`` is -1 where a row has no next position; ``done`` is then True).
     Per-state fields (``cand_*``) are ``[M, ...]``; per-transition fields are ``[N]``.
+    ``behaviour_logprob`` / ``student_logprob`` (``[N]``, or None for offline data) are the log-probs
+    under which online episodes were sampled: the behaviour policy and the student at that time.
     """
 
     hidden: Tensor
@@ -128,6 +165,9 @@ class Transitions:
     done: Tensor
     action_in_cand: Tensor
     action_logprob: Tensor
+    behaviour_logprob: Tensor | None = None
+    student_logprob: Tensor | None = None
+    _log_z: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
@@ -135,14 +175,48 @@ class Transitions:
 
 
 @dataclass
-class SetLogits:
-    """Logits on the action set at every state of a :class:`Transitions` (``[M, S]``, S = K or V),
-    the set mask, and the logit of each transition's action (``[N]``) with whether it is in the set."""
+class Policy:
+    """The student's (or another head's) logits at R states: on the support S of the MDP's sums
+    (``logits`` / ``mask``, ``[R, S]``: A_p(s) with S = K, or the whole vocabulary for
+    ``restrict="none"``), at the teacher's candidates (``cand``, ``[R, K]``, A_p(s) = ``cand_mask``),
+    and at each transition's data token (``action``, ``[N]``). :attr:`log_z` ``[R]`` normalises the
+    decoding policy (over V, or over A_p(s) for ``restrict="set"``); it is computed on first use, so
+    an agent that never asks for it never pays for the full-vocabulary pass. ``log_z_support`` ``[R]``
+    is the log-sum-exp over the support, ``log_z_set`` over A_p(s). ``rows`` maps each transition to
+    its row (``t.cur`` for all M states, ``arange(N)`` for the transition states). Every logit is
+    already divided by the temperature the policy was built with.
+    """
 
     logits: Tensor
     mask: Tensor
+    cand: Tensor
+    cand_mask: Tensor
     action: Tensor
     action_in_set: Tensor
+    log_z_support: Tensor
+    log_z_set: Tensor
+    rows: Tensor
+    normaliser: Callable[[], Tensor] | None = dataclasses.field(default=None, repr=False)
+
+    @functools.cached_property
+    def log_z(self) -> Tensor:
+        return self.log_z_support if self.normaliser is None else self.normaliser()
+
+    def log_probs(self) -> Tensor:
+        """``log pi_S(a|s)`` on the support ``[R, S]`` (``-inf`` outside it)."""
+        return (self.logits - self.log_z.unsqueeze(-1)).masked_fill(~self.mask, float("-inf"))
+
+    def cand_log_probs(self) -> Tensor:
+        """``log pi_S(a|s)`` at the teacher's candidates ``[R, K]`` (finite everywhere)."""
+        return self.cand - self.log_z.unsqueeze(-1)
+
+    def action_log_prob(self) -> Tensor:
+        """``log pi_S(a_data|s)`` per transition ``[N]``."""
+        return self.action - self.log_z[self.rows]
+
+    def log_mass_in_set(self) -> Tensor:
+        """``log pi_S(A_p(s)|s)`` ``[R]`` of the decoding policy (0 for ``restrict="set"``)."""
+        return self.log_z_set - self.log_z
 
 
 class Agent(nn.Module):
@@ -160,6 +234,8 @@ class Agent(nn.Module):
     on_policy: ClassVar[bool] = False
     #: agents that run the teacher inside ``loss`` (kd-online); the trainer calls ``attach_teacher``
     uses_teacher: ClassVar[bool] = False
+    #: trainer settings this agent's method prescribes (e.g. bd's J_PT weight); the user's flags win
+    trainer_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, student: Student, config: AgentConfig | None = None):
         super().__init__()
@@ -172,59 +248,69 @@ class Agent(nn.Module):
         """Give an agent with ``uses_teacher = True`` the teacher (not saved with the agent's state)."""
 
     # ------------------------------------------------------------------ contract
-    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """Scalar loss to minimise and named float metrics."""
+    def loss(self, t: Transitions, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss to minimise and named metrics (0-dim detached tensors, or floats), given the
+        batch's transitions ``t`` (built once by :meth:`forward`) and the collated ``batch``."""
         raise NotImplementedError
 
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """What the trainer minimises: ``agent.loss(batch)`` plus, with ``restrict="topp"`` and
-        ``outside_coef > 0``, ``outside_coef * E_s[-log pi_S(A_p(s)|s)]`` on the same trunk forward
-        (:meth:`outside_loss`; metrics ``loss/outside``, ``policy/outside_mass``). ``agent(batch)``
-        is this, so DDP / ``accelerate`` can wrap an agent."""
-        self._last_transitions = None
-        loss, metrics = self.loss(batch)
-        t, self._last_transitions = self._last_transitions, None
-        if t is not None and self.config.restrict == "topp" and self.config.outside_coef > 0:
-            term, mass = self.outside_loss(t)
-            loss = loss + self.config.outside_coef * term
-            metrics = {**metrics, "loss/outside": term.item(), "policy/outside_mass": mass.item()}
+    def forward(self, batch: dict[str, Tensor], *, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """What the trainer minimises: ``loss(transitions(batch), batch)`` plus, with
+        ``restrict="mdp"`` and ``support_coef > 0``, ``support_coef * E_s[-log pi_S(A_p(s)|s)]``
+        (metric ``loss/support``). With ``diagnostics`` (the trainer's log steps) it adds
+        ``policy/outside_mass`` (the decoding policy's exact mass outside A_p(s)) and
+        ``policy/entropy`` (its full-vocabulary entropy) and ``policy/mode_outside`` (how often its most
+        likely token lies outside A_p(s)), from one chunked pass without gradient.
+        ``agent(batch)`` is this, so DDP / ``accelerate`` can wrap an agent."""
+        t = self.transitions(batch)
+        loss, metrics = self.loss(t, batch)
+        metrics = dict(metrics)
+        cfg = self.config
+        if cfg.restrict == "mdp" and cfg.support_coef > 0:
+            pi = self.policy(t, current_only=True, temperature=self.decode_temperature)
+            term = -pi.log_mass_in_set().mean()
+            loss = loss + cfg.support_coef * term
+            metrics["loss/support"] = term.detach()
+        if diagnostics:
+            metrics.update(self.diagnostics(t))
         return loss, metrics
 
-    def outside_loss(self, t: Transitions, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """``(E_s[-log pi_S(A_p(s)|s)], E_s[pi_S(V minus A_p(s)|s)])`` over the transition states of ``t``.
-
-        ``Z_out(s)`` = the student's ``sum_{a not in A_p(s)} exp(logit)`` is computed exactly over U, the
-        distinct candidate ids of the batch (the tokens a drifting student most often rates highly),
-        and estimated over the remaining ``V - |U|`` ids from ``outside_samples`` uniform draws scaled by
-        ``(V - |U|) / outside_samples`` (all of them, exactly, when there are no more than that).
-        Returns ``log(1 + Z_out / Z_A)`` averaged over states, and the implied outside mass.
-        """
+    @torch.no_grad()
+    def diagnostics(self, t: Transitions) -> dict[str, Tensor]:
+        """``policy/outside_mass`` = E_s[1 - pi_S(A_p(s)|s)], ``policy/entropy`` = E_s[H(pi_S(.|s))] and
+        ``policy/mode_outside`` = P_s[argmax pi_S(.|s) not in A_p(s)] of the decoding policy (full
+        vocabulary, at ``decode_temperature``) over the transition states."""
+        student, scale = self.student, 1.0 / self.decode_temperature
         hidden = t.hidden[t.cur]
-        ids, mask = t.cand_ids[t.cur], t.cand_mask[t.cur]
-        weight, bias = self.student.output_weight(), self.student.output_bias()
-        vocab = weight.shape[0]
-        unique, inverse = torch.unique(ids, return_inverse=True)
-        in_set = torch.zeros(ids.shape[0], unique.numel(), device=ids.device).scatter_add_(1, inverse, mask.float()) > 0
-        rest = torch.ones(vocab, dtype=torch.bool, device=ids.device)
-        rest[unique] = False
-        rest_ids = torch.nonzero(rest).squeeze(-1)
-        n_rest, samples = rest_ids.numel(), self.config.outside_samples
-        if n_rest > samples:
-            draw = torch.randint(0, n_rest, (samples,), generator=generator, device="cpu").to(ids.device)
-            rest_ids, scale = rest_ids[draw], n_rest / samples
-        else:
-            scale = 1.0
-        logits = column_logits(hidden, weight, bias, torch.cat([unique, rest_ids])).float()
-        known, sampled = logits[:, : unique.numel()], logits[:, unique.numel() :]
-        log_z_set = masked_logsumexp(known, in_set)
-        log_z_out = known.masked_fill(in_set, float("-inf")).logsumexp(-1)
-        if sampled.shape[1]:
-            log_z_out = torch.logaddexp(log_z_out, sampled.logsumexp(-1) + math.log(scale))
-        gap = nn.functional.softplus(log_z_out - log_z_set)  # log(1 + Z_out / Z_A); 0 when nothing is outside
-        return gap.mean(), (1.0 - torch.exp(-gap)).mean().detach()
+        summary = vocab_summary(
+            hidden, student.output_weight(), student.output_bias(), scale=scale, chunk=self.config.vocab_chunk
+        )
+        cand = gather_logits(hidden, student.output_weight(), student.output_bias(), t.cand_ids[t.cur]).float()
+        in_set = masked_logsumexp(cand * scale, t.cand_mask[t.cur]) - summary.log_z
+        mode_in_set = ((t.cand_ids[t.cur] == summary.argmax.unsqueeze(-1)) & t.cand_mask[t.cur]).any(-1)
+        return {
+            "policy/outside_mass": (1.0 - in_set.exp()).mean(),
+            "policy/entropy": summary.entropy.mean(),
+            "policy/mode_outside": 1.0 - mode_in_set.float().mean(),
+        }
 
     def after_update(self) -> None:
         """Called by the trainer after each optimiser step (e.g. Polyak target updates)."""
+
+    def heads(self) -> list[nn.Module]:
+        """Freshly initialised modules the agent adds to the student (value heads, Q heads): they train
+        at ``head_lr_scale`` times the learning rate (:meth:`param_groups`)."""
+        return []
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups: the student at ``lr``, :meth:`heads` at
+        ``lr * head_lr_scale``; frozen parameters (target networks) are left out."""
+        head_ids = {id(p) for head in self.heads() for p in head.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": lr}]
+        heads = [p for p in trainable if id(p) in head_ids]
+        if heads:
+            groups.append({"params": heads, "lr": lr * self.config.head_lr_scale})
+        return groups
 
     #: decoding samples from softmax(LM-head logits / decode_temperature); SQL-family agents use alpha
     decode_temperature: float = 1.0
@@ -264,7 +350,8 @@ class Agent(nn.Module):
         actions[:, :-1] = batch["input_ids"][:, 1:]
         nxt = next_index[sel]
         hidden = student.hidden_states(batch["input_ids"], batch["attention_mask"])
-        t = Transitions(
+        optional = {k: batch[k][sel].float() for k in ("behaviour_logprob", "student_logprob") if k in batch}
+        return Transitions(
             hidden=hidden[need],
             cur=flat[sel],
             nxt=nxt,
@@ -276,37 +363,63 @@ class Agent(nn.Module):
             done=batch["done"][sel].bool() | (nxt < 0),
             action_in_cand=batch["action_in_cand"][sel].bool(),
             action_logprob=batch["action_logprob"][sel].float(),
+            **optional,
         )
-        if student is self.student:  # kept for forward()'s outside-mass term on the same trunk forward
-            self._last_transitions = t
-        return t
 
-    def set_logits(
+    def policy(
         self,
         t: Transitions,
         hidden: Tensor | None = None,
         *,
         current_only: bool = False,
+        temperature: float = 1.0,
         weight: Tensor | None = None,
         bias: Tensor | None = None,
-    ) -> SetLogits:
-        """Logits of a head (default: the student's LM head) on the action set of the states of ``t``:
-        all M states (``[M, S]``), or only the N transition states (``current_only``, ``[N, S]``).
-        ``hidden`` defaults to ``t.hidden`` (pass a target network's to evaluate it instead)."""
+    ) -> Policy:
+        """The logits of a head (default: the student's LM head) at all M states of ``t`` (``[M, ...]``),
+        or at the N transition states (``current_only``, ``[N, ...]``), divided by ``temperature``,
+        with the normaliser ``restrict`` prescribes. ``hidden`` defaults to ``t.hidden`` (pass a
+        target network's to evaluate it instead). The full-vocabulary normaliser of the student's own
+        head on ``t.hidden`` is computed once per batch (at all M states) and shared by every call."""
+        own = hidden is None and weight is None
         hidden = t.hidden if hidden is None else hidden
         if weight is None:
             weight, bias = self.student.output_weight(), self.student.output_bias()
         rows = t.cur if current_only else slice(None)
-        states = hidden[rows]
-        if self.config.restrict == "topp":
-            logits = gather_logits(states, weight, bias, t.cand_ids[rows])
-            action = gather_logits(hidden[t.cur], weight, bias, t.actions.unsqueeze(-1)).squeeze(-1)
-            return SetLogits(logits, t.cand_mask[rows], action, t.action_in_cand)
-        logits = nn.functional.linear(states, weight, bias)
-        current = logits if current_only else logits[t.cur]
-        action = current.gather(-1, t.actions.unsqueeze(-1)).squeeze(-1)
-        ones = torch.ones_like(logits, dtype=torch.bool)
-        return SetLogits(logits, ones, action, torch.ones_like(t.action_in_cand))
+        index = torch.arange(t.n, device=t.cur.device) if current_only else t.cur
+        states, scale = hidden[rows], 1.0 / temperature
+        action = gather_logits(hidden[t.cur], weight, bias, t.actions.unsqueeze(-1)).squeeze(-1).float() * scale
+        cand_mask = t.cand_mask[rows]
+        if self.config.restrict == "none":
+            logits = nn.functional.linear(states, weight, bias).float() * scale
+            cand = logits.gather(-1, t.cand_ids[rows])
+            log_z = logits.logsumexp(-1)
+            ones = torch.ones_like(logits, dtype=torch.bool)
+            in_set = torch.ones_like(t.action_in_cand)
+            return Policy(
+                logits, ones, cand, cand_mask, action, in_set, log_z, masked_logsumexp(cand, cand_mask), index
+            )
+        cand = gather_logits(states, weight, bias, t.cand_ids[rows]).float() * scale
+        log_z_set = masked_logsumexp(cand, cand_mask)
+        normaliser = None
+        if self.config.restrict == "mdp":
+            if own:
+                normaliser = lambda: self._vocab_log_z(t, temperature)[rows]  # noqa: E731
+            else:
+                chunk = self.config.vocab_chunk
+                normaliser = lambda: vocab_logsumexp(states, weight, bias, scale=scale, chunk=chunk)  # noqa: E731
+        return Policy(cand, cand_mask, cand, cand_mask, action, t.action_in_cand, log_z_set, log_z_set, index,
+                      normaliser)  # fmt: skip
+
+    def _vocab_log_z(self, t: Transitions, temperature: float) -> Tensor:
+        """``logsumexp_V`` of the student's LM head / temperature at all M states, cached in ``t``."""
+        if temperature not in t._log_z:
+            student = self.student
+            t._log_z[temperature] = vocab_logsumexp(
+                t.hidden, student.output_weight(), student.output_bias(), scale=1.0 / temperature,
+                chunk=self.config.vocab_chunk,
+            )  # fmt: skip
+        return t._log_z[temperature]
 
     @staticmethod
     def next_value(values: Tensor, t: Transitions) -> Tensor:
@@ -316,10 +429,23 @@ class Agent(nn.Module):
 
     @staticmethod
     def entropy_in_set(logits: Tensor, mask: Tensor) -> Tensor:
-        """Mean entropy of ``softmax`` over the set (the ``policy/entropy_in_set`` metric)."""
-        logp = masked_log_softmax(logits, mask)
-        p = logp.exp()
-        return -(p * logp.masked_fill(~mask, 0.0)).sum(-1).mean()
+        """Mean entropy of ``softmax`` over the set (the ``policy/entropy_in_set`` metric, detached)."""
+        with torch.no_grad():
+            logp = masked_log_softmax(logits, mask)
+            p = logp.exp()
+            return -(p * logp.masked_fill(~mask, 0.0)).sum(-1).mean()
+
+    @staticmethod
+    def teacher_targets(t: Transitions, rows=None) -> Tensor:
+        """The top-p MDP's teacher target at the transition states: ``log pi_T`` renormalised on
+        A_p(s) (``[N, K]``, ``-inf`` outside the set)."""
+        rows = t.cur if rows is None else rows
+        return masked_log_softmax(t.cand_logprobs[rows], t.cand_mask[rows])
+
+
+def detached(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics with every tensor detached (the trainer turns them into floats only at log time)."""
+    return {k: v.detach() if isinstance(v, Tensor) else v for k, v in metrics.items()}
 
 
 class TargetNetwork:

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tdrl.agents.base import Agent, AgentConfig, masked_log_softmax, masked_logsumexp, register_agent
+import torch
+
+from tdrl.agents.base import Agent, AgentConfig, detached, register_agent
 from tdrl.errors import ConfigError
 
 
 @dataclass
 class BCConfig(AgentConfig):
-    """Behaviour cloning on the data states. R(s) = A_p(s) (``restrict="topp"``) or V (``"none"``).
+    """Behaviour cloning on the data states; ``pi_S`` is the student's softmax over the whole
+    vocabulary (``restrict="mdp"``, default and ``"none"``) or over A_p(s) (``"set"``, ablation).
 
-    * ``mode="kd"`` (word-level KD, the usual distillation baseline): cross-entropy from the teacher
-      renormalised on A_p(s) to the student normalised on R(s),
-      ``L = E_s[ - sum_{a in A_p(s)} pi_T(a|s) / pi_T(A_p(s)|s) * log pi_S^R(a|s) ]``.
-    * ``mode="sft"`` (SeqKD when the data are teacher samples): ``L = E[ -log pi_S^R(a_data|s) ]``;
-      with ``restrict="topp"`` a data token outside A_p(s) has no probability under pi_S^R, so such
-      positions are left out and counted in ``data/off_support_frac``.
+    * ``mode="kd"`` (word-level KD, the usual distillation baseline): cross-entropy from the top-p
+      MDP's teacher target, pi_T renormalised on A_p(s), to the student:
+      ``L = E_s[ - sum_{a in A_p(s)} pi_T(a|s) / pi_T(A_p(s)|s) * log pi_S(a|s) ]``.
+      Over V this equals the same cross-entropy against the projected student plus
+      ``-log pi_S(A_p(s)|s)``: it keeps the student's mass on the set.
+    * ``mode="sft"`` (SeqKD when the data are teacher samples): cross-entropy over V,
+      ``L = E[ -log pi_S(a_data|s) ]``. With ``restrict="set"`` a data token outside A_p(s) has no
+      probability under the set-normalised student, so such positions are left out and counted in
+      ``data/off_support_frac``.
 
-    The policy is pi_S = softmax(student logits); decoding uses the LM head over the full vocabulary.
+    Decoding uses the LM head over the full vocabulary.
 
-    Metrics: ``loss/bc``, ``policy/nll_data``, ``policy/kl_teacher`` (KL(pi_T^p || pi_S^R) on A_p),
-    ``policy/entropy_in_set``, ``data/off_support_frac``.
+    Metrics: ``loss/bc``, ``policy/nll_data`` (over the data tokens the loss uses),
+    ``policy/kl_teacher`` (KL from the teacher target on A_p(s) to pi_S), ``policy/entropy_in_set``,
+    ``data/off_support_frac``.
     """
 
     mode: str = "kd"
@@ -38,28 +45,26 @@ class BC(Agent):
     Config = BCConfig
     description = "behaviour cloning: word-level KD to the teacher on A_p(s) (mode=kd) or SFT/SeqKD (mode=sft)"
 
-    def loss(self, batch):
-        t = self.transitions(batch)
-        q = self.set_logits(t, current_only=True)
-        logp_set = masked_log_softmax(q.logits, q.mask)  # [N, S] student on R(s)
-        logp_action = q.action - masked_logsumexp(q.logits, q.mask)
-        cand_mask = t.cand_mask[t.cur]
-        teacher = masked_log_softmax(t.cand_logprobs[t.cur], cand_mask)  # pi_T renormalised on A_p(s)
-        student = logp_set if self.config.restrict == "topp" else logp_set.gather(-1, t.cand_ids[t.cur])
+    def loss(self, t, batch):
+        pi = self.policy(t, current_only=True)
+        mask = t.cand_mask[t.cur]
+        teacher = self.teacher_targets(t)  # [N, K] pi_T renormalised on A_p(s)
         teacher_p = teacher.exp()
-        cross = -(teacher_p * student.masked_fill(~cand_mask, 0.0)).sum(-1)
-        teacher_entropy = -(teacher_p * teacher.masked_fill(~cand_mask, 0.0)).sum(-1)
-        inside = q.action_in_set
-        nll = -logp_action[inside]
+        student = pi.cand_log_probs().masked_fill(~mask, 0.0)
+        cross = -(teacher_p * student).sum(-1)
+        teacher_entropy = -(teacher_p * teacher.masked_fill(~mask, 0.0)).sum(-1)
+        logp_action = pi.action_log_prob()
+        used = pi.action_in_set if self.config.restrict == "set" else torch.ones_like(pi.action_in_set)
+        nll = -logp_action[used]
         if self.config.mode == "kd":
             loss = cross.mean()
         else:
-            loss = nll.mean() if inside.any() else (logp_action * 0.0).sum()
+            loss = nll.mean() if used.any() else (logp_action * 0.0).sum()
         metrics = {
-            "loss/bc": loss.item(),
-            "policy/nll_data": nll.mean().item() if inside.any() else float("nan"),
-            "policy/kl_teacher": (cross - teacher_entropy).mean().item(),
-            "policy/entropy_in_set": self.entropy_in_set(q.logits, q.mask).item(),
-            "data/off_support_frac": 1.0 - inside.float().mean().item(),
+            "loss/bc": loss,
+            "policy/nll_data": nll.mean() if used.any() else torch.tensor(float("nan")),
+            "policy/kl_teacher": (cross - teacher_entropy).mean(),
+            "policy/entropy_in_set": self.entropy_in_set(pi.logits, pi.mask),
+            "data/off_support_frac": 1.0 - t.action_in_cand.float().mean(),
         }
-        return loss, metrics
+        return loss, detached(metrics)

@@ -6,11 +6,13 @@ In the paper, "IQL" means THIS method; tdrl calls it ``iqlearn`` (and ``iql`` is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from tdrl.agents.base import Agent, AgentConfig, masked_logsumexp, register_agent
+from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions, detached, masked_logsumexp, register_agent
 from tdrl.errors import ConfigError
+from tdrl.students import gather_logits, vocab_summary
 
 EXPERT_TERMS = ("token", "topp_mean")
 
@@ -19,8 +21,10 @@ EXPERT_TERMS = ("token", "topp_mean")
 class IQLearnConfig(AgentConfig):
     """IQ-Learn on the top-p MDP, reward-free: the reward is implicit, r_Q(s, a) = Q(s, a) - gamma V(s').
 
-    Q is the student's logits minus their maximum over the set at each state, clipped below at
-    ``q_min``; ``V(s) = logsumexp_{a in A_p(s)} Q(s, a)`` (V = 0 at terminal states). Maximise
+    Q is the paper's code form: the student's logits minus their maximum over the whole vocabulary,
+    clipped below at ``q_min`` (the argmax is found without gradient in vocabulary chunks, then that
+    one logit is gathered with gradient); ``V(s) = logsumexp_{a in A_p(s)} Q(s, a)`` (0 at terminal
+    states). Maximise
 
         J(Q) = E[ phi( F_p Q(s, a) - gamma V(s') ) ] - E[ V(s) - gamma V(s') ],
 
@@ -28,28 +32,46 @@ class IQLearnConfig(AgentConfig):
     through V(s) and V(s'). The linear terms telescope: without chi^2, J = E[log proj_p softmax(Q)(a|s)],
     top-p behaviour cloning; the chi^2 term penalises large implicit rewards r_Q.
 
-    ``expert_term``: ``"token"`` (the paper's equation: Q at the data token; a data token outside
-    A_p(s) would give phi(-inf), so such transitions are left out of J and counted in
-    ``data/off_support_frac``) or ``"topp_mean"`` (the authors' released code: the masked Q averaged
-    over the whole vocabulary, ``sum_{a in A_p(s)} Q(s, a) / |V| - gamma V(s')``, inside phi).
+    ``expert_term``:
 
-    The max is taken over R(s) = A_p(s) on the sparse path (the paper's code takes it over the whole
-    vocabulary, which the sparse path never materialises; with ``restrict="none"`` it does).
-    The policy is softmax(Q) on A_p(s); decoding uses the LM head's logits.
+    * ``"token"`` (the paper's equation, iqlearn's default): Q at the data token; a data token outside
+      A_p(s) would give phi(-inf), so such transitions are left out of J (``data/off_support_frac``);
+    * ``"topp_mean"`` (the authors' released code, bd's default): it never reads the data token; per
+      state it averages x_a = 1[a in A_p(s)] Q(s, a) - gamma V(s') over the whole vocabulary V and
+      applies phi inside the average, ``mean_V x - mean_V x^2 / (4 alpha)``: chi^2 of the mean of
+      squares (dominated by |V \\ A_p(s)| (gamma V(s'))^2), not of the square of the mean.
+
+    ``max_over``: ``"vocab"`` (the paper's code, default) or ``"set"`` (the max over A_p(s)). Measured
+    (RESULTS.md): from a warm start whose most likely token lies outside A_p(s) at many states, the max
+    over V makes V(s) = lse_{A_p(s)} Q negative there, and the value term E[V(s)] is then lowered by
+    pushing every logit of the set further below that outside max: the student's mass leaves the set.
+    The max over A_p(s) keeps V(s) >= 0 and the same loss sharpens the set instead.
+
+    States whose every Q on A_p(s) sits at q_min get no gradient; ``q/clipped_frac`` counts them.
+    Decoding uses the LM head over the whole vocabulary; nothing in J looks at the logits outside
+    A_p(s) except through the max, so the student's mass outside the set is only held by the max and by
+    the support term (``support_coef``: ``support_coef * E_s[-log pi_S(A_p(s)|s)]``, exact, from the
+    full-vocabulary normaliser; off in bd, which the paper defines without it).
+    ``restrict="set"`` (ablation) takes the max over A_p(s) instead; ``restrict="none"`` runs every
+    sum and max over V.
 
     Defaults (the paper): gamma = 0.99, alpha = 0.1, q_min = -10, expert_term = "token".
 
     Metrics: ``loss/iqlearn`` (= -J), ``iqlearn/expert_term``, ``iqlearn/value_term``, ``iqlearn/chi2``,
-    ``reward/implicit_mean``, ``q/mean``, ``v/mean``, ``policy/entropy_in_set``, ``data/off_support_frac``.
+    ``reward/implicit_mean``, ``q/mean``, ``v/mean``, ``q/clipped_frac``, ``policy/entropy_in_set``,
+    ``data/off_support_frac``.
     """
 
     chi2: bool = True
     alpha: float = 0.1
     q_min: float = -10.0
     expert_term: str = "token"
+    max_over: str = "vocab"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_over not in ("vocab", "set"):
+            raise ConfigError(f"max_over must be 'vocab' or 'set', got {self.max_over!r}")
         if self.expert_term not in EXPERT_TERMS:
             raise ConfigError(f"expert_term must be one of {', '.join(EXPERT_TERMS)}, got {self.expert_term!r}")
         if not self.alpha > 0:
@@ -64,59 +86,85 @@ class IQLearn(Agent):
     def phi(self, x: torch.Tensor) -> torch.Tensor:
         return x - x.pow(2) / (4 * self.config.alpha) if self.config.chi2 else x
 
-    def q_values(self, logits: torch.Tensor, mask: torch.Tensor, action: torch.Tensor, cur: torch.Tensor):
-        """Q on the set (``[M, S]``) and at the data token (``[N]``): logits minus the set max, clipped."""
-        top = logits.masked_fill(~mask, float("-inf")).amax(-1)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        q_set = (logits - top.unsqueeze(-1)).clamp(min=self.config.q_min)
-        q_action = (action - top[cur]).clamp(min=self.config.q_min)
+    def max_logit(self, t: Transitions, pi: Policy) -> torch.Tensor:
+        """The max of the student's logits at every state ``[M]``, with gradient to the argmax logit:
+        over V (``max_over="vocab"``: argmax found in chunks without gradient, then gathered), over
+        A_p(s) (``max_over="set"`` or ``restrict="set"``), or over the full logits (``none``)."""
+        if self.config.restrict == "set" or self.config.max_over == "set":
+            top = pi.logits.masked_fill(~pi.mask, float("-inf")).amax(-1)
+            return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        if self.config.restrict == "none":
+            return pi.logits.amax(-1)
+        weight, bias = self.student.output_weight(), self.student.output_bias()
+        argmax = vocab_summary(t.hidden, weight, bias, chunk=self.config.vocab_chunk).argmax
+        return gather_logits(t.hidden, weight, bias, argmax.unsqueeze(-1)).squeeze(-1).float()
+
+    def q_values(self, t: Transitions, pi: Policy) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q on the support (``[M, S]``) and at the data token (``[N]``): logits minus the max, clipped."""
+        top = self.max_logit(t, pi)
+        q_set = (pi.logits - top.unsqueeze(-1)).clamp(min=self.config.q_min)
+        q_action = (pi.action - top[t.cur]).clamp(min=self.config.q_min)
         return q_set, q_action
 
-    def loss(self, batch):
+    def loss(self, t, batch):
         cfg = self.config
-        t = self.transitions(batch)
-        q = self.set_logits(t)
-        q_set, q_action = self.q_values(q.logits, q.mask, q.action, t.cur)
-        values = masked_logsumexp(q_set, q.mask)
+        pi = self.policy(t)
+        q_set, q_action = self.q_values(t, pi)
+        values = masked_logsumexp(q_set, pi.mask)
         v, v_next = values[t.cur], self.next_value(values, t)
+        discounted = cfg.gamma * v_next
         if cfg.expert_term == "token":
-            include = q.action_in_set
-            x = q_action - cfg.gamma * v_next
-        else:
-            include = torch.ones_like(q.action_in_set)
-            mass = (q_set[t.cur] * q.mask[t.cur]).sum(-1) / self.student.vocab_size
-            x = mass - cfg.gamma * v_next
+            include = pi.action_in_set
+            x = q_action - discounted
+            expert_terms, chi2_terms = self.phi(x), x.pow(2) / (4 * cfg.alpha)
+        else:  # the released code: phi inside a mean over the whole vocabulary
+            include = torch.ones_like(pi.action_in_set)
+            vocab = self.student.vocab_size
+            mask = pi.mask[t.cur]
+            q_cur = q_set[t.cur].masked_fill(~mask, 0.0)
+            x = q_cur.sum(-1) / vocab - discounted  # mean_V x_a
+            outside = vocab - mask.sum(-1)
+            mean_sq = (((q_cur - discounted.unsqueeze(-1)) ** 2 * mask).sum(-1) + outside * discounted**2) / vocab
+            chi2_terms = mean_sq / (4 * cfg.alpha)
+            expert_terms = x - chi2_terms if cfg.chi2 else x
         if include.any():
-            expert = self.phi(x)[include].mean()
-            value_term = (v - cfg.gamma * v_next)[include].mean()
+            expert = expert_terms[include].mean()
+            value_term = (v - discounted)[include].mean()
         else:
             expert = value_term = (x * 0.0).sum()
-        objective = expert - value_term
-        loss = -objective
+        loss = -(expert - value_term)
+        in_set_q = (q_set[t.cur] > cfg.q_min) & pi.mask[t.cur]
         metrics = {
-            "loss/iqlearn": loss.item(),
-            "iqlearn/expert_term": expert.item(),
-            "iqlearn/value_term": value_term.item(),
-            "iqlearn/chi2": (x[include].pow(2).mean() / (4 * cfg.alpha)).item() if include.any() else 0.0,
-            "reward/implicit_mean": x[include].mean().item() if include.any() else 0.0,
-            "q/mean": q_action.mean().item(),
-            "v/mean": v.mean().item(),
-            "policy/entropy_in_set": self.entropy_in_set(q_set[t.cur], q.mask[t.cur]).item(),
-            "data/off_support_frac": 1.0 - q.action_in_set.float().mean().item(),
+            "loss/iqlearn": loss,
+            "iqlearn/expert_term": expert,
+            "iqlearn/value_term": value_term,
+            "iqlearn/chi2": chi2_terms[include].mean() if include.any() else torch.zeros(()),
+            "reward/implicit_mean": x[include].mean() if include.any() else torch.zeros(()),
+            "q/mean": q_action.mean(),
+            "v/mean": v.mean(),
+            "q/clipped_frac": 1.0 - in_set_q.any(-1).float().mean(),
+            "policy/entropy_in_set": self.entropy_in_set(q_set[t.cur], pi.mask[t.cur]),
+            "data/off_support_frac": 1.0 - t.action_in_cand.float().mean(),
         }
-        return loss, metrics
+        return loss, detached(metrics)
 
 
 @dataclass
 class BDConfig(IQLearnConfig):
-    """Bellman Distill (the paper's method) = :class:`IQLearnConfig` with the paper's settings:
-    p = 0.8 (``top_p``), gamma = 0.99, chi^2 with alpha = 0.1, q_min = -10, expert_term = "token".
-    ``--agent bd`` reproduces the paper; ``--agent iqlearn`` explores around it."""
+    """Bellman Distill (the paper's method) = :class:`IQLearnConfig` with what the authors ran:
+    p = 0.8 (``top_p``), gamma = 0.99, chi^2 with alpha = 0.1, q_min = -10, the max over the whole
+    vocabulary, and ``expert_term = "topp_mean"``, the released code's expert term (the equation's
+    ``"token"`` form is the option; RESULTS.md measures both). No support term: the paper has none.
+    The paper also trains BD with MiniLLM's pre-training loss J_PT; bd's preset sets the trainer's
+    ``lm_coef`` to 1.0 (the released trainer's ``loss = bellman_loss + args.lm_coef * pt_loss``,
+    with ``--lm-coef``'s default of 1 in the MiniLLM code it is built on); ``--lm-coef 0`` drops it."""
 
     top_p: float | None = 0.8
+    expert_term: str = "topp_mean"
 
 
 @register_agent("bd")
 class BD(IQLearn):
     Config = BDConfig
-    description = "Bellman Distill (the paper): top-p IQ-Learn with chi^2, p=0.8, gamma=0.99, alpha=0.1, q_min=-10"
+    description = "Bellman Distill (the paper): top-p IQ-Learn, chi^2 alpha=0.1, p=0.8, released expert term, J_PT"
+    trainer_defaults: ClassVar[dict] = {"lm_coef": 1.0}

@@ -8,42 +8,49 @@ from typing import ClassVar
 
 import torch
 
-from tdrl.agents.base import Agent, AgentConfig, masked_log_softmax, register_agent
-from tdrl.agents.gkd import divergences
+from tdrl.agents.base import Agent, AgentConfig, detached, register_agent
+from tdrl.agents.gkd import divergences, policy_pair
 from tdrl.errors import ConfigError
 
 
 @dataclass
 class MiniLLMConfig(AgentConfig):
-    """Minimise the sequence-level reverse KL on the top-p MDP (policies normalised on R(s) = A_p(s)):
+    """Minimise the sequence-level reverse KL to the teacher on the student's own samples:
 
         J = KL(pi_S || pi_T) = E_{y ~ pi_S}[ sum_t c_t ],   c_t = log pi_S(y_t|s_t) - log pi_T(y_t|s_t),
 
-    i.e. the per-token reward r_t = -c_t = log pi_T - log pi_S. With MiniLLM's single-step
-    decomposition (the immediate term's gradient computed exactly over the set) the surrogate is
+    i.e. the per-token reward r_t = -c_t = log pi_T - log pi_S, both over the whole vocabulary
+    (``log pi_T(y_t|s_t)`` is the env's exact teacher log-prob of any token). With MiniLLM's
+    single-step decomposition (the immediate term's gradient computed exactly) the surrogate is
 
-        L = (1 / #sequences) sum_sequences sum_t [ KL(pi_S || pi_T)(s_t) + sg(A_t) log pi_S(y_t|s_t) ],
-        A_t = w_t * (C_{t+1} - b),   C_{t+1} = sum_{t' > t} c_t'   (cost-to-go after t, 0 at the end),
+        L = (1 / #sequences) sum_sequences sum_t [ KL(pi_S || pi_T)(s_t) + max(A_t rho_t, A_t clip(rho_t)) ],
+        A_t = C_{t+1} - b,   C_{t+1} = sum_{t' > t} c_t'   (cost-to-go after t, 0 at the end),
+        rho_t = pi_S(y_t|s_t) / mu(y_t|s_t),   clip to [1 - cliprange, 1 + cliprange] (PPO, as MiniLLM),
 
-    whose expected gradient equals grad J (tested by enumeration). Stabilisers, as MiniLLM:
+    where mu is the behaviour policy the episode was sampled from, stored with the episode
+    (``behaviour_logprob``) and c_t uses the student of that time (``student_logprob``), so episodes
+    can be reused after the student moved. On fresh episodes rho = 1 and the expected gradient equals
+    grad J (tested by enumeration). The single-step term KL(pi_S || pi_T)(s_t) compares the two
+    full-vocabulary policies on A_p(s_t) + one outside bucket (exact for the student; the teacher is
+    known on A_p(s_t)). Stabilisers, as MiniLLM:
 
     * ``length_norm`` (default True): C_{t+1} is divided by the number of remaining tokens;
     * ``baseline`` ``"batch_mean"`` (default) subtracts the batch mean of C_{t+1}; ``"none"`` does not;
-    * ``teacher_mix`` alpha (MiniLLM: 0.2): episodes are sampled from alpha pi_T + (1 - alpha) pi_S
-      (the trainer's collection policy does this) and each token's term is importance-weighted by
-      w_t = pi_S / (alpha pi_T + (1 - alpha) pi_S), clipped at ``max_weight``;
-    * ``clip`` (default 10): |A_t| is clipped.
+    * ``teacher_mix`` alpha (MiniLLM: 0.2): episodes are sampled from mu = alpha pi_T + (1 - alpha) pi_S
+      (the trainer's collection policy does this, the teacher part renormalised on A_p(s));
+    * ``cliprange`` (MiniLLM: 0.2) and ``clip`` (|A_t| <= 10).
 
+    ``restrict="set"`` (ablation) normalises both policies on A_p(s) and leaves tokens outside it out.
     The agent is on-policy: the trainer collects student episodes for it (``--online-every``,
     default every 10 steps, ``--online-ratio`` 1). Metrics: ``loss/minillm``, ``minillm/kl_step``,
-    ``minillm/reverse_kl`` (per-sequence sum of c_t), ``minillm/advantage``, ``minillm/weight``,
-    ``policy/entropy_in_set``.
+    ``minillm/reverse_kl`` (per-sequence sum of c_t), ``minillm/advantage``, ``minillm/ratio``,
+    ``minillm/clipped_frac``, ``policy/entropy_in_set``.
     """
 
     length_norm: bool = True
     baseline: str = "batch_mean"
     teacher_mix: float = 0.2
-    max_weight: float = 2.0
+    cliprange: float = 0.2
     clip: float = 10.0
 
     def __post_init__(self):
@@ -52,8 +59,8 @@ class MiniLLMConfig(AgentConfig):
             raise ConfigError(f"baseline must be 'batch_mean' or 'none', got {self.baseline!r}")
         if not 0.0 <= self.teacher_mix < 1.0:
             raise ConfigError(f"teacher_mix must lie in [0, 1), got {self.teacher_mix}")
-        if self.restrict != "topp":
-            raise ConfigError("minillm needs the teacher's probabilities on the whole action set: use restrict=topp")
+        if not 0.0 < self.cliprange < 1.0:
+            raise ConfigError(f"cliprange must lie in (0, 1), got {self.cliprange}")
 
 
 def segment_suffix_sums(values: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,43 +81,42 @@ class MiniLLM(Agent):
     Config = MiniLLMConfig
     description = "MiniLLM: policy gradient on the sequence-level reverse KL, on the student's own samples"
     on_policy: ClassVar[bool] = True
+    trainer_defaults: ClassVar[dict] = {"online_every": 10, "online_ratio": 1.0}
 
-    def loss(self, batch):
+    def loss(self, t, batch):
         cfg = self.config
-        t = self.transitions(batch)
-        q = self.set_logits(t, current_only=True)
-        mask = t.cand_mask[t.cur]
-        student = masked_log_softmax(q.logits, q.mask)
-        teacher = masked_log_softmax(t.cand_logprobs[t.cur], mask)
+        pi = self.policy(t, current_only=True)
+        teacher, student, mask = policy_pair(self, t, pi)
         _, kl_step, _ = divergences(teacher, student, mask, 0.5)
-        inside = q.action_in_set
-        log_s = torch.where(
-            inside,
-            q.action - torch.logsumexp(q.logits.masked_fill(~q.mask, float("-inf")), -1),
-            torch.zeros_like(q.action),
-        )
-        slot = (t.cand_ids[t.cur] == t.actions.unsqueeze(-1)) & mask
-        log_t = torch.where(inside, (teacher.masked_fill(~mask, 0.0) * slot).sum(-1), torch.zeros_like(log_s))
-        cost = (log_s - log_t).detach()
+        if cfg.restrict == "set":  # set-normalised: tokens outside A_p(s) have no probability
+            inside = pi.action_in_set
+            slot = (t.cand_ids[t.cur] == t.actions.unsqueeze(-1)) & t.cand_mask[t.cur]
+            log_t = (teacher.masked_fill(~mask, 0.0) * slot).sum(-1)
+        else:
+            inside, log_t = torch.ones_like(pi.action_in_set), t.action_logprob
+        log_s = torch.where(inside, pi.action_log_prob(), torch.zeros_like(pi.action))
+        fresh = cfg.restrict == "set" or t.student_logprob is None
+        old = log_s.detach() if fresh else t.student_logprob
+        behaviour = old if fresh or t.behaviour_logprob is None else t.behaviour_logprob
+        cost = torch.where(inside, old - log_t, torch.zeros_like(old)).detach()
         future, remaining = segment_suffix_sums(cost, t.done)
         if cfg.length_norm:
             future = future / remaining.clamp(min=1.0)
         if cfg.baseline == "batch_mean":
             future = future - future.mean()
-        weight = torch.ones_like(future)
-        if cfg.teacher_mix > 0:
-            p_s, p_t = log_s.detach().exp(), log_t.exp()
-            weight = (p_s / (cfg.teacher_mix * p_t + (1 - cfg.teacher_mix) * p_s)).clamp(max=cfg.max_weight)
-        advantage = (weight * future).clamp(-cfg.clip, cfg.clip)
+        advantage = future.clamp(-cfg.clip, cfg.clip)
+        ratio = torch.exp(log_s - behaviour)
+        clipped = ratio.clamp(1.0 - cfg.cliprange, 1.0 + cfg.cliprange)
+        policy_term = torch.maximum(advantage * ratio, advantage * clipped)
         sequences = t.done.sum().clamp(min=1)
-        terms = weight * kl_step + advantage * log_s
-        loss = terms[inside].sum() / sequences
+        loss = (kl_step + policy_term)[inside].sum() / sequences
         metrics = {
-            "loss/minillm": loss.item(),
-            "minillm/kl_step": kl_step.mean().item(),
-            "minillm/reverse_kl": (cost.sum() / sequences).item(),
-            "minillm/advantage": advantage.mean().item(),
-            "minillm/weight": weight.mean().item(),
-            "policy/entropy_in_set": self.entropy_in_set(q.logits, q.mask).item(),
+            "loss/minillm": loss,
+            "minillm/kl_step": kl_step.mean(),
+            "minillm/reverse_kl": cost.sum() / sequences,
+            "minillm/advantage": advantage.mean(),
+            "minillm/ratio": ratio.mean(),
+            "minillm/clipped_frac": (advantage * clipped > advantage * ratio).float().mean(),
+            "policy/entropy_in_set": self.entropy_in_set(pi.logits, pi.mask),
         }
-        return loss, metrics
+        return loss, detached(metrics)

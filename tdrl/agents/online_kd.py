@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tdrl.agents.base import Agent, AgentConfig, register_agent
+from tdrl.agents.base import Agent, AgentConfig, detached, register_agent
 from tdrl.errors import ConfigError
 
 
@@ -30,8 +30,7 @@ class OnlineKDConfig(AgentConfig):
     Needs the teacher: the trainer attaches it (``agent.attach_teacher(teacher)``, as it does for
     every agent with ``uses_teacher = True``); the teacher is not part of the agent's state.
 
-    Metrics: ``loss/kd`` (= ``policy/kl_teacher``, the full-vocabulary KL), ``policy/nll_data``,
-    ``policy/entropy`` (student, full vocabulary).
+    Metrics: ``loss/kd`` (= ``policy/kl_teacher``, the full-vocabulary KL), ``policy/nll_data``.
     """
 
     temperature: float = 1.0
@@ -55,7 +54,7 @@ class OnlineKD(Agent):
     def attach_teacher(self, teacher) -> None:
         self._teacher = teacher
 
-    def loss(self, batch):
+    def loss(self, t, batch):
         if self._teacher is None:
             raise ConfigError(
                 "kd-online runs the teacher inside its loss: call agent.attach_teacher(teacher) "
@@ -64,22 +63,13 @@ class OnlineKD(Agent):
         tau = self.config.temperature
         device = self.student.device
         input_ids = batch["input_ids"].to(device)
-        attention_mask = batch["attention_mask"].to(device)
         sel = batch["response_mask"].to(device).bool()
-        actions = torch.zeros_like(input_ids)
-        actions[:, :-1] = input_ids[:, 1:]
         with torch.no_grad():
-            teacher_logits = self._teacher.logits(input_ids, attention_mask)[sel.to(self._teacher.device)]
-        teacher_logp = torch.log_softmax(teacher_logits.to(device) / tau, -1)
-        hidden = self.student.hidden_states(input_ids, attention_mask)[sel]
-        student_logp = torch.log_softmax(self.student.full_logits(hidden).float() / tau, -1)
+            teacher_logits = self._teacher.logits(input_ids, batch["attention_mask"])[sel.to(self._teacher.device)]
+        teacher_logp = torch.log_softmax(teacher_logits.to(device).float() / tau, -1)
+        student_logp = torch.log_softmax(self.student.full_logits(t.hidden[t.cur]).float() / tau, -1)
         kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
         loss = kl.mean()
-        nll = -student_logp.gather(-1, actions[sel].unsqueeze(-1)).squeeze(-1)
-        metrics = {
-            "loss/kd": loss.item(),
-            "policy/kl_teacher": loss.item(),
-            "policy/nll_data": nll.mean().item(),
-            "policy/entropy": -(student_logp.exp() * student_logp).sum(-1).mean().item(),
-        }
-        return loss, metrics
+        nll = -student_logp.gather(-1, t.actions.unsqueeze(-1)).squeeze(-1)
+        metrics = {"loss/kd": loss, "policy/kl_teacher": loss, "policy/nll_data": nll.mean()}
+        return loss, detached(metrics)

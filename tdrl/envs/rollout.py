@@ -66,13 +66,21 @@ class RandomMaskedPolicy(_CandidatePolicy):
         return weights / weights.sum(-1, keepdims=True)
 
 
+def _step_extras(policy) -> dict[str, np.ndarray]:
+    """Per-step fields a policy reports about the action it just chose (``policy.last_extras``: e.g.
+    the log-probs it sampled from, :data:`tdrl.records.ONLINE_FIELDS`); empty for most policies."""
+    return {k: np.atleast_1d(v) for k, v in (getattr(policy, "last_extras", None) or {}).items()}
+
+
 def rollout(env, policy: Policy, n_episodes: int, *, seed: int | None = None) -> list[dict]:
     """Run ``policy`` for ``n_episodes`` complete episodes and return them as records
     (:mod:`tdrl.records`): the same format the offline annotation writes.
 
     ``env`` is a :class:`TokenGenerationEnv` (possibly wrapped, e.g. by ``gymnasium.make``) or a
     :class:`TokenGenerationVectorEnv`; ``policy`` maps an observation (batched for a vector env) to
-    action(s). ``seed`` seeds the first reset. Each record also carries ``return`` (sum of rewards).
+    action(s). ``seed`` seeds the first reset. Each record also carries ``return`` (sum of rewards),
+    and, per step, whatever the policy reports in ``policy.last_extras`` after each call (a dict of
+    per-row values, e.g. ``behaviour_logprob``).
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
@@ -89,8 +97,11 @@ class _Trajectory:
         self.prompt_ids = obs_row["input_ids"][: int(obs_row["prompt_length"])].tolist()
         self.cand_ids, self.cand_logprobs, self.cand_mask = [], [], []
         self.actions, self.action_logprob, self.reward = [], [], []
+        self.extras: dict[str, list[float]] = {}
 
-    def add(self, obs_row, action, reward, teacher_logprob) -> None:
+    def add(self, obs_row, action, reward, teacher_logprob, extras: dict[str, float]) -> None:
+        for key, value in extras.items():
+            self.extras.setdefault(key, []).append(float(value))
         self.cand_ids.append(obs_row["cand_ids"])
         self.cand_logprobs.append(obs_row["cand_logprobs"])
         self.cand_mask.append(obs_row["cand_mask"].astype(bool))
@@ -115,6 +126,7 @@ class _Trajectory:
             terminated=terminated,
         )
         rec["return"] = float(sum(self.reward))
+        rec.update(self.extras)
         return rec
 
 
@@ -126,8 +138,9 @@ def _rollout_single(env, policy: Policy, n_episodes: int, seed: int | None) -> l
         traj = _Trajectory(obs, base.prompt_text())
         while True:
             action = policy(obs)
+            extras = _step_extras(policy)
             next_obs, reward, terminated, truncated, info = env.step(action)
-            traj.add(obs, action, reward, info["teacher_logprob"])
+            traj.add(obs, action, reward, info["teacher_logprob"], {k: np.ravel(v)[0] for k, v in extras.items()})
             obs = next_obs
             if terminated or truncated:
                 records.append(traj.record(base.teacher.tokenizer, terminated))
@@ -143,12 +156,15 @@ def _rollout_vector(env, base, policy: Policy, n_episodes: int, seed: int | None
     records: list[dict] = []
     while len(records) < n_episodes:
         actions = np.asarray(policy(obs))
+        extras = _step_extras(policy)
         next_obs, reward, terminated, truncated, info = env.step(actions)
         for row in rows:
             if trajs[row] is None:  # this row was autoreset by this step: a new episode starts
                 trajs[row] = _Trajectory({k: v[row] for k, v in next_obs.items()}, texts(row))
                 continue
-            trajs[row].add({k: v[row] for k, v in obs.items()}, actions[row], reward[row], info["teacher_logprob"][row])
+            row_extras = {k: v[row] for k, v in extras.items()}
+            trajs[row].add({k: v[row] for k, v in obs.items()}, actions[row], reward[row], info["teacher_logprob"][row],
+                           row_extras)  # fmt: skip
             if terminated[row] or truncated[row]:
                 if len(records) < n_episodes:
                     records.append(trajs[row].record(base.teacher.tokenizer, bool(terminated[row])))

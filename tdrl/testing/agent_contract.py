@@ -9,10 +9,13 @@ Or one parametrised pytest call over :data:`CHECKS`::
     def test_my_agent(check):
         check("my-agent")
 
-The checks: ``loss`` returns a finite scalar and named float metrics; gradients reach the student;
-the restricted loss ignores logits outside A_p(s); ``state_dict`` round-trips (target networks and
-heads included); training is deterministic under a seed; a few hundred updates on a
-:class:`~tdrl.testing.MarkovTeacher` problem with a tabular student reduce the loss.
+The checks: ``agent(batch)`` returns a finite scalar and named, detached metrics (none in a group
+the trainer logs itself; ``policy/outside_mass`` among the diagnostics); gradients reach the
+student; logits outside A_p(s) reach the loss only through the full-vocabulary normaliser (and not
+at all for ``restrict="set"``); ``state_dict`` round-trips (target networks and heads included);
+training is deterministic under a seed; on a :class:`~tdrl.testing.MarkovTeacher` problem with a
+tabular student the decoded policy converges towards the teacher's policy on A_p(s); and a student
+started from a teacher-like table keeps its mass on A_p(s) while it trains (V >> K).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from tdrl.agents.base import Agent, make_agent
+from tdrl.agents.base import TRAINER_METRIC_GROUPS, Agent, make_agent
 from tdrl.records import record_tensors
 from tdrl.students import Student
 
@@ -35,10 +38,13 @@ __all__ = [
     "markov_batch",
     "check_loss_and_metrics",
     "check_gradients_reach_student",
-    "check_mask_respected",
+    "check_outside_logits",
     "check_state_dict_round_trip",
     "check_deterministic",
     "check_learns_on_markov",
+    "learn_on_markov",
+    "check_keeps_support",
+    "support_run",
     "CHECKS",
     "run_agent_contract",
 ]
@@ -106,14 +112,29 @@ def _contract_batch(num_records: int, max_new_tokens: int, top_k: int, top_p: fl
     return batch
 
 
-def markov_batch(vocab_size: int = 5, episodes: int = 64, horizon: int = 6, top_p: float = 0.8, seed: int = 3):
+def markov_batch(
+    vocab_size: int = 5,
+    episodes: int = 64,
+    horizon: int = 6,
+    top_p: float = 0.8,
+    seed: int = 3,
+    top_k: int | None = None,
+    scale: float = 2.0,
+):
     """Episodes of the Markov teacher's own policy (projected on A_p), collated, and the teacher."""
+    return _markov_batch(vocab_size, episodes, horizon, top_p, seed, top_k, scale)
+
+
+@functools.lru_cache(maxsize=4)
+def _markov_batch(vocab_size, episodes, horizon, top_p, seed, top_k, scale):
     from tdrl.data import collate
     from tdrl.envs import TeacherPolicy, TokenGenerationVectorEnv, rollout
     from tdrl.testing import MarkovTeacher
 
-    teacher = MarkovTeacher(vocab_size=vocab_size, seed=seed, eos_bias=-1.0)
-    env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=8, top_k=vocab_size, top_p=top_p, max_new_tokens=horizon)
+    teacher = MarkovTeacher(vocab_size=vocab_size, seed=seed, eos_bias=-1.0, scale=scale)
+    env = TokenGenerationVectorEnv(
+        teacher, [[0]], num_envs=8, top_k=top_k or vocab_size, top_p=top_p, max_new_tokens=horizon
+    )
     records = rollout(env, TeacherPolicy(seed=seed), episodes, seed=seed)
     items = [record_tensors(r) for r in records]
     return collate(items, teacher.pad_token_id), teacher
@@ -127,11 +148,15 @@ def _trainable(agent: Agent):
     return [p for p in agent.parameters() if p.requires_grad]
 
 
-def _train(agent: Agent, batch, steps: int, lr: float) -> list[float]:
+def _train(agent: Agent, batch, steps: int, lr: float, collect=None) -> list[float]:
+    """Adam on ``agent(batch)``; for an on-policy agent, ``collect()`` replaces the batch with fresh
+    student episodes every 10 steps."""
     optimiser = torch.optim.Adam(_trainable(agent), lr=lr)
     losses = []
-    for _ in range(steps):
-        loss, _ = agent.loss(batch)
+    for step in range(steps):
+        if collect is not None and step % 10 == 0:
+            batch = collect(step)
+        loss, _ = agent(batch)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -142,40 +167,60 @@ def _train(agent: Agent, batch, steps: int, lr: float) -> list[float]:
 
 def check_loss_and_metrics(name: str, **overrides) -> None:
     agent = _agent(name, **overrides)
-    loss, metrics = agent.loss(contract_batch())
+    loss, metrics = agent(contract_batch(), diagnostics=True)
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0, f"{name}: loss must be a scalar tensor"
     assert torch.isfinite(loss), f"{name}: loss is not finite ({loss.item()})"
     assert metrics and all(isinstance(k, str) and "/" in k for k in metrics), f"{name}: metrics need 'group/name' keys"
-    assert all(isinstance(v, float) for v in metrics.values()), f"{name}: metric values must be floats"
+    for key, value in metrics.items():
+        assert not key.startswith(TRAINER_METRIC_GROUPS), f"{name}: metric {key} uses a group the trainer logs"
+        ok = isinstance(value, float) or (
+            isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad
+        )
+        assert ok, f"{name}: metric {key} must be a float or a detached 0-dim tensor, got {value!r}"
+    outside = float(metrics["policy/outside_mass"])
+    assert 0.0 <= outside <= 1.0, f"{name}: policy/outside_mass {outside} is not a probability"
     assert agent.description, f"{name}: set a one-line description"
 
 
 def check_gradients_reach_student(name: str, **overrides) -> None:
     agent = _agent(name, **overrides)
-    loss, _ = agent.loss(contract_batch())
+    loss, _ = agent(contract_batch())
     loss.backward()
     grads = [p.grad for p in agent.student.model.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads), f"{name}: no gradient reaches the student"
     assert all(torch.isfinite(g).all() for g in grads), f"{name}: non-finite gradients"
 
 
-def check_mask_respected(name: str, **overrides) -> None:
-    """Changing the logits of tokens in no A_p(s) of the batch (and not data tokens) changes nothing."""
+def _vocab_heads(agent: Agent):
+    """Every vocabulary-sized linear head of the agent (the LM head, a Q head ...)."""
+    vocab = agent.student.vocab_size
+    return [m for m in agent.modules() if isinstance(m, nn.Linear) and m.weight.shape[0] == vocab]
+
+
+def check_outside_logits(name: str, **overrides) -> None:
+    """Tokens in no A_p(s) of the batch (and not data tokens) reach the loss only through the
+    full-vocabulary normaliser or maximum: permuting their logits among themselves changes nothing.
+    With ``restrict="set"`` (the set-only normaliser) they do not reach it at all: adding noise to
+    their logits changes nothing."""
     agent = _agent(name, **overrides)
-    if agent.config.restrict != "topp":
+    if agent.config.restrict == "none":
         return
     batch = contract_batch()
-    loss_a, metrics_a = agent.loss(batch)
+    loss_a, _ = agent(batch)
     used = set(batch["cand_ids"][batch["cand_mask"]].tolist()) | set(batch["input_ids"].flatten().tolist())
     unused = torch.tensor([i for i in range(agent.student.vocab_size) if i not in used])
+    shuffled = unused[torch.randperm(len(unused), generator=torch.Generator().manual_seed(0))]
     with torch.no_grad():
-        for module in agent.modules():  # every vocabulary-sized head: the LM head, a Q head ...
-            weight = getattr(module, "weight", None)
-            if isinstance(module, nn.Linear) and weight.shape[0] == agent.student.vocab_size:
-                weight[unused] += 5.0 * torch.randn_like(weight[unused])
+        for module in _vocab_heads(agent):
+            if agent.config.restrict == "set":
+                module.weight[unused] += 5.0 * torch.randn_like(module.weight[unused])
                 if module.bias is not None:
                     module.bias[unused] += 3.0
-    loss_b, _ = agent.loss(batch)
+            else:
+                module.weight[unused] = module.weight[shuffled].clone()
+                if module.bias is not None:
+                    module.bias[unused] = module.bias[shuffled].clone()
+    loss_b, _ = agent(batch)
     assert torch.allclose(loss_a, loss_b, atol=1e-5), f"{name}: logits outside A_p(s) changed the loss"
 
 
@@ -187,7 +232,7 @@ def check_state_dict_round_trip(name: str, **overrides) -> None:
     clone.load_state_dict(copy.deepcopy(agent.state_dict()))
     for (ka, va), (kb, vb) in zip(agent.state_dict().items(), clone.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), f"{name}: state_dict entry {ka} did not round-trip"
-    assert torch.equal(agent.loss(batch)[0], clone.loss(batch)[0]), f"{name}: loss differs after load_state_dict"
+    assert torch.equal(agent(batch)[0], clone(batch)[0]), f"{name}: loss differs after load_state_dict"
 
 
 def check_deterministic(name: str, **overrides) -> None:
@@ -199,23 +244,99 @@ def check_deterministic(name: str, **overrides) -> None:
     assert runs[0] == runs[1], f"{name}: two seeded runs differ: {runs}"
 
 
-def check_learns_on_markov(name: str, steps: int = 300, **overrides) -> None:
-    batch, teacher = markov_batch()
+def _projected_kl(agent: Agent, teacher, batch) -> float:
+    """E_s KL(pi_T^p || proj_p pi_S) over the batch's response states of a Markov problem (tabular)."""
+    sel = batch["response_mask"]
+    states = batch["input_ids"][sel]
+    cand, mask = batch["cand_ids"][sel], batch["cand_mask"][sel]
+    with torch.no_grad():
+        table = agent.policy_logits(agent.student.hidden_states(states.unsqueeze(0))[0]).double()
+    student = torch.log_softmax(table.gather(-1, cand).masked_fill(~mask, float("-inf")), -1)
+    target = torch.log_softmax(teacher.logprobs[states].gather(-1, cand).masked_fill(~mask, float("-inf")), -1)
+    p = target.exp()
+    return float((p * (target - student).masked_fill(~mask, 0.0)).sum(-1).mean())
+
+
+def learn_on_markov(name: str, steps: int = 300, **overrides) -> tuple[float, float]:
+    """A tabular student started from the reverse of a Markov teacher's table (it prefers what the
+    teacher avoids) trains on episodes of the teacher's policy on A_p(s) (V = 8, p = 0.9; on-policy
+    agents on their own episodes, collected every 10 steps). Returns KL(pi_T^p || proj_p pi_S)
+    averaged over the data states, ``(before, after)``."""
+    batch, teacher = markov_batch(vocab_size=8, scale=1.5, top_p=0.9, episodes=128)
     torch.manual_seed(0)
-    agent = _agent(name, TabularStudent(teacher.vocab_size, teacher.tokenizer), **overrides)
-    losses = _train(agent, batch, steps=steps, lr=0.05)
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert math.isfinite(last), f"{name}: loss diverged on the Markov problem"
-    assert last < first - 1e-3 * max(1.0, abs(first)), f"{name}: loss did not decrease ({first:.4f} -> {last:.4f})"
+    student = TabularStudent(teacher.vocab_size, teacher.tokenizer)
+    with torch.no_grad():
+        student.model.weight.copy_(-teacher.model.table.T.float())
+    agent = _agent(name, student, **overrides)
+    collect = None
+    if agent.on_policy:
+        from tdrl.data import collate
+        from tdrl.envs import TokenGenerationVectorEnv, rollout
+        from tdrl.trainer import StudentPolicy
+
+        env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=8, top_k=8, top_p=0.9, max_new_tokens=6)
+        mix = getattr(agent.config, "teacher_mix", 0.0)
+
+        def collect(step: int):
+            records = rollout(env, StudentPolicy(agent, seed=step, teacher_mix=mix), 64, seed=step)
+            return collate([record_tensors(r) for r in records], teacher.pad_token_id)
+
+    before = _projected_kl(agent, teacher, batch)
+    losses = _train(agent, batch, steps=steps, lr=0.05, collect=collect)
+    assert math.isfinite(losses[-1]), f"{name}: loss diverged on the Markov problem"
+    return before, _projected_kl(agent, teacher, batch)
+
+
+def check_learns_on_markov(name: str, steps: int = 300, tol: float = 0.1, **overrides) -> None:
+    """The right fixed point: trained on a Markov teacher (:func:`learn_on_markov`), the student's
+    decoded policy, projected on A_p(s), ends within ``tol`` nats of the teacher's (KL(pi_T^p ||
+    proj_p pi_S), averaged over the data states) and below a quarter of where it started. Every
+    distillation loss whose target is the teacher on the top-p MDP has this fixed point (soft
+    Q-learning at alpha = 1 up to the future-value reweighting of its soft-optimal policy, which
+    ``tol`` covers). Methods that sharpen away from the teacher (advantage-weighted regression, a
+    temperature below 1, the released BD expert term) do not, and their tests say so."""
+    before, after = learn_on_markov(name, steps, **overrides)
+    assert after < tol and after < 0.25 * before, f"{name}: KL to the teacher on A_p(s) {before:.4f} -> {after:.4f}"
+
+
+def support_run(name: str, steps: int = 300, lr: float = 0.05, **overrides) -> tuple[float, float]:
+    """A tabular student started from the teacher's own table (plus noise) on a Markov teacher with a
+    vocabulary much larger than its sets (V = 64, K = 8, p = 0.8) trains ``steps`` Adam steps; returns
+    its mean mass on A_p(s) over the data states, ``(before, after)``."""
+    batch, teacher = markov_batch(vocab_size=64, top_k=8, scale=4.0, episodes=32, horizon=6)
+    torch.manual_seed(0)
+    student = TabularStudent(teacher.vocab_size, teacher.tokenizer)
+    with torch.no_grad():
+        start = teacher.logprobs.float().T  # logits(s) = W[:, s]
+        student.model.weight.copy_(start + 0.1 * torch.randn_like(start))
+    agent = _agent(name, student, **overrides)
+
+    def mass() -> float:
+        with torch.no_grad():
+            t = agent.transitions(batch)
+            return 1.0 - float(agent.diagnostics(t)["policy/outside_mass"])
+
+    before = mass()
+    _train(agent, batch, steps=steps, lr=lr)
+    return before, mass()
+
+
+def check_keeps_support(name: str, margin: float = 0.05, **overrides) -> None:
+    """The decoding student keeps its mass on A_p(s): from a teacher-like start (mass on A_p(s) about
+    0.8), training does not lower pi_S(A_p(s)|s) by more than ``margin`` (the set-only normaliser
+    fails this: it leaves that mass free)."""
+    before, after = support_run(name, **overrides)
+    assert after >= before - margin, f"{name}: mass on A_p(s) fell from {before:.3f} to {after:.3f}"
 
 
 CHECKS = (
     check_loss_and_metrics,
     check_gradients_reach_student,
-    check_mask_respected,
+    check_outside_logits,
     check_state_dict_round_trip,
     check_deterministic,
     check_learns_on_markov,
+    check_keeps_support,
 )
 
 

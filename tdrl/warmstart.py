@@ -1,0 +1,113 @@
+"""The shared warm start: a student that already writes, before any top-p agent shapes it.
+
+The top-p MDP can only shape a student that already decodes: its losses live on the teacher's set
+A_p(s), so a student that starts far from the teacher (a raw layer cut writes no words) gets little
+signal where it actually samples. The paper starts every method from SFT students; tdrl does the same
+with :func:`warm_start`: full-vocabulary word-level KD (``bc:mode=kd``) on the cached annotation,
+exported as an ordinary Hugging Face model that any ``--student DIR`` then starts from.
+
+The output directory is fingerprinted by every setting that shapes the weights (the teacher's weights
+hash, the student, the data, the optimisation); rerunning with the same settings reuses it, other
+settings are refused unless ``overwrite``. Training happens in a sibling ``.<name>.partial-<fp>``
+directory whose checkpoints make an interrupted warm start resume, and is renamed into place only
+when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from tdrl.config import TrainConfig
+from tdrl.errors import CheckpointNotFoundError, DataError
+
+__all__ = ["warm_start", "WARM_START_FILE", "WARM_START_AGENT", "warm_start_fingerprint"]
+
+WARM_START_FILE = "tdrl-warm-start.json"
+#: The warm start's method: word-level KD from the teacher on A_p(s) to the full-vocabulary student.
+WARM_START_AGENT = ("bc", "mode=kd")
+#: The settings that shape a warm start's weights (evaluation, logging and checkpoint cadence do not).
+_SHAPING = (
+    "teacher", "teacher_dtype", "student", "data", "seed", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
+    "adam_beta1", "adam_beta2", "warmup_steps", "schedule", "max_grad_norm", "precision", "train_prompts",
+    "response_tokens", "top_k", "top_p",
+)  # fmt: skip
+
+
+def warm_start_fingerprint(config: TrainConfig, teacher) -> tuple[str, dict]:
+    """(fingerprint, settings) of a warm start: the shaping settings, the teacher's weights hash, and
+    the annotation cache's own fingerprint when ``data`` is a directory."""
+    settings = {k: getattr(config, k) for k in _SHAPING}
+    settings["agent"] = ":".join(WARM_START_AGENT)
+    settings["teacher_weights"] = teacher.weights_fingerprint()
+    data = Path(config.data)
+    if config.data != "bundled" and (data / "tdrl-annotation.json").is_file():
+        settings["data_fingerprint"] = json.loads((data / "tdrl-annotation.json").read_text()).get("fingerprint")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, settings
+
+
+def warm_start(
+    config: TrainConfig, out: str | os.PathLike, *, teacher=None, progress: bool = True, overwrite: bool = False
+) -> tuple[Path, dict]:
+    """Train ``config.student`` with full-vocabulary KD for ``config.steps`` steps and export it to
+    ``out`` (an ordinary HF model plus :data:`WARM_START_FILE`); returns ``(out, record)``, where the
+    record holds the settings, the fingerprint, the training time and the last validation metrics.
+    A complete warm start with the same fingerprint in ``out`` is reused without training."""
+    from tdrl.teachers import load_teacher
+    from tdrl.trainer import Trainer, find_checkpoint
+
+    out = Path(out)
+    teacher = teacher or load_teacher(config.teacher, dtype=config.teacher_dtype, device=config.device)
+    fingerprint, settings = warm_start_fingerprint(config, teacher)
+    marker = out / WARM_START_FILE
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        if record.get("fingerprint") == fingerprint:
+            return out, record
+        if not overwrite:
+            changed = sorted(k for k in settings if record.get("settings", {}).get(k) != settings[k])
+            raise DataError(
+                f"{out} holds a warm start made with other settings ({', '.join(changed)} differ): pass another "
+                "--out, or --overwrite to replace it"
+            )
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DataError(f"{out} exists and is not a tdrl warm start: choose a new --out, or --overwrite")
+    partial = out.parent / f".{out.name}.partial-{fingerprint}"
+    name, args = WARM_START_AGENT
+    run_config = dataclasses.replace(
+        config, agent=name, agent_args=args, out=str(partial / "run"), eval_every=0, test_prompts=0,
+        checkpoint_every=min(config.checkpoint_every, config.steps), online_every=0, lm_coef=0.0,
+    )  # fmt: skip
+    try:
+        find_checkpoint(partial / "run")
+        trainer = Trainer.resume(partial / "run", teacher=teacher, progress=progress)
+    except CheckpointNotFoundError:
+        trainer = Trainer(run_config, teacher=teacher, progress=progress)
+    summary = trainer.train()
+    model_dir = partial / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    trainer.student.save_pretrained(model_dir)
+    shutil.rmtree(partial / "run" / "checkpoints", ignore_errors=True)  # the model is exported; events stay
+    shutil.move(str(partial / "run"), str(model_dir / "run"))
+    record = {
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "steps": summary["steps"],
+        "train_time_s": summary["train_time_s"],
+        "validation": (summary.get("last") or {}).get("metrics", {}),
+    }
+    (model_dir / WARM_START_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(model_dir, out)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    return out, record
