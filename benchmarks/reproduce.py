@@ -97,7 +97,7 @@ def base_config(budget: dict, device: str, out: Path) -> TrainConfig:
     values = {k: v for k, v in budget.items() if k in keys}
     return TrainConfig(
         **values, device=device, data="bundled", warmup_steps=max(1, budget["steps"] // 10), log_every=4,
-        checkpoint_every=budget["steps"], keep_last=1, top_k=64, top_p=0.8, out=str(out),
+        checkpoint_every=budget["steps"], keep_last=1, top_k=64, top_p=0.8, out=str(out), overwrite=True,
     )  # fmt: skip
 
 

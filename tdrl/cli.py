@@ -93,9 +93,8 @@ def cmd_generate_responses(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    import json
-
     from tdrl.data import ANNOTATION_META, annotate
+    from tdrl.integrity import read_json
     from tdrl.teachers import load_teacher
 
     source = _subset(_source(args, require_response=True), args.limit)
@@ -106,10 +105,11 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         logprob_dtype=args.logprob_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
         strict=args.strict, progress=True,
     )  # fmt: skip
-    meta = json.loads((out / ANNOTATION_META).read_text())
+    meta = read_json(out / ANNOTATION_META, "annotation metadata")
     stats = meta["statistics"]
     print(
-        f"annotated {meta['records']} records ({stats['tokens']} response tokens, {meta['skipped']} skipped) "
+        f"annotated {meta['records']} records ({stats['tokens']} response tokens; skipped: "
+        f"{', '.join(f'{n} {k}' for k, n in meta['skipped'].items() if n) or 'none'}) "
         f"into {out}\nmean |A_p(s)| {stats['support_size']:.2f}, mean teacher mass in A_p(s) "
         f"{stats['support_mass']:.3f}, data tokens inside A_p(s) {stats['action_in_cand']:.3f}, "
         f"{meta['bytes_per_token']:.0f} bytes/token on disk"
@@ -156,11 +156,11 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from tdrl.errors import CheckpointNotFoundError
     from tdrl.evaluation import EvalConfig, evaluate, reference_records
+    from tdrl.integrity import read_json
     from tdrl.students import load_student
     from tdrl.teachers import load_teacher
     from tdrl.trainer import RUN_FILE, find_checkpoint
@@ -172,9 +172,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     is_model = (path / "config.json").is_file() and any((path / w).is_file() for w in weights)
     model_dir, run = (path, path / RUN_FILE) if is_model else (None, None)
     if model_dir is None:
-        checkpoint = find_checkpoint(path)
+        checkpoint = find_checkpoint(path, verify=True)
         model_dir, run = checkpoint / "student", checkpoint / RUN_FILE
-    info = json.loads(run.read_text()) if run is not None and run.is_file() else {}
+    info = read_json(run, "run record") if run is not None and run.is_file() else {}
     teacher_name = args.teacher or info.get("teacher") or "bundled"  # the run's own teacher unless told otherwise
     teacher = load_teacher(teacher_name, dtype=info.get("teacher_dtype", "float32"), device=args.device)
     student = load_student(str(model_dir)).to(args.device)
@@ -271,8 +271,9 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
 #: the offline RL agents (sql, cql, iql) from it, 3 seeds each, scored on bundled test prompts.
 DEMO_DEFAULTS = {
     "teacher": "bundled", "student": "layers:0,10,20,29", "data": "bundled", "train_prompts": 192,
-    "response_tokens": 40, "steps": 16, "lr": 2e-5, "warmup_steps": 2, "eval_every": 8, "eval_prompts": 10,
-    "eval_max_new_tokens": 24, "test_prompts": 24, "checkpoint_every": 16, "log_every": 4, "out": "runs/demo",
+    "response_tokens": 40, "steps": 16, "lr": 2e-5, "warmup_steps": 2, "eval_every": 8, "eval_prompts": 8,
+    "eval_max_new_tokens": 24, "test_prompts": 16, "checkpoint_every": 16, "log_every": 4, "out": "runs/demo",
+    "overwrite": True,  # a second demo replaces the first one's runs (the warm start is reused)
 }  # fmt: skip
 DEMO_AGENTS = "sft,kd,bd,sql,cql,iql"
 
@@ -302,6 +303,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdrl", description="LM distillation as offline RL on the top-p token MDP.")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (anywhere on the line)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_stats_args(p: argparse.ArgumentParser) -> None:
@@ -430,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] in (["train"], ["compare"], ["demo"], ["warm-start"]) and any(a in ("-h", "--help") for a in argv):
         return _train_help(argv[0])
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("train", "compare", "demo", "warm-start"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -443,12 +449,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             validate_top_k(k)
         _quiet_libraries()
         return args.func(args)
-    except (TdrlError, ValueError) as exc:
-        print(f"tdrl: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as exc:
-        print(f"tdrl: {exc or 'interrupted'}", file=sys.stderr)
+        default = "interrupted: every complete checkpoint is intact (resume with tdrl train --resume RUN)"
+        print(f"tdrl: {str(exc) or default}",
+              file=sys.stderr)  # fmt: skip
         return 130
+    except Exception as exc:
+        if debug or not _expected(exc):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"tdrl: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _expected(exc: BaseException) -> bool:
+    """Errors from bad input (ours, and the libraries' for unreadable files, bad values, missing GPUs)
+    print one line; anything else is a bug and keeps its traceback."""
+    import yaml
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        SafetensorError = OSError  # noqa: N806
+    import pickle
+
+    return isinstance(
+        exc,
+        (
+            TdrlError,
+            ValueError,
+            TypeError,
+            OSError,
+            yaml.YAMLError,
+            SafetensorError,
+            pickle.UnpicklingError,
+            EOFError,
+        ),  # fmt: skip
+    ) or (isinstance(exc, RuntimeError) and ("torch" in type(exc).__module__ or "CUDA" in str(exc)))
 
 
 def _train_help(command: str) -> int:

@@ -17,7 +17,35 @@ import yaml
 
 from tdrl.errors import ConfigError
 
-__all__ = ["TrainConfig", "parse_agent_args", "load_config_file", "parse_train_args"]
+__all__ = ["TrainConfig", "parse_agent_args", "load_config_file", "parse_train_args", "check_field_types"]
+
+
+def check_field_types(instance) -> None:
+    """Each field of a dataclass instance has its annotated type (ints given for floats become floats;
+    None only where the annotation allows it); else :class:`~tdrl.errors.ConfigError` naming the field.
+    YAML, JSON and ``key=value`` strings reach the configs untyped: this is where ``steps: null`` or
+    ``alpha=abc`` is caught, before any arithmetic on it."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        hint, value = hints[f.name], getattr(instance, f.name)
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        allowed = tuple(a for a in allowed if isinstance(a, type))
+        if value is None and type(None) in allowed:
+            continue
+        if allowed == (str,) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(instance, f.name, str(value))  # YAML reads `eval_seeds: 0` as a number
+            continue
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            setattr(instance, f.name, float(value))
+            continue
+        if bool not in allowed and isinstance(value, bool) and (int in allowed or float in allowed):
+            raise ConfigError(f"{f.name} must be a number, got {value!r}")
+        if not isinstance(value, allowed):
+            names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+            raise ConfigError(f"{f.name} must be {names}, got {value!r}")
 
 
 def _f(default, help: str, **kw):
@@ -47,6 +75,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     precision: str = _f("fp32", "fp32, or bf16 / fp16 autocast where the device supports it")
     device: str = _f("cpu", "torch device of student and teacher")
+    overwrite: bool = _f(False, "replace a run already in --out (else a second run into it is refused)")
     teacher_dtype: str = _f("float32", "teacher dtype: float32, bfloat16 or float16")
     log_every: int = _f(10, "log training scalars every N steps")
     eval_every: int = _f(50, "evaluate every N steps (and at the end); 0: only at the end")
@@ -97,6 +126,7 @@ class TrainConfig:
     def __post_init__(self):
         from tdrl.actions import validate_top_k, validate_top_p
 
+        check_field_types(self)
         for name in (
             "steps",
             "batch_size",
@@ -122,6 +152,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}_split of the bundled set must be train, validation or test, got {split!r}")
         if self.test_prompts < 0:
             raise ConfigError(f"test_prompts must be >= 0, got {self.test_prompts}")
+        check_device(self.device)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         try:
@@ -153,6 +184,20 @@ class TrainConfig:
 
 #: What an unset trainer field means when the agent has no preset for it.
 UNSET_DEFAULTS: dict[str, Any] = {"online_every": 0, "online_ratio": 0.5, "lm_coef": 0.0}
+
+
+def check_device(device: str) -> None:
+    """A torch device this machine has: ``cuda`` needs a GPU, ``mps`` Apple's backend."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but this machine has no CUDA GPU: use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} was asked for but MPS is not available here: use --device cpu")
 
 
 def parse_agent_args(text: str) -> dict[str, Any]:

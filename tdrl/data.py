@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ from torch import Tensor
 
 from tdrl.actions import nucleus_mask, validate_top_k, validate_top_p
 from tdrl.errors import ConfigError, DataError, VocabularyMismatchError
+from tdrl.integrity import DirectoryLock, read_json, verify_manifest, write_manifest
 from tdrl.records import ONLINE_FIELDS, TRAINING_FIELDS
-from tdrl.teachers import Reward, Teacher, model_fingerprint
+from tdrl.teachers import Reward, Teacher, model_fingerprint, resolve_name
 
 __all__ = [
     "PRESETS",
@@ -104,14 +106,18 @@ def _read_file(path: Path) -> list[dict]:
             return data
         if suffix in (".csv", ".tsv"):
             with path.open(encoding="utf-8", newline="") as fh:
-                return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+                rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+            for i, row in enumerate(rows):
+                if None in row:  # DictReader puts the fields beyond the header under the key None
+                    raise DataError(f"{path}: row {i + 2} has more fields than the header ({len(row) - 1} columns)")
+            return rows
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path} is not valid {suffix[1:].upper()}: {exc}") from exc
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .tsv")
 
 
 def _read_responses_dir(path: Path) -> list[dict]:
-    meta = json.loads((path / RESPONSES_META).read_text())
+    meta = read_json(path / RESPONSES_META, "responses metadata")
     if not meta.get("complete"):
         raise DataError(
             f"{path} holds unfinished teacher responses: rerun `tdrl generate-responses` with the same "
@@ -179,17 +185,16 @@ def load_source(
             prompt_column, response_column = preset.prompt_column, preset.response_column
             context_column = preset.context_column
             name = preset.hub_id
-        path = Path(name).expanduser()
-        if path.is_file():
+        kind, where = resolve_name(name, "data source (besides 'bundled' and 'dolly')", DataError)
+        path = Path(where)
+        if kind == "hub":
+            rows = _hub_or_disk(where, split)
+        elif path.is_file():
             rows = _read_file(path)
         elif (path / RESPONSES_META).is_file():
             rows = _read_responses_dir(path)
-        elif path.exists() or name.startswith((".", "/", "~")):
-            if not path.exists():
-                raise DataError(f"data source {name!r} does not exist: check the path")
-            rows = _hub_or_disk(str(path), split)
         else:
-            rows = _hub_or_disk(name, split)
+            rows = _hub_or_disk(str(path), split)
     records = _normalise(rows, label, prompt_column, response_column, context_column, require_response)
     return datasets.Dataset.from_list(records)
 
@@ -276,7 +281,7 @@ def _open_output(out: Path, meta_name: str, settings: dict, kind: str) -> dict:
     """Create ``out`` or check that it holds the same job (same settings); return the meta dict."""
     meta_path = out / meta_name
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "output metadata")
         if meta.get("settings") != settings:
             changed = sorted(k for k in settings if meta.get("settings", {}).get(k) != settings[k])
             raise DataError(
@@ -285,7 +290,9 @@ def _open_output(out: Path, meta_name: str, settings: dict, kind: str) -> dict:
                 "or delete the old one"
             )
         return meta
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: choose a directory")
+    if out.exists() and any(p.name != ".tdrl.lock" for p in out.iterdir()):
         raise DataError(f"{out} exists and is not a tdrl {kind} directory: choose an empty or new --out")
     (out / "shards").mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "settings": settings, "fingerprint": _fingerprint(settings), "complete": False}
@@ -322,10 +329,24 @@ def generate_responses(
     does not depend on where an interrupted run stopped: finished shards are kept and the rest are
     regenerated. ``stop_after_shards`` ends early after writing that many new shards (for tests).
     """
-    if num_responses < 1:
-        raise ConfigError(f"num_responses must be >= 1, got {num_responses}")
+    for name, value in (("num_responses", num_responses), ("max_new_tokens", max_new_tokens),
+                        ("batch_size", batch_size), ("shard_size", shard_size)):  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     validate_top_k(top_k)
     validate_top_p(top_p)
+    if len(source) == 0:
+        raise DataError("the data source is empty: no prompt to answer")
+    if teacher.max_length is not None:
+        too_long = [
+            r["id"] for r in source if len(teacher.encode_prompt(r["prompt"])) + max_new_tokens > teacher.max_length
+        ]
+        if too_long:
+            raise DataError(
+                f"{len(too_long)} prompt(s) (e.g. {too_long[0]!r}) leave no room for {max_new_tokens} new tokens in "
+                "the "
+                f"teacher's context of {teacher.max_length}: lower --max-new-tokens or drop them"
+            )
     out = Path(out)
     settings = {
         "teacher": teacher.name,
@@ -341,7 +362,19 @@ def generate_responses(
         "seed": seed,
         "shard_size": shard_size,
     }
+    with DirectoryLock(out, "responses directory"):
+        return _generate_shards(teacher, source, out, settings, batch_size, stop_after_shards, progress)
+
+
+def _generate_shards(teacher, source, out: Path, settings: dict, batch_size: int, stop_after_shards, progress) -> Path:
     meta = _open_output(out, RESPONSES_META, settings, "teacher responses")
+    num_responses, max_new_tokens, seed = settings["num_responses"], settings["max_new_tokens"], settings["seed"]
+    temperature, top_k, top_p, shard_size = (
+        settings["temperature"],
+        settings["top_k"],
+        settings["top_p"],
+        settings["shard_size"],
+    )
     jobs = [(row, j) for row in source for j in range(num_responses)]
     ranges = _shard_ranges(len(jobs), shard_size)
     written = 0
@@ -421,7 +454,16 @@ def _features(logprob_dtype: str):
 def _tokenise(teacher: Teacher, row: dict, max_response_len: int) -> tuple[list[int], list[int], bool]:
     prompt_ids = teacher.encode_prompt(row["prompt"])
     if row.get("response_ids") is not None:
-        response_ids = [int(t) for t in row["response_ids"]]
+        ids = row["response_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise DataError(f"record {row['id']!r}: response_ids must be a list of token ids, got {ids!r:.80}")
+        bad = [t for t in ids if not 0 <= t < teacher.vocab_size]
+        if bad:
+            raise DataError(
+                f"record {row['id']!r}: response_ids {bad[:5]} lie outside the teacher's vocabulary "
+                f"0..{teacher.vocab_size - 1}"
+            )
+        response_ids = list(ids)
         terminated = bool(response_ids) and response_ids[-1] == teacher.eos_token_id
     else:  # reference text: tokenise and end it with EOS (the response is complete)
         response_ids = teacher.tokenizer(row.get("response", ""), add_special_tokens=False)["input_ids"]
@@ -465,6 +507,10 @@ def annotate(
     """
     top_k, top_p = validate_top_k(top_k), validate_top_p(top_p)
     reward = Reward.parse(reward)
+    for name, value in (("max_prompt_len", max_prompt_len), ("max_response_len", max_response_len),
+                        ("batch_size", batch_size), ("shard_size", shard_size)):  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if logprob_dtype not in ("float16", "float32"):
         raise ConfigError(f"logprob_dtype must be float16 or float32, got {logprob_dtype!r}")
     if len(source) == 0:
@@ -491,58 +537,99 @@ def annotate(
         "logprob_dtype": logprob_dtype,
         "shard_size": shard_size,
     }
-    meta = _open_output(out, ANNOTATION_META, settings, "a teacher annotation")
-    features = _features(logprob_dtype)
-    written = 0
+    created = not out.exists()
+    with DirectoryLock(out, "annotation directory"):
+        meta = _open_output(out, ANNOTATION_META, settings, "a teacher annotation")
+        try:
+            _annotate_shards(teacher, source, out, settings, strict, stop_after_shards, progress, batch_size)
+        except DataError:
+            if created and not any((out / "shards").glob("shard-*/data-*.arrow")):
+                shutil.rmtree(out, ignore_errors=True)  # nothing usable was written: leave no broken cache behind
+            raise
+        if stop_after_shards is not None and len(list((out / "shards").glob("shard-*"))) < _n_shards(source, settings):
+            return out
+        shards = {}
+        for p in sorted((out / "shards").glob("shard-*")):
+            shards[p.name] = read_json(p / "tdrl-shard.json", "shard record")
+        meta.update(
+            complete=True,
+            shards={name: m["records"] for name, m in shards.items()},
+            records=sum(m["records"] for m in shards.values()),
+            skipped={key: sum(m["skipped"].get(key, 0) for m in shards.values()) for key in SKIP_REASONS},
+        )
+        if any(meta["skipped"].values()):
+            log.warning("annotate: skipped records: %s", meta["skipped"])
+        data = load_annotations(out, _meta=meta)
+        meta["statistics"] = annotation_statistics(data)
+        meta["bytes_per_token"] = _dir_bytes(out / "shards") / max(1, meta["statistics"]["tokens"])
+        write_json_atomic(out / ANNOTATION_META, meta)
+    return out
+
+
+#: Why annotate leaves a record out (counted per reason in tdrl-annotation.json).
+SKIP_REASONS = ("prompt_too_long", "beyond_context", "empty_response")
+
+
+def _n_shards(source, settings) -> int:
+    return len(_shard_ranges(len(source), settings["shard_size"]))
+
+
+def _annotate_shards(teacher, source, out: Path, settings: dict, strict, stop_after_shards, progress, batch_size):
+    """Write every missing (or damaged) shard: Arrow data, its record counts, and a manifest."""
     import datasets
 
-    for index, (start, stop) in enumerate(_progress(_shard_ranges(len(source), shard_size), progress, "annotate")):
+    features = _features(settings["logprob_dtype"])
+    max_prompt_len, max_response_len = settings["max_prompt_len"], settings["max_response_len"]
+    context = teacher.max_length
+    written = 0
+    ranges = _shard_ranges(len(source), settings["shard_size"])
+    for index, (start, stop) in enumerate(_progress(ranges, progress, "annotate")):
         shard = out / "shards" / f"shard-{index:05d}"
         if shard.is_dir():
-            continue
+            if not verify_manifest(shard, hashes=False):
+                continue
+            shutil.rmtree(shard)  # damaged (a file missing or truncated): write it again
         if stop_after_shards is not None and written >= stop_after_shards:
-            return out
+            return
         columns: dict[str, list] = {name: [] for name in features}
-        skipped = 0
+        skipped = dict.fromkeys(SKIP_REASONS, 0)
         items = []
         for i in range(start, stop):
             row = source[i]
             prompt_ids, response_ids, terminated = _tokenise(teacher, row, max_response_len)
-            if len(prompt_ids) > max_prompt_len:
-                if strict:
-                    raise DataError(
-                        f"record {row['id']!r}: prompt has {len(prompt_ids)} tokens > max_prompt_len={max_prompt_len}"
-                        " (drop --strict to skip such records, or raise --max-prompt-len)"
-                    )
-                skipped += 1
-                continue
-            if not response_ids:
-                skipped += 1
+            too_long = len(prompt_ids) > max_prompt_len
+            beyond = context is not None and len(prompt_ids) + len(response_ids) > context
+            if (too_long or beyond) and strict:
+                limit = f"max_prompt_len={max_prompt_len}" if too_long else f"the teacher's context of {context} tokens"
+                raise DataError(
+                    f"record {row['id']!r}: {len(prompt_ids)} prompt + {len(response_ids)} response tokens exceed "
+                    f"{limit} (drop --strict to skip such records)"
+                )
+            reason = "prompt_too_long" if too_long else "beyond_context" if beyond else None
+            reason = reason or (None if response_ids else "empty_response")
+            if reason:
+                skipped[reason] += 1
                 continue
             items.append((row, prompt_ids, response_ids, terminated))
         for b_start in range(0, len(items), batch_size):
-            _annotate_batch(teacher, items[b_start : b_start + batch_size], columns, top_k, top_p, reward, gamma)
+            _annotate_batch(teacher, items[b_start : b_start + batch_size], columns, settings["top_k"],
+                            settings["top_p"], Reward.parse(settings["reward"]), settings["gamma"])  # fmt: skip
         tmp = shard.with_name(f".{shard.name}.{uuid.uuid4().hex[:8]}")
-        with _quiet_datasets():
-            datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))
+        tmp.mkdir(parents=True)
+        if items:  # an empty shard is recorded (its counts) but holds no Arrow data
+            with _quiet_datasets():
+                datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))
         (tmp / "tdrl-shard.json").write_text(json.dumps({"skipped": skipped, "records": len(items)}))
+        write_manifest(tmp)
         os.replace(tmp, shard)
         written += 1
-    shard_meta = [json.loads((p / "tdrl-shard.json").read_text()) for p in sorted((out / "shards").glob("shard-*"))]
-    meta.update(
-        complete=True,
-        records=sum(m["records"] for m in shard_meta),
-        skipped=sum(m["skipped"] for m in shard_meta),
-    )
-    if meta["skipped"]:
-        log.warning(
-            "annotate: skipped %d records whose prompt exceeds max_prompt_len=%d", meta["skipped"], max_prompt_len
+    counts = [read_json(p / "tdrl-shard.json", "shard record") for p in (out / "shards").glob("shard-*")]
+    if counts and sum(c["records"] for c in counts) == 0:
+        totals = {key: sum(c["skipped"].get(key, 0) for c in counts) for key in SKIP_REASONS}
+        raise DataError(
+            f"no record fits: every one was skipped ({totals}; max_prompt_len={max_prompt_len}, max_response_len="
+            f"{max_response_len}, teacher context {context}): raise the limits or use shorter prompts"
         )
-    data = load_annotations(out, _meta=meta)
-    meta["statistics"] = annotation_statistics(data)
-    meta["bytes_per_token"] = _dir_bytes(out / "shards") / max(1, meta["statistics"]["tokens"])
-    write_json_atomic(out / ANNOTATION_META, meta)
-    return out
 
 
 def _annotate_batch(teacher, items, columns, top_k, top_p, reward, gamma) -> None:
@@ -592,25 +679,38 @@ def _dir_bytes(path: Path) -> int:
 
 
 def load_annotations(path: str | os.PathLike, *, _meta: dict | None = None):
-    """The annotation cache at ``path`` as one ``datasets.Dataset`` (shards concatenated)."""
+    """The annotation cache at ``path`` as one ``datasets.Dataset`` (shards concatenated), after checking
+    that every shard the metadata lists is present and intact (sizes and sha256 of its files)."""
     import datasets
 
     path = Path(path)
     meta_path = path / ANNOTATION_META
     if not meta_path.is_file():
         raise DataError(f"{path} is not a tdrl annotation cache (no {ANNOTATION_META}): build one with `tdrl annotate`")
-    meta = _meta or json.loads(meta_path.read_text())
+    meta = _meta or read_json(meta_path, "annotation metadata")
     if not meta.get("complete"):
         raise DataError(
             f"the annotation in {path} is incomplete: rerun `tdrl annotate` with the same arguments to resume"
         )
-    shards = [datasets.load_from_disk(str(p)) for p in sorted((path / "shards").glob("shard-*")) if p.is_dir()]
+    listed = meta.get("shards") or {p.name: None for p in sorted((path / "shards").glob("shard-*"))}
+    shards = []
+    for name, records in listed.items():
+        shard = path / "shards" / name
+        problems = verify_manifest(shard) if shard.is_dir() else [f"{shard} is missing"]
+        if problems:
+            raise DataError(
+                f"the annotation cache {path} is damaged ({problems[0]}): rerun `tdrl annotate` with the same "
+                "arguments to rebuild the damaged shard"
+            )
+        if records == 0:
+            continue
+        data = datasets.load_from_disk(str(shard))
+        if records is not None and len(data) != records:
+            raise DataError(f"{shard} holds {len(data)} records, its metadata says {records}: rerun `tdrl annotate`")
+        shards.append(data)
     if not shards:
-        raise DataError(f"the annotation in {path} holds no records")
-    data = datasets.concatenate_datasets(shards)
-    if len(data) == 0:
         raise DataError(f"the annotation in {path} holds no records (all were skipped?)")
-    return data
+    return datasets.concatenate_datasets(shards)
 
 
 def annotation_statistics(data) -> dict[str, float]:
@@ -646,7 +746,7 @@ class DistillDataset(torch.utils.data.Dataset):
     def __init__(self, path, *, tokenizer=None, top_p: float | None = None):
         if isinstance(path, (str, os.PathLike)):
             self.data = load_annotations(path)  # raises DataError unless a complete cache
-            self.meta = json.loads((Path(path) / ANNOTATION_META).read_text())
+            self.meta = read_json(Path(path) / ANNOTATION_META, "annotation metadata")
         else:
             self.meta, self.data = {}, path
         settings = self.meta.get("settings", {})
@@ -656,6 +756,9 @@ class DistillDataset(torch.utils.data.Dataset):
                 f"this one {tokenizer_fingerprint(tokenizer)}): re-annotate with this model's teacher"
             )
         self.top_p = top_p
+        vocab = settings.get("vocab_size") or (len(tokenizer) if tokenizer is not None else None)
+        if vocab is not None:
+            _check_token_ids(self.data, vocab, path)
         self.lengths = np.asarray(self.data["length"], dtype=np.int64)
         self._torch = self.data.with_format("torch")
 
@@ -669,6 +772,26 @@ class DistillDataset(torch.utils.data.Dataset):
         if self.top_p is not None:
             item["cand_mask"] = nucleus_mask(item["cand_logprobs"], self.top_p)
         return item
+
+
+def _check_token_ids(data, vocab_size: int, where) -> None:
+    """Every token id of the cache (prompt, response and candidates) lies in ``[0, vocab_size)``: a
+    damaged cache must not train (a negative id would silently index from the end)."""
+    import pyarrow.compute as pc
+
+    table = data.data.table if hasattr(data.data, "table") else data.data
+    for column, depth in (("prompt_ids", 1), ("response_ids", 1), ("cand_ids", 2)):
+        values = table.column(column)
+        for _ in range(depth):
+            values = pc.list_flatten(values)
+        if len(values) == 0:
+            continue
+        low, high = pc.min_max(values).values()
+        if low.as_py() < 0 or high.as_py() >= vocab_size:
+            raise DataError(
+                f"the annotation cache {where} holds {column} outside 0..{vocab_size - 1} (min {low}, max {high}): "
+                "it is damaged or made for another vocabulary; rebuild it with `tdrl annotate`"
+            )
 
 
 def collate(records: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str, Tensor]:

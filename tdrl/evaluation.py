@@ -57,6 +57,7 @@ def reference_records(
     weights (not its name), the records, ``n`` and ``max_new_tokens``."""
     from tdrl.data import load_source, records_fingerprint, write_json_atomic
     from tdrl.errors import DataError
+    from tdrl.integrity import read_json
     from tdrl.teachers import tdrl_cache_dir
 
     bundled = isinstance(source, str) and source == "bundled"
@@ -76,7 +77,7 @@ def reference_records(
     key = json.dumps([teacher.weights_fingerprint(), records_fingerprint(ds), max_new_tokens])
     path = tdrl_cache_dir() / "data" / f"references-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
-        responses = json.loads(path.read_text())
+        responses = read_json(path, "cached teacher references")
     else:
         ids = []
         for start in range(0, len(rows), 16):

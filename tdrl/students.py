@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tdrl.errors import ConfigError, ModelNotFoundError
-from tdrl.teachers import is_hub_id
+from tdrl.teachers import resolve_name
 
 __all__ = [
     "Student",
@@ -323,22 +323,15 @@ def load_student(
         return Student(model, teacher.tokenizer, value_head=value_head)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = Path(name).expanduser()
-    if not local.exists() and not is_hub_id(name):
-        raise ModelNotFoundError(
-            f"student {name!r} is not 'tiny', 'layers:i,j,...', an existing directory, nor a hub id"
-        )
+    kind, source = resolve_name(name, "student (besides 'tiny' and 'layers:i,j,...')")
+    local = Path(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(local) if local.exists() else name, trust_remote_code=trust_remote_code
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            str(local) if local.exists() else name, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelNotFoundError(f"could not load student {name!r}: {str(exc).splitlines()[0]}") from exc
     student = Student(model.train(), tokenizer, value_head=value_head)
-    if value_head and (local / "value_head.safetensors").is_file():
+    if value_head and kind == "local" and (local / "value_head.safetensors").is_file():
         from safetensors.torch import load_file
 
         student.value_head.load_state_dict(load_file(str(local / "value_head.safetensors")))

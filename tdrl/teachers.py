@@ -49,6 +49,7 @@ __all__ = [
     "sample_tokens",
     "sparsity_statistics",
     "model_fingerprint",
+    "resolve_name",
 ]
 
 #: Prompt template for tokenizers without a chat template. ``{prompt}`` is the instruction text.
@@ -184,9 +185,39 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def is_hub_id(name: str) -> bool:
-    """Whether ``name`` has the shape of a hub repository id (``name`` or ``org/name``)."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+#: File suffixes that make a name a local path, never a hub id.
+LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".gguf",
+                  ".safetensors", ".bin", ".pt", ".yaml", ".yml")  # fmt: skip
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def resolve_name(name: str, what: str, error: type[Exception] = ModelNotFoundError) -> tuple[str, str]:
+    """Where a model or data name points, local first: ``("local", path)`` or ``("hub", repo_id)``.
+
+    An existing path is local. A name that looks like a path (``./``, ``../``, ``/``, ``~``, a file
+    suffix, or a parent directory that exists here, as in ``runs/dir``) is never sent to the hub: if it
+    does not exist, ``error`` says so. The hub is asked only for ``hub:<id>`` or a name of the
+    ``org/name`` form that is not a local path, so a typo in a local name cannot leak to the hub or
+    fetch somebody else's repository."""
+    if name.startswith("hub:"):
+        return "hub", name[4:]
+    path = Path(name).expanduser()
+    if path.exists():
+        return "local", str(path)
+    pathlike = (
+        name.startswith((".", "/", "~"))
+        or name.lower().endswith(LOCAL_SUFFIXES)
+        or ("/" in name and Path(name.split("/")[0]).expanduser().is_dir())
+        or os.sep != "/"
+        and os.sep in name
+    )
+    if not pathlike and _HUB_ID.fullmatch(name):
+        return "hub", name
+    if pathlike:
+        raise error(f"{what} {name!r} does not exist here (a name that looks like a local path is never looked up "
+                    "on the hub): check the path")  # fmt: skip
+    raise error(f"{what} {name!r} is not an existing local path; for the Hugging Face hub write an org/name id, "
+                f"or hub:{name}")  # fmt: skip
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
@@ -308,14 +339,7 @@ class Teacher:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name = str(name_or_path)
-        local = Path(name).expanduser()
-        if not local.exists() and not is_hub_id(name):
-            raise ModelNotFoundError(
-                f"teacher {name!r} is not an existing directory nor a hub id: "
-                "pass 'bundled', 'tiny', a local model directory, or a hub id "
-                "like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
-            )
-        source = str(local) if local.exists() else name
+        _, source = resolve_name(name, "teacher (besides 'bundled' and 'tiny')")
         kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
@@ -356,6 +380,16 @@ class Teacher:
     def vocab_size(self) -> int:
         """Size of the teacher's output distribution (its action space)."""
         return int(self.model.config.vocab_size)
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest sequence (prompt + response) the model takes: its position limit, or None."""
+        config = getattr(self.model, "config", None)
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     @property
     def eos_token_id(self) -> int | None:

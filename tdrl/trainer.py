@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -48,12 +49,15 @@ from tdrl.data import (
 )
 from tdrl.errors import CheckpointNotFoundError, ConfigError, DataError
 from tdrl.evaluation import EvalConfig, evaluate, reference_records
+from tdrl.integrity import DirectoryLock, read_json, verify_manifest, write_manifest
 from tdrl.records import record_tensors
 from tdrl.students import VOCAB_CHUNK, gather_logits, load_student, vocab_logsumexp
 from tdrl.teachers import Teacher, load_teacher, tdrl_cache_dir
 from tdrl.tracking import Tracker, samples_markdown
 
-__all__ = ["Trainer", "prepare_bundled_data", "find_checkpoint", "set_seed", "RUN_FILE"]
+__all__ = ["Trainer", "prepare_bundled_data", "find_checkpoint", "run_directory", "set_seed", "RUN_FILE"]
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "tdrl-checkpoint.json"
 #: Beside every exported student (``best/``, a warm start): what it came from, so ``tdrl eval`` can
@@ -97,19 +101,46 @@ def prepare_bundled_data(teacher: Teacher, config: TrainConfig, progress: bool =
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def find_checkpoint(path: str | Path) -> Path:
+def find_checkpoint(path: str | Path, *, verify: bool = False) -> Path:
     """``path`` itself if it is a complete checkpoint, else the newest complete one under
-    ``path/checkpoints``; :class:`~tdrl.errors.CheckpointNotFoundError` if there is none."""
+    ``path/checkpoints``; :class:`~tdrl.errors.CheckpointNotFoundError` if there is none.
+
+    With ``verify`` every file is checked against the checkpoint's manifest (sizes and sha256): a
+    damaged checkpoint is skipped with a warning naming the file, and the previous complete one is
+    used; if none is intact, the error lists what is wrong with each."""
     path = Path(path)
     if (path / COMPLETE).is_file():
-        return path
-    candidates = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / COMPLETE).is_file())
+        candidates = [path]
+    else:
+        candidates = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / COMPLETE).is_file())[::-1]
     if not candidates:
         raise CheckpointNotFoundError(
             f"no complete checkpoint in {path}: pass a run directory written by `tdrl train` or one of its "
             "checkpoints/step-* directories"
         )
-    return candidates[-1]
+    if not verify:
+        return candidates[0]
+    damaged = []
+    for candidate in candidates:
+        problems = verify_manifest(candidate)
+        if not problems:
+            if damaged:
+                log.warning("skipping damaged checkpoint(s): %s; using %s", "; ".join(damaged), candidate)
+            return candidate
+        damaged.append(f"{candidate.name}: {problems[0]}")
+    raise CheckpointNotFoundError(f"no intact checkpoint in {path} ({'; '.join(damaged)}): start the run again")
+
+
+def run_directory(path: str | Path) -> Path:
+    """The run directory a path names: a run itself, or the run of a ``checkpoints/step-*`` directory."""
+    path = Path(path)
+    if (path / COMPLETE).is_file() and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path
+
+
+#: What a run writes in its directory (cleared by --overwrite, and when a failed start left them).
+RUN_OUTPUTS = ("checkpoints", "best", "summary.json")
 
 
 class _StopSignal:
@@ -171,6 +202,12 @@ class Trainer:
                     f"data directory {data_dir} does not exist: build it with `tdrl annotate` or use --data bundled"
                 )
             self.dataset = DistillDataset(data_dir, tokenizer=self.student.tokenizer, top_p=self.agent.config.top_p)
+            made_by = self.dataset.meta.get("settings", {}).get("weights")
+            if made_by not in (None, self.teacher.weights_fingerprint()):
+                raise DataError(
+                    f"the annotation cache {data_dir} was made by another teacher (weights {made_by}, this teacher "
+                    f"{self.teacher.weights_fingerprint()}): annotate the data with this teacher"
+                )
             self.eval_records = reference_records(
                 self.teacher, config.eval_data, split=config.eval_split, n=config.eval_prompts,
                 max_new_tokens=config.eval_max_new_tokens, reference_column=config.eval_reference_column,
@@ -192,6 +229,7 @@ class Trainer:
         self.best: dict | None = None
         self.train_time = 0.0  # seconds spent in training steps and collection (not eval, not checkpoints)
         self._batches = iter(())
+        self.resumed = False  # set by resume(): continue the run in out instead of refusing it
 
     # ------------------------------------------------------------------ schedule
     def _lr_factor(self, step: int) -> float:
@@ -233,7 +271,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
-        """Run to ``config.steps``; returns the summary (also written to ``out/summary.json``)."""
+        """Run to ``config.steps``; returns the summary (also written to ``out/summary.json``). The run
+        directory is locked for the duration (a second writer gets an error) and must not hold
+        another run (see :meth:`_claim_run_directory`)."""
+        if not self.accelerator.is_main_process:
+            return self._train()
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file: choose a directory")
+        with DirectoryLock(self.out, "run directory"):
+            self._claim_run_directory()
+            return self._train()
+
+    def _claim_run_directory(self) -> None:
+        """One run per directory: refuse to start a new run over an existing one unless resuming it or
+        told to ``overwrite``; clear what a failed start left behind (no checkpoint, no summary)."""
+        out = self.out
+        has_run = (out / "summary.json").is_file() or any((out / "checkpoints").glob("step-*"))
+        if self.resumed:
+            return
+        if has_run and not self.config.overwrite:
+            raise ConfigError(
+                f"{out} already holds a run: continue it with `tdrl train --resume {out}`, replace it with "
+                "--overwrite, or choose another --out"
+            )
+        if out.is_dir():
+            for name in RUN_OUTPUTS:
+                target = out / name
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            for events in out.glob("events.out.tfevents.*"):
+                events.unlink()
+
+    def _train(self) -> dict:
         cfg = self.config
         main = self.accelerator.is_main_process
         self.out.mkdir(parents=True, exist_ok=True)
@@ -528,8 +596,11 @@ class Trainer:
                 "best": self.best,
                 "online": self.online,
                 "train_time_s": self.train_time,
+                "data_fingerprint": self.dataset.meta.get("fingerprint"),
+                "teacher_weights": self.teacher.weights_fingerprint(),
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            write_manifest(tmp, skip=(COMPLETE,))
             (tmp / COMPLETE).write_text(json.dumps({"step": self.step}))
             if final.exists():
                 shutil.rmtree(final)
@@ -544,24 +615,37 @@ class Trainer:
     def resume(
         cls, path: str | Path, *, teacher: Teacher | None = None, progress: bool = True, steps: int | None = None
     ) -> Trainer:
-        """A trainer restored from the newest complete checkpoint under ``path`` (or ``path`` itself).
-        ``steps`` may extend the run."""
+        """A trainer restored from the newest intact checkpoint under ``path`` (or ``path`` itself),
+        writing to the run directory ``path`` names (not the one stored in the checkpoint: a copied run
+        resumes in its copy). Every checkpoint file is verified against the manifest first, and the
+        data cache and the teacher must be the ones the run started with. ``steps`` may extend the run."""
         from safetensors.torch import load_model
 
-        checkpoint = find_checkpoint(path)
-        config = TrainConfig(**json.loads((checkpoint / "config.json").read_text()))
+        checkpoint = find_checkpoint(path, verify=True)
+        config = TrainConfig(**read_json(checkpoint / "config.json", "checkpoint config"))
+        config.out = str(run_directory(path))
         if steps is not None:
             config.steps = steps
+        state = read_json(checkpoint / "trainer_state.json", "checkpoint state")
         trainer = cls(config, teacher=teacher, progress=progress)
+        for key, now, what in (
+            ("data_fingerprint", trainer.dataset.meta.get("fingerprint"), "the annotation cache"),
+            ("teacher_weights", trainer.teacher.weights_fingerprint(), "the teacher's weights"),
+        ):
+            if state.get(key) not in (None, now):
+                raise ConfigError(
+                    f"{what} changed since {checkpoint} was written ({state[key]} then, {now} now): resume with "
+                    "the data and teacher the run started with, or start a new run"
+                )
         load_model(trainer.agent, str(checkpoint / "agent.safetensors"))
         trainer.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         trainer.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         torch.set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True)["torch"])
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
         trainer.step, trainer.history, trainer.best = state["step"], state["history"], state["best"]
         trainer.online = state.get("online", [])
         trainer.train_time = state.get("train_time_s", 0.0)
         trainer.sampler.load_state_dict(state["sampler"])
+        trainer.resumed = True
         if trainer.step > config.steps:
             raise ConfigError(f"checkpoint is at step {trainer.step}, past --steps {config.steps}")
         return trainer

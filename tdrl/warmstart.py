@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tdrl.config import TrainConfig
 from tdrl.errors import CheckpointNotFoundError, DataError
+from tdrl.integrity import read_json
 
 __all__ = ["warm_start", "WARM_START_FILE", "WARM_START_AGENT", "warm_start_fingerprint"]
 
@@ -47,7 +48,9 @@ def warm_start_fingerprint(config: TrainConfig, teacher) -> tuple[str, dict]:
     settings["teacher_weights"] = teacher.weights_fingerprint()
     data = Path(config.data)
     if config.data != "bundled" and (data / "tdrl-annotation.json").is_file():
-        settings["data_fingerprint"] = json.loads((data / "tdrl-annotation.json").read_text()).get("fingerprint")
+        settings["data_fingerprint"] = read_json(data / "tdrl-annotation.json", "annotation metadata").get(
+            "fingerprint"
+        )
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return digest, settings
 
@@ -67,7 +70,7 @@ def warm_start(
     fingerprint, settings = warm_start_fingerprint(config, teacher)
     marker = out / WARM_START_FILE
     if marker.is_file():
-        record = json.loads(marker.read_text())
+        record = read_json(marker, "warm start record")
         if record.get("fingerprint") == fingerprint:
             return out, record
         if not overwrite:

@@ -22,7 +22,7 @@ def test_teacher_info_on_tiny_prints_sparsity(capsys):
     [
         (["teacher-info", "--teacher", "tiny", "--top-p", "1.5"], "top_p must lie in (0, 1]"),
         (["teacher-info", "--teacher", "tiny", "--top-k", "0"], "top_k must be an integer >= 1"),
-        (["teacher-info", "--teacher", "./missing-dir"], "not an existing directory"),
+        (["teacher-info", "--teacher", "./missing-dir"], "does not exist here"),
         (["teacher-info", "--teacher", "tiny", "--dtype", "int3"], "unknown dtype"),
     ],
 )
@@ -41,3 +41,15 @@ def test_agent_specs_keep_their_own_commas():
         "sql:alpha=0.5",
         "cql:cql_alpha=2,target=none",
     ]
+
+
+def test_readme_configuration_reference_is_the_current_one():
+    """The README's flag table is exactly what scripts/config_table.py prints from TrainConfig."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("config_table", root / "scripts" / "config_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.config_table() in (root / "README.md").read_text(), "rerun python scripts/config_table.py"

@@ -95,6 +95,9 @@ class AgentConfig:
     head_lr_scale: float = 1.0
 
     def __post_init__(self):
+        from tdrl.config import check_field_types
+
+        check_field_types(self)
         if self.restrict == "topp":  # the name before the full-vocabulary normaliser existed
             warnings.warn(
                 "restrict='topp' is now called restrict='set' (the set-only normaliser, an ablation); "

@@ -98,6 +98,11 @@ class _TokenMDP:
         for ids in self.pool_ids:
             self._check_prompt_length(ids)
         self.max_len = self.max_prompt_len + max_new_tokens
+        if teacher.max_length is not None and self.max_len > teacher.max_length:
+            raise ConfigError(
+                f"max_prompt_len + max_new_tokens = {self.max_len} exceeds the teacher's context of "
+                f"{teacher.max_length} tokens: shorten the prompts or lower max_new_tokens"
+            )
         self.state = None
         self.subset = None
         self.response_lengths = np.zeros(num_rows, dtype=np.int64)

@@ -1,0 +1,109 @@
+"""Nothing lost, nothing silently wrong: checksummed directories, JSON read with the file's name in
+its errors, and an advisory lock so two processes never write one directory.
+
+A checkpoint or cache shard is written to a temporary name, given a manifest (every file's size and
+sha256), and renamed into place; :func:`verify_manifest` re-hashes it before anything trusts it, so a
+truncated or bit-flipped file is named instead of loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tdrl.errors import ConfigError, DataError
+
+__all__ = ["MANIFEST", "file_digest", "write_manifest", "verify_manifest", "read_json", "DirectoryLock"]
+
+MANIFEST = "tdrl-manifest.json"
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of one file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _files(root: Path, skip: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip and MANIFEST not in p.name)
+
+
+def write_manifest(root: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Record every file under ``root`` (but ``skip``) in ``root/tdrl-manifest.json``; returns it."""
+    root = Path(root)
+    manifest = {str(p.relative_to(root)): file_digest(p) for p in _files(root, skip)}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def verify_manifest(root: str | os.PathLike, *, hashes: bool = True) -> list[str]:
+    """What is wrong with ``root`` against its manifest: missing, truncated or changed files (empty list:
+    intact). ``hashes=False`` checks presence and sizes only (cheap)."""
+    root = Path(root)
+    if not (root / MANIFEST).is_file():
+        return [f"{root / MANIFEST} is missing"]
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return [f"{root / MANIFEST} is not valid JSON"]
+    problems = []
+    for name, want in manifest.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {want['size']} were written")
+        elif hashes and file_digest(path)["sha256"] != want["sha256"]:
+            problems.append(f"{path} has changed since it was written (sha256 mismatch)")
+    return problems
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """``json.loads`` of a file, with the file named in the error (:class:`~tdrl.errors.DataError`)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} {path} is not valid JSON ({exc})") from None
+
+
+class DirectoryLock:
+    """An advisory, exclusive lock on a directory (``fcntl.flock`` on ``<dir>/.tdrl.lock``), held
+    while a process writes there; a second writer gets a clear error instead of racing the first.
+    The operating system releases it when the process dies, so a crash never leaves it stale."""
+
+    def __init__(self, directory: str | os.PathLike, what: str = "directory"):
+        self.directory, self.what, self._fh = Path(directory), what, None
+
+    def __enter__(self) -> DirectoryLock:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.directory / ".tdrl.lock", "a+")  # noqa: SIM115 (held until __exit__)
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._fh.close()
+            self._fh = None
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise ConfigError(
+                    f"another tdrl process is writing to the {self.what} {self.directory}: wait for it, or use "
+                    "another directory"
+                ) from None
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+        return False
