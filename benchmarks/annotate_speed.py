@@ -18,7 +18,7 @@ from pathlib import Path
 import datasets
 
 from tdrl.data import annotate, load_annotations, load_source
-from tdrl.teachers import load_teacher
+from tdrl.models import load_teacher
 
 
 def main(argv=None) -> str:
@@ -26,6 +26,7 @@ def main(argv=None) -> str:
     parser.add_argument("--teacher", default="bundled")
     parser.add_argument("--records", type=int, default=256)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="torch device of the teacher")
     args = parser.parse_args(argv)
     prompts = load_source("bundled", split="train").to_list()
     rows = [
@@ -38,7 +39,7 @@ def main(argv=None) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for dtype in args.dtypes:
-        teacher = load_teacher(args.teacher, dtype=dtype)
+        teacher = load_teacher(args.teacher, dtype=dtype, device=args.device)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             out = annotate(teacher, source, Path(tmp) / "cache", top_k=64, top_p=0.8, batch_size=8)

@@ -12,7 +12,7 @@ import time
 
 from tdrl.cli import SAMPLE_PROMPTS
 from tdrl.envs import RandomMaskedPolicy, TokenGenerationEnv, TokenGenerationVectorEnv
-from tdrl.teachers import load_teacher
+from tdrl.models import load_teacher
 
 
 def steps_per_second(env, steps: int, seed: int = 0) -> float:
@@ -29,8 +29,8 @@ def steps_per_second(env, steps: int, seed: int = 0) -> float:
     return steps * (env.num_envs if vector else 1) / elapsed
 
 
-def measure(teacher_name: str, steps: int, num_envs: list[int], max_new_tokens: int) -> list[dict]:
-    teacher = load_teacher(teacher_name)
+def measure(teacher_name: str, steps: int, num_envs: list[int], max_new_tokens: int, device: str = "cpu") -> list[dict]:
+    teacher = load_teacher(teacher_name, device=device)
     prompts = list(SAMPLE_PROMPTS)
     kwargs = dict(max_new_tokens=max_new_tokens, top_k=64, top_p=0.8)
     rows = []
@@ -61,10 +61,11 @@ def main(argv=None) -> str:
     parser.add_argument("--steps", type=int, default=96, help="env.step calls per measurement")
     parser.add_argument("--num-envs", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--device", default="cpu", help="torch device of the teacher")
     args = parser.parse_args(argv)
     rows = []
     for name in args.teacher:
-        rows += measure(name, args.steps, args.num_envs, args.max_new_tokens)
+        rows += measure(name, args.steps, args.num_envs, args.max_new_tokens, args.device)
     out = table(rows)
     print(out)
     return out

@@ -1,6 +1,6 @@
 """Candidate logits, three ways, on a real annotated batch (forward + backward of a logsumexp):
 one weight row per (state, candidate) ``[R, K, H]``; one product with the batch's distinct ids
-``[R, U]`` (what ``tdrl.students.gather_logits`` does); full ``[R, V]`` logits. Same process, same
+``[R, U]`` (what ``tdrl.models.student.gather_logits`` does); full ``[R, V]`` logits. Same process, same
 inputs. Not part of ``make bench`` (a few seconds; it backs the figure quoted in the docstring).
 
     python -m benchmarks.gather_logits --teacher bundled vocab8k

@@ -10,7 +10,7 @@ Protocol (identical for every method; no method gets its own tuning):
 
 * teacher: the bundled SmolLM2-135M-Instruct (``smoke``: the tiny test teacher); student:
   ``from_teacher_layers`` with the layers of the budget, warm-started once for everyone with
-  :func:`tdrl.warmstart.warm_start` (full-vocabulary KD on the cached annotation), as the paper's
+  :func:`tdrl.training.warmstart.warm_start` (full-vocabulary KD on the cached annotation), as the paper's
   students start from SFT;
 * data: the bundled training prompts with one teacher response each (sampled at top-p 0.8), annotated
   once (K = 64, p = 0.8) and cached; every method reads the same cache in the same seeded order;
@@ -18,8 +18,8 @@ Protocol (identical for every method; no method gets its own tuning):
   defaults (its own presets included: bd's J_PT, the on-policy agents' collection); seeds 0..n-1;
 * during training: validation Rouge-L every ``eval_every`` steps (model selection, the curve); at the
   end the trainer scores the last and the best-validation model on the **test split**
-  (:meth:`tdrl.trainer.Trainer.test`) and probes the decoding policy's mass outside A_p(s)
-  (:meth:`~tdrl.trainer.Trainer.probe`); the table is :func:`tdrl.compare.results_table`.
+  (:meth:`tdrl.training.Trainer.test`) and probes the decoding policy's mass outside A_p(s)
+  (:meth:`~tdrl.training.Trainer.probe`); the table is :func:`tdrl.compare.results_table`.
   Sampling at top-p 0.8, temperature 1, no top-k cap (the paper's protocol).
 
 Every finished run is recorded in ``<out>/records.json`` as soon as it ends: an interrupted
@@ -41,11 +41,11 @@ import numpy as np
 import yaml
 
 from tdrl.compare import results_table, start_row
-from tdrl.config import TrainConfig
-from tdrl.data import annotate, load_source, write_json_atomic
-from tdrl.teachers import load_teacher
-from tdrl.trainer import Trainer, prepare_bundled_data
-from tdrl.warmstart import warm_start
+from tdrl.data import annotate, load_source, prepare_bundled_data
+from tdrl.integrity import write_json_atomic
+from tdrl.models import load_teacher
+from tdrl.training import TrainConfig, build_trainer
+from tdrl.training.warmstart import warm_start
 
 MAIN = [
     ("SFT / SeqKD", "bc:mode=sft"),
@@ -97,7 +97,8 @@ def base_config(budget: dict, device: str, out: Path) -> TrainConfig:
     values = {k: v for k, v in budget.items() if k in keys}
     return TrainConfig(
         **values, device=device, data="bundled", warmup_steps=max(1, budget["steps"] // 10), log_every=4,
-        checkpoint_every=budget["steps"], keep_last=1, top_k=64, top_p=0.8, out=str(out), overwrite=True,
+        checkpoint_every=budget["steps"], keep_last=1, annotation_top_k=64, annotation_top_p=0.8, out=str(out),
+        overwrite=True,
     )  # fmt: skip
 
 
@@ -123,7 +124,7 @@ def run_one(label, spec, seed, base, teacher, store, out, keep_checkpoints=False
     key = run_key(config)
     if key in store:
         return store[key]
-    summary = Trainer(config, teacher=teacher, progress=False).train()
+    summary = build_trainer(config, teacher=teacher, progress=False).train()
     record = {
         "label": label, "spec": spec, "seed": seed, "steps": summary["steps"],
         "wall_time_s": summary["wall_time_s"], "train_time_s": summary["train_time_s"],
@@ -243,13 +244,22 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def bundled_data(teacher, base: TrainConfig) -> Path:
+    """The cached annotation of the bundled training prompts the runs of ``base`` read."""
+    return prepare_bundled_data(
+        teacher, train_prompts=base.train_prompts, response_tokens=base.response_tokens,
+        top_k=base.annotation_top_k, top_p=base.annotation_top_p, progress=False,
+    )  # fmt: skip
+
+
 def annotation_seconds(teacher, base: TrainConfig) -> float:
     """Time to annotate the cached training responses once more (into a throw-away directory)."""
-    data_dir = prepare_bundled_data(teacher, base, progress=False)
+    data_dir = bundled_data(teacher, base)
     responses = load_source(data_dir.parent / "responses")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        annotate(teacher, responses, Path(tmp) / "a", top_k=base.top_k, top_p=base.top_p, progress=False)
+        annotate(teacher, responses, Path(tmp) / "a", top_k=base.annotation_top_k, top_p=base.annotation_top_p,
+                 progress=False)  # fmt: skip
         return time.perf_counter() - start
 
 
@@ -284,7 +294,7 @@ def main(argv=None) -> str:
     started = time.perf_counter()
     base = base_config(budget, args.device, out)
     teacher = load_teacher(base.teacher, device=args.device)
-    prepare_bundled_data(teacher, base, progress=False)
+    bundled_data(teacher, base)
     raw_student = base.student
     warm = None
     if budget["warm_start_steps"]:

@@ -25,6 +25,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models (top-p statistics: 8 bundled prompts)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="of the training-step table")
     parser.add_argument("--budget", default=None, help="reproduce.py budget (default: smoke with --quick, else cpu)")
     parser.add_argument("--out", help="default: benchmarks/RESULTS.md (RESULTS-quick.md with --quick)")
     args = parser.parse_args(argv)
@@ -44,20 +45,29 @@ def main(argv=None) -> None:
     train = timed(
         "training speed and memory",
         train_speed.main,
-        ["--teacher", "tiny", "--steps", "3", "--device", args.device]
-        if quick
-        else ["--teacher", "bundled", "vocab8k", "--student", "layers:0,10,20,29", "--steps", "3"]
-        + ["--device", args.device],
+        (
+            ["--teacher", "tiny", "--steps", "3"]
+            if quick
+            else ["--teacher", "bundled", "vocab8k", "--student", "layers:0,10,20,29", "--steps", "3"]
+        )
+        + ["--device", args.device, "--mixed-precision", args.mixed_precision],
     )
     env = timed(
         "environment speed",
         env_speed.main,
-        ["--teacher", "tiny", "--num-envs", "1", "8", "32", "--steps", "32"]
-        if quick
-        else ["--teacher", "tiny", "bundled", "--num-envs", "1", "8", "32", "--steps", "32"],
+        (
+            ["--teacher", "tiny", "--num-envs", "1", "8", "32", "--steps", "32"]
+            if quick
+            else ["--teacher", "tiny", "bundled", "--num-envs", "1", "8", "32", "--steps", "32"]
+        )
+        + ["--device", args.device],
     )
-    topp = timed("top-p statistics", topp_stats.main, ["--prompts", "8" if quick else "64"])
-    annotation = None if quick else timed("annotation throughput", annotate_speed.main, ["--records", "64"])
+    topp = timed("top-p statistics", topp_stats.main, ["--prompts", "8" if quick else "64", "--device", args.device])
+    annotation = (
+        None
+        if quick
+        else timed("annotation throughput", annotate_speed.main, ["--records", "64", "--device", args.device])
+    )
     table = timed(
         "the paper's table in miniature", reproduce.main, ["--budget", budget, "--device", args.device, "--fresh"]
     )

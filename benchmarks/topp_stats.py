@@ -19,7 +19,7 @@ import torch
 
 from tdrl.actions import top_p_subset
 from tdrl.data import load_source
-from tdrl.teachers import load_teacher
+from tdrl.models import load_teacher
 
 PS = (0.5, 0.8, 0.9, 0.95)
 
@@ -42,15 +42,15 @@ def statistics(logits: torch.Tensor, top_k: int) -> dict:
     out = {"states": logits.shape[0], "top_k": top_k, "p": {}}
     for p in PS:
         subset = top_p_subset(logits, top_k=top_k, top_p=p)
-        size = subset.size().float().numpy()
-        mass = subset.mass().numpy()
+        size = subset.size().float().cpu().numpy()
+        mass = subset.mass().cpu().numpy()
         out["p"][p] = {
             "size_mean": float(size.mean()), "size_median": float(np.median(size)),
             "size_p90": float(np.quantile(size, 0.9)), "mass_mean": float(mass.mean()),
             "capped": float((size >= top_k).mean()),
         }  # fmt: skip
     for n in (7, 50):
-        mass = top_p_subset(logits, top_k=n, top_p=1.0).mass().numpy()
+        mass = top_p_subset(logits, top_k=n, top_p=1.0).mass().cpu().numpy()
         out[f"top{n}"] = {"mean": float(mass.mean()), "median": float(np.median(mass)),
                           "at_least_0.9": float((mass >= 0.9).mean())}  # fmt: skip
     return out
@@ -87,8 +87,9 @@ def main(argv=None) -> str:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--top-k", type=int, default=1024, help="candidate cap taken before top-p")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device of the teacher")
     args = parser.parse_args(argv)
-    teacher = load_teacher(args.teacher)
+    teacher = load_teacher(args.teacher, device=args.device)
     prompts = load_source("bundled", split="train").select(range(args.prompts))["prompt"]
     stats = statistics(state_logits(teacher, list(prompts), args.max_new_tokens, args.seed), args.top_k)
     out = table(

@@ -35,8 +35,7 @@ import torch
 from benchmarks.memory import PeakMemory
 from tdrl.agents import make_agent
 from tdrl.data import collate, load_source
-from tdrl.students import load_student
-from tdrl.teachers import bundled_teacher_dir, load_teacher
+from tdrl.models import bundled_teacher_dir, load_student, load_teacher
 
 AGENTS = ["bc", "sql", "cql", "iql", "iqlearn", "bd", "gkd", "minillm"]
 BASELINE = "kd-online"
@@ -114,12 +113,23 @@ def make(name: str, student, teacher=None):
     return agent
 
 
-def stepper(agent, batch, after_update: bool = True):
-    """One training step (loss + backward + AdamW, then ``agent.after_update()``) as a closure."""
+def stepper(agent, batch, after_update: bool = True, mixed_precision: str = "no"):
+    """One training step (loss + backward + AdamW, then ``agent.after_update()``) as a closure; with
+    ``mixed_precision="bf16"`` the forward runs under bfloat16 autocast (what ``--mixed-precision bf16``
+    does in the trainer)."""
+    import contextlib
+
     optimiser = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=1e-5)
+    device_type = next(agent.parameters()).device.type
+    cast = (
+        (lambda: torch.autocast(device_type, dtype=torch.bfloat16))
+        if mixed_precision == "bf16"
+        else contextlib.nullcontext
+    )
 
     def step():
-        loss, _ = agent(batch)
+        with cast():
+            loss, _ = agent(batch)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -129,9 +139,9 @@ def stepper(agent, batch, after_update: bool = True):
     return step
 
 
-def train_steps(agent, batch, steps: int, device: str = "cpu") -> float:
+def train_steps(agent, batch, steps: int, device: str = "cpu", mixed_precision: str = "no") -> float:
     """Seconds for ``steps`` optimiser steps (loss + backward + AdamW) after one warm-up step."""
-    step = stepper(agent.to(device), batch)
+    step = stepper(agent.to(device), batch, mixed_precision=mixed_precision)
     step()  # warm-up: allocates the optimiser state
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -151,15 +161,19 @@ def worker(spec: dict) -> dict:
     student = load_student(spec["student"]).to(device)
     batch = torch.load(spec["batch"], weights_only=True)
     teacher = get_teacher(spec["teacher"], device) if spec["config"] == BASELINE else None
-    step = stepper(make(spec["config"], student, teacher).to(device), batch, after_update=False)
+    step = stepper(make(spec["config"], student, teacher).to(device), batch, after_update=False,
+                   mixed_precision=spec["mixed_precision"])  # fmt: skip
     step()
     with PeakMemory(device) as peak:
         step()
     return {"step_peak_mb": peak.peak_bytes / 2**20}
 
 
-def measure_memory(config: str, teacher: str, student_dir: str, batch_path: str, device: str) -> float:
-    spec = {"config": config, "teacher": teacher, "student": student_dir, "batch": batch_path, "device": device}
+def measure_memory(
+    config: str, teacher: str, student_dir: str, batch_path: str, device: str, mixed_precision: str = "no"
+) -> float:
+    spec = {"config": config, "teacher": teacher, "student": student_dir, "batch": batch_path, "device": device,
+            "mixed_precision": mixed_precision}  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_speed", "--worker", json.dumps(spec)],
         capture_output=True, text=True, check=False,
@@ -170,8 +184,18 @@ def measure_memory(config: str, teacher: str, student_dir: str, batch_path: str,
 
 
 # ---------------------------------------------------------------------------- one vocabulary
+def model_flops_per_step(student, batch) -> float:
+    """Model FLOPs of one training step (forward + backward, the usual 6 per multiply-add weight per
+    token): the trunk's matmul weights on every real token, the LM head's V x H on every response state.
+    Recomputation (the chunked normaliser's backward) is not counted: this is what the step must do."""
+    trunk = sum(p.numel() for n, p in student.model.named_parameters() if p.dim() == 2 and "embed" not in n
+                and "lm_head" not in n)  # fmt: skip
+    head = student.vocab_size * student.model.config.hidden_size
+    return 6.0 * (trunk * float(batch["attention_mask"].sum()) + head * float(batch["response_mask"].sum()))
+
+
 def measure(teacher_name: str, student_name: str, agents: list[str], steps: int, batch_size: int,
-            response_tokens: int, device: str, memory: bool) -> dict:  # fmt: skip
+            response_tokens: int, device: str, memory: bool, mixed_precision: str = "no") -> dict:  # fmt: skip
     teacher = get_teacher(teacher_name, device)
     batch = annotated_batch(teacher, batch_size, response_tokens, top_k=64, top_p=0.8)
     tokens = int(batch["response_mask"].sum())
@@ -184,15 +208,17 @@ def measure(teacher_name: str, student_name: str, agents: list[str], steps: int,
         for config in configs:
             torch.manual_seed(0)
             student = load_student(str(Path(tmp) / "student"))
-            seconds = train_steps(make(config, student, teacher), batch, steps, device)
-            rows[config] = {"tokens_per_s": steps * tokens / seconds}
+            flops = model_flops_per_step(student, batch)
+            seconds = train_steps(make(config, student, teacher), batch, steps, device, mixed_precision)
+            rows[config] = {"tokens_per_s": steps * tokens / seconds, "tflops": steps * flops / seconds / 1e12}
             if memory:
                 rows[config]["step_peak_mb"] = measure_memory(
-                    config, teacher_path(teacher_name), str(Path(tmp) / "student"), str(Path(tmp) / "batch.pt"), device
-                )
+                    config, teacher_path(teacher_name), str(Path(tmp) / "student"), str(Path(tmp) / "batch.pt"), device,
+                    mixed_precision,
+                )  # fmt: skip
     shape = tuple(batch["input_ids"].shape)
     return {"teacher": teacher_name, "vocab": teacher.vocab_size, "student": student_name, "shape": shape,
-            "tokens": tokens, "rows": rows, "agents": agents}  # fmt: skip
+            "tokens": tokens, "rows": rows, "agents": agents, "mixed_precision": mixed_precision}  # fmt: skip
 
 
 def table(result: dict) -> str:
@@ -205,11 +231,15 @@ def table(result: dict) -> str:
         f"batch {b} x {t} tokens, {result['tokens']} response tokens per step, K = 64, p = 0.8. Baselines: "
         f"`kd-online` (teacher online, full-vocabulary forward KL) {base['tokens_per_s']:.0f} tokens/s{mb(base)}; "
         f"bare HF SFT step {sft['tokens_per_s']:.0f} tokens/s{mb(sft)}. Targets for each default: >= 2x "
-        "kd-online's tokens/s, <= 1/3 of its step memory, <= 1.3x the HF SFT step's time.",
+        "kd-online's tokens/s, <= 1/3 of its step memory, <= 1.3x the HF SFT step's time. Mixed precision: "
+        f"{result.get('mixed_precision', 'no')}; model TFLOP/s counts the student step's matmuls "
+        "(`model_flops_per_step`).",
         "",
     ]
-    head = "| agent | default tok/s | vs kd-online | step time vs HF SFT | set-only tok/s | full-V tok/s |"
-    rule = "|---|---|---|---|---|---|"
+    head = (
+        "| agent | default tok/s | model TFLOP/s | vs kd-online | step time vs HF SFT | set-only tok/s | full-V tok/s |"
+    )
+    rule = "|---|---|---|---|---|---|---|"
     if memory:
         head += " default peak MB | set-only MB | full-V MB | memory, default / kd-online | targets met |"
         rule += "---|---|---|---|---|"
@@ -219,7 +249,7 @@ def table(result: dict) -> str:
         speed = default["tokens_per_s"] / base["tokens_per_s"]
         time_ratio = sft["tokens_per_s"] / default["tokens_per_s"]
         cells = [
-            agent, f"{default['tokens_per_s']:.0f}", f"{speed:.2f}x", f"{time_ratio:.2f}x",
+            agent, f"{default['tokens_per_s']:.0f}", f"{default['tflops']:.3g}", f"{speed:.2f}x", f"{time_ratio:.2f}x",
             f"{only_set['tokens_per_s']:.0f}", f"{full['tokens_per_s']:.0f}",
         ]  # fmt: skip
         if memory:
@@ -244,6 +274,7 @@ def main(argv=None) -> str:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory processes")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="bf16 autocast of the step")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -253,7 +284,7 @@ def main(argv=None) -> str:
     for name in args.teacher:
         student = "tiny" if name == "tiny" else args.student
         result = measure(name, student, args.agents, args.steps, args.batch_size, args.response_tokens,
-                         args.device, not args.no_memory)  # fmt: skip
+                         args.device, not args.no_memory, args.mixed_precision)  # fmt: skip
         out.append(table(result))
         print(out[-1], flush=True)
     return "\n\n".join(out)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tdrl.teachers import Teacher, tdrl_cache_dir
+from tdrl.models import Teacher, tdrl_cache_dir, teacher_from_pretrained
 
 VOCAB = 8192
 _TEMPLATE = (
@@ -78,4 +78,4 @@ def teacher_dir() -> Path:
 
 
 def load(dtype: str = "float32") -> Teacher:
-    return Teacher.from_pretrained(str(teacher_dir()), dtype=dtype)
+    return teacher_from_pretrained(str(teacher_dir()), dtype=dtype)

@@ -150,6 +150,7 @@ def nucleus_mask(logprobs: Tensor, top_p: float) -> Tensor:
     if top_p >= 1.0:
         return finite
     # mass strictly before each candidate, in float64 so the cut matches an exact cumulative sum
-    cumulative = logprobs.double().exp().cumsum(-1)
+    wide = logprobs.float() if logprobs.device.type == "mps" else logprobs.double()  # MPS has no float64
+    cumulative = wide.exp().cumsum(-1)
     mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
     return (mass_before < top_p) & finite

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tdrl.config import TrainConfig
 from tdrl.errors import ConfigError
-from tdrl.teachers import load_teacher
+from tdrl.models import load_teacher
+from tdrl.training.args import TrainConfig, resolve_device
 
 __all__ = ["parse_agent_spec", "split_agent_specs", "compare", "results_table", "separations", "start_row", "COLUMNS"]
 
@@ -81,10 +81,10 @@ def parse_agent_spec(spec: str) -> tuple[str, str, str]:
 def start_row(base: TrainConfig, teacher, progress: bool = False, label: str = "start") -> dict:
     """The starting student itself (``base.student``, untrained) under the same test protocol and
     outside-mass probe as every run: the reference row of a comparison."""
-    from tdrl.trainer import Trainer
+    from tdrl.training.build import build_trainer
 
     config = dataclasses.replace(base, agent="bc", agent_args="", out=str(Path(base.out) / "runs" / "start"))
-    trainer = Trainer(config, teacher=teacher, progress=progress)
+    trainer = build_trainer(config, teacher=teacher, progress=progress)
     test = trainer.test() if base.test_prompts else {}
     return {"label": label, "seed": 0, "steps": 0, "wall_time_s": 0.0, "train_time_s": 0.0, "test": test,
             "history": [], **trainer.probe()}  # fmt: skip
@@ -100,7 +100,7 @@ def compare(
 ) -> list[dict]:
     """Train every (agent, seed) with ``base``'s settings; write results.{csv,md} and the plot. Unless
     ``start`` is None, the starting student is evaluated once as the reference row labelled ``start``."""
-    from tdrl.trainer import Trainer
+    from tdrl.training.build import build_trainer
 
     out = Path(out)
     if not agents:
@@ -108,14 +108,14 @@ def compare(
     if not seeds:
         raise ConfigError("compare needs at least one seed (--seeds N with N >= 1)")
     specs = [parse_agent_spec(a) for a in agents]  # all names checked before anything trains
-    teacher = load_teacher(base.teacher, dtype=base.teacher_dtype, device=base.device)
+    teacher = load_teacher(base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device))
     summaries = [start_row(dataclasses.replace(base, out=str(out)), teacher, progress, start)] if start else []
     for label, name, args in specs:
         for seed in seeds:
             config = dataclasses.replace(
                 base, agent=name, agent_args=args, seed=seed, out=str(out / "runs" / f"{label}-seed{seed}")
             )
-            summary = Trainer(config, teacher=teacher, progress=progress).train()
+            summary = build_trainer(config, teacher=teacher, progress=progress).train()
             summary["label"] = label
             summaries.append(summary)
     write_results(summaries, out)

@@ -7,6 +7,10 @@ exits non-zero) can catch them all; each also derives from the matching builtin 
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+
 __all__ = [
     "TdrlError",
     "ConfigError",
@@ -15,6 +19,7 @@ __all__ = [
     "MissingDependencyError",
     "DataError",
     "CheckpointNotFoundError",
+    "check_field_types",
 ]
 
 
@@ -44,3 +49,28 @@ class DataError(TdrlError, ValueError):
 
 class CheckpointNotFoundError(TdrlError, FileNotFoundError):
     """A checkpoint directory to resume from or evaluate does not exist or is incomplete."""
+
+
+def check_field_types(instance) -> None:
+    """Each field of a dataclass instance has its annotated type (ints given for floats become floats;
+    None only where the annotation allows it); else :class:`~tdrl.errors.ConfigError` naming the field.
+    YAML, JSON and ``key=value`` strings reach the configs untyped: this is where ``steps: null`` or
+    ``alpha=abc`` is caught, before any arithmetic on it."""
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        hint, value = hints[f.name], getattr(instance, f.name)
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        allowed = tuple(a for a in allowed if isinstance(a, type))
+        if value is None and type(None) in allowed:
+            continue
+        if allowed == (str,) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(instance, f.name, str(value))  # YAML reads `eval_seeds: 0` as a number
+            continue
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            setattr(instance, f.name, float(value))
+            continue
+        if bool not in allowed and isinstance(value, bool) and (int in allowed or float in allowed):
+            raise ConfigError(f"{f.name} must be a number, got {value!r}")
+        if not isinstance(value, allowed):
+            names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+            raise ConfigError(f"{f.name} must be {names}, got {value!r}")

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tdrl.teachers import Teacher
+from tdrl.models.lm import LM
+from tdrl.models.teacher import Teacher
 
 __all__ = ["EvalConfig", "evaluate", "generate_texts", "reference_records"]
 
@@ -55,10 +56,10 @@ def reference_records(
 
     The teacher's responses are cached under ``$TDRL_CACHE/data``, keyed by a hash of the teacher's
     weights (not its name), the records, ``n`` and ``max_new_tokens``."""
-    from tdrl.data import load_source, records_fingerprint, write_json_atomic
+    from tdrl.data import load_source, records_fingerprint
     from tdrl.errors import DataError
-    from tdrl.integrity import read_json
-    from tdrl.teachers import tdrl_cache_dir
+    from tdrl.integrity import read_json, write_json_atomic
+    from tdrl.models.hub import tdrl_cache_dir
 
     bundled = isinstance(source, str) and source == "bundled"
     ds = load_source(
@@ -132,7 +133,7 @@ def generate_texts(
     batch_size: int = 32,
 ) -> list[list[int]]:
     """Student responses (token ids) for ``prompts``, KV-cached, seeded."""
-    lm = Teacher(model, tokenizer, freeze=False)
+    lm = LM(model, tokenizer, freeze=False)
     top_k = lm.vocab_size if config.top_k is None else config.top_k
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
@@ -173,7 +174,7 @@ def _teacher_scores(teacher: Teacher, prompt_ids: list[list[int]], responses: li
 def _student_entropy(model, prompt_ids, responses, scale: float) -> tuple[float, int]:
     """Summed full-vocabulary entropy of ``softmax(scale * logits)`` at the states that chose each
     response token, and the token count (chunked: no ``[T, V]`` tensor)."""
-    from tdrl.students import Student, vocab_summary
+    from tdrl.models.student import Student, vocab_summary
 
     student = Student(model)
     total, count = 0.0, 0

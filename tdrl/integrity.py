@@ -13,12 +13,15 @@ import fcntl
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from tdrl.errors import ConfigError, DataError
 
-__all__ = ["MANIFEST", "file_digest", "write_manifest", "verify_manifest", "read_json", "DirectoryLock"]
+__all__ = [
+    "MANIFEST", "file_digest", "write_manifest", "verify_manifest", "read_json", "write_json_atomic", "DirectoryLock",
+]  # fmt: skip
 
 MANIFEST = "tdrl-manifest.json"
 
@@ -75,6 +78,14 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise DataError(f"{what} {path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{what} {path} is not valid JSON ({exc})") from None
+
+
+def write_json_atomic(path: str | os.PathLike, value) -> None:
+    """Write ``value`` as JSON to a temporary sibling, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 class DirectoryLock:

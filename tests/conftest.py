@@ -19,9 +19,9 @@ def tiny_teacher():
 
 @pytest.fixture(scope="session")
 def bundled_teacher():
-    from tdrl.teachers import Teacher
+    from tdrl.models import bundled_teacher
 
-    return Teacher.bundled()
+    return bundled_teacher()
 
 
 @pytest.fixture(scope="session")

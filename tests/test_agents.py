@@ -451,7 +451,7 @@ def test_bd_loss_by_hand(expert_term, chi2):
 def test_iqlearn_without_chi2_is_top_p_behaviour_cloning():
     """Without chi^2 the linear terms telescope: -loss = E[log proj_p softmax(Q)(a|s)], computed here
     from the student's full logits with Q = logits - max over V, clipped at -10."""
-    from tdrl.students import load_student
+    from tdrl.models import load_student
 
     batch = contract_batch()
     torch.manual_seed(0)
@@ -512,7 +512,7 @@ def test_iql_losses_by_hand():
 
 
 def test_iql_with_beta_zero_is_sft():
-    from tdrl.students import load_student
+    from tdrl.models import load_student
 
     batch = contract_batch()
     torch.manual_seed(0)
@@ -527,7 +527,7 @@ def test_iql_with_beta_zero_is_sft():
 def test_bc_losses_by_hand(restrict):
     """kd: - sum_{A_p} pi_T^p log pi_S with pi_S normalised over V (mdp) or on A_p(s) (set);
     sft: -log pi_S(a_data) over V, every data token (mdp), or over A_p(s) without the off-set ones."""
-    from tdrl.students import load_student
+    from tdrl.models import load_student
 
     batch = contract_batch()
     torch.manual_seed(0)
@@ -553,7 +553,7 @@ def test_bc_losses_by_hand(restrict):
 def test_kd_online_is_the_full_vocabulary_forward_kl_by_hand(tiny_teacher):
     """kd-online: sum_V pi_T (log pi_T - log pi_S) at every response position, from the two HF models'
     own forward passes, position by position; no teacher attached -> a clear error."""
-    from tdrl.students import load_student
+    from tdrl.models import load_student
 
     batch = contract_batch()
     torch.manual_seed(0)
@@ -581,7 +581,7 @@ def test_kd_online_is_the_full_vocabulary_forward_kl_by_hand(tiny_teacher):
 def test_support_term_and_outside_mass_are_exact():
     """forward() adds support_coef * E_s[-log pi_S(A_p(s)|s)] (mdp only) and, on log steps, the exact
     outside mass and entropy of the decoding softmax, all against the full-vocabulary softmax."""
-    from tdrl.students import load_student
+    from tdrl.models import load_student
 
     batch = contract_batch()
     torch.manual_seed(0)

@@ -44,7 +44,8 @@ def test_agent_specs_keep_their_own_commas():
 
 
 def test_readme_configuration_reference_is_the_current_one():
-    """The README's flag table is exactly what scripts/config_table.py prints from TrainConfig."""
+    """The README's flag tables are exactly what scripts/config_table.py prints from TrainConfig and from
+    every registered agent's Config."""
     import importlib.util
     from pathlib import Path
 
@@ -52,4 +53,7 @@ def test_readme_configuration_reference_is_the_current_one():
     spec = importlib.util.spec_from_file_location("config_table", root / "scripts" / "config_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.config_table() in (root / "README.md").read_text(), "rerun python scripts/config_table.py"
+    readme = (root / "README.md").read_text()
+    assert module.config_table() in readme, "rerun python scripts/config_table.py"
+    assert module.agent_tables() in readme, "rerun python scripts/config_table.py"
+    assert "| `--expert-term` | `topp_mean` |" in module.agent_tables()  # bd's own default, from its Config

@@ -161,7 +161,7 @@ def test_token_ids_outside_the_vocabulary_never_train(tmp_path, capsys):
           "cand_ids outside 0..511")  # fmt: skip
 
 
-@pytest.mark.parametrize("damaged", ["optimizer.pt", "agent.safetensors"])
+@pytest.mark.parametrize("damaged", ["optimizer.bin", "model.safetensors", "random_states_0.pkl"])
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(damaged, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(out, "--steps", "3", "--keep-last", "2") == 0
@@ -190,7 +190,7 @@ def test_resume_refuses_a_changed_cache_or_teacher(tmp_path, capsys):
 
 def test_a_cache_made_by_another_teacher_is_refused(tmp_path, capsys):
     from tdrl.data import annotate, load_source
-    from tdrl.teachers import Teacher
+    from tdrl.models import Teacher
     from tdrl.testing import tiny_teacher
 
     other = tiny_teacher(seed=5)  # the same tokenizer, other weights
@@ -302,7 +302,7 @@ def test_names_that_look_local_are_never_sent_to_the_hub(tmp_path, capsys, monke
     )
     fails(capsys, ["teacher-info", "--teacher", "tinyy"], "hub:tinyy")
     fails(capsys, ["train", "--steps", "1", "--out", "o", *TINY, "--student", "runs/dir"], "does not exist here")
-    from tdrl.teachers import resolve_name
+    from tdrl.models import resolve_name
 
     assert resolve_name("HuggingFaceTB/SmolLM2-135M-Instruct", "teacher") == (
         "hub",

@@ -7,27 +7,15 @@ the full vocabulary: the ecosystem's usual baseline). Third-party
 agents register with :func:`register_agent` or the ``tdrl.agents`` entry-point group.
 """
 
-from tdrl.agents import bc, gkd, iql, iqlearn, minillm, online_kd, sql  # noqa: F401  (register the built-in agents)
-from tdrl.agents.base import (
-    Agent,
-    AgentConfig,
-    Policy,
-    Transitions,
-    detached,
-    get_agent,
-    list_agents,
-    log1mexp,
-    make_agent,
-    masked_log_softmax,
-    masked_logsumexp,
-    register_agent,
-)
+from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions
 from tdrl.agents.bc import BC, BCConfig
 from tdrl.agents.gkd import GKD, GKDConfig
-from tdrl.agents.iql import IQL, IQLConfig, expectile_loss
+from tdrl.agents.iql import IQL, IQLConfig
 from tdrl.agents.iqlearn import BD, BDConfig, IQLearn, IQLearnConfig
 from tdrl.agents.minillm import MiniLLM, MiniLLMConfig
 from tdrl.agents.online_kd import OnlineKD, OnlineKDConfig
+from tdrl.agents.ops import detached, expectile_loss, log1mexp, masked_log_softmax, masked_logsumexp
+from tdrl.agents.registry import get_agent, list_agents, make_agent, register_agent
 from tdrl.agents.sql import CQL, SQL, CQLConfig, SQLConfig
 
 __all__ = [

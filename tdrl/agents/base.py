@@ -18,7 +18,7 @@ vocabulary. ``restrict`` says what the teacher's set A_p(s) restricts:
 
 * ``"mdp"`` (default): the top-p MDP. A_p(s) restricts the Bellman backups, V(s) as the soft maximum
   over A_p(s), and the teacher's targets; every student log-probability is normalised over V, exactly,
-  by the chunked :func:`~tdrl.students.vocab_logsumexp` (no ``[N, V]`` tensor).
+  by the chunked :func:`~tdrl.models.student.vocab_logsumexp` (no ``[N, V]`` tensor).
 * ``"set"`` (ablation: the set-only normaliser): the student's softmax is normalised on A_p(s) too.
   Every loss is then invariant to the logits outside A_p(s) and to a common per-state shift, which
   leaves free the student's mass outside the set: nothing stops it from growing, and decoding (which
@@ -28,43 +28,32 @@ vocabulary. ``restrict`` says what the teacher's set A_p(s) restricts:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tdrl.errors import ConfigError
-from tdrl.students import VOCAB_CHUNK, Student, gather_logits, vocab_logsumexp, vocab_summary
+from tdrl.agents.ops import masked_log_softmax, masked_logsumexp, pretrain_loss
+from tdrl.errors import ConfigError, check_field_types
+from tdrl.models.student import VOCAB_CHUNK, Student, gather_logits, vocab_logsumexp, vocab_summary
 
-__all__ = [
-    "Agent",
-    "AgentConfig",
-    "Transitions",
-    "Policy",
-    "register_agent",
-    "get_agent",
-    "list_agents",
-    "make_agent",
-    "masked_logsumexp",
-    "masked_log_softmax",
-    "log1mexp",
-    "RESTRICT_MODES",
-    "TRAINER_METRIC_GROUPS",
-]
+__all__ = ["Agent", "AgentConfig", "Transitions", "Policy", "RESTRICT_MODES", "TRAINER_METRIC_GROUPS", "hp"]
 
 RESTRICT_MODES = ("mdp", "set", "none")
 #: Metric groups the trainer logs itself; an agent's metric names never start with these.
-TRAINER_METRIC_GROUPS = ("train/", "batch/", "perf/", "eval/", "test/", "test_best/", "rollout/", "loss/lm")
+TRAINER_METRIC_GROUPS = ("train/", "batch/", "perf/", "eval/", "test/", "test_best/", "rollout/")
 _REGISTRY: dict[str, type[Agent]] = {}
-_ENTRY_POINTS_LOADED = False
+
+
+def hp(default, help: str):
+    """A dataclass field of an agent's Config with its ``--help`` text (the typed agent flags)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -87,16 +76,22 @@ class AgentConfig:
             and must reach the scale of the returns, while the pretrained student needs small steps).
     """
 
-    restrict: str = "mdp"
-    gamma: float = 0.99
-    top_p: float | None = None
-    support_coef: float = 0.0
-    vocab_chunk: int = VOCAB_CHUNK
-    head_lr_scale: float = 1.0
+    restrict: str = hp(
+        "mdp",
+        "what A_p(s) restricts: mdp (backups, values, targets; the student normalised over V), set "
+        "(ablation: the student normalised on A_p(s) too) or none (ablation: everything over V)",
+    )
+    gamma: float = hp(0.99, "discount (the paper: 0.99)")
+    top_p: float | None = hp(
+        None,
+        "re-cut the annotation's A_p(s) at this p: the top-p MDP's p (default: --annotation-top-p; "
+        "decoding's nucleus is --eval-top-p)",
+    )
+    support_coef: float = hp(0.0, "weight of the exact support term E_s[-log pi_S(A_p(s)|s)] (restrict=mdp)")
+    vocab_chunk: int = hp(VOCAB_CHUNK, "vocabulary columns per chunk of the full-vocabulary normaliser (memory)")
+    head_lr_scale: float = hp(1.0, "learning-rate multiplier of the heads the agent adds (value / Q heads)")
 
     def __post_init__(self):
-        from tdrl.config import check_field_types
-
         check_field_types(self)
         if self.restrict == "topp":  # the name before the full-vocabulary normaliser existed
             warnings.warn(
@@ -123,27 +118,6 @@ class AgentConfig:
                 validate_top_p(self.top_p)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-
-
-def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    """``logsumexp`` over the entries where ``mask`` is True; 0 for rows with no such entry (their
-    gradient is 0, not NaN)."""
-    any_valid = mask.any(dim, keepdim=True)
-    safe = mask | ~any_valid & (torch.arange(mask.shape[dim], device=mask.device) == 0)
-    out = x.masked_fill(~safe, float("-inf")).logsumexp(dim)
-    return torch.where(any_valid.squeeze(dim), out, torch.zeros_like(out))
-
-
-def masked_log_softmax(x: Tensor, mask: Tensor) -> Tensor:
-    """Log-softmax over the masked entries of the last dim; ``-inf`` elsewhere."""
-    return (x - masked_logsumexp(x, mask).unsqueeze(-1)).masked_fill(~mask, float("-inf"))
-
-
-def log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(x))`` for ``x < 0``, accurate at both ends. ``x`` is clamped at -1e-7 (so the
-    result is at least about -16 and its gradient finite where rounding puts a log-mass at 0)."""
-    x = x.clamp(max=-1e-7)
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 @dataclass
@@ -256,14 +230,23 @@ class Agent(nn.Module):
         batch's transitions ``t`` (built once by :meth:`forward`) and the collated ``batch``."""
         raise NotImplementedError
 
-    def forward(self, batch: dict[str, Tensor], *, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        batch: dict[str, Tensor],
+        *,
+        diagnostics: bool = False,
+        pretrain: dict[str, Tensor] | None = None,
+        pretrain_coef: float = 0.0,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """What the trainer minimises: ``loss(transitions(batch), batch)`` plus, with
         ``restrict="mdp"`` and ``support_coef > 0``, ``support_coef * E_s[-log pi_S(A_p(s)|s)]``
-        (metric ``loss/support``). With ``diagnostics`` (the trainer's log steps) it adds
-        ``policy/outside_mass`` (the decoding policy's exact mass outside A_p(s)) and
-        ``policy/entropy`` (its full-vocabulary entropy) and ``policy/mode_outside`` (how often its most
-        likely token lies outside A_p(s)), from one chunked pass without gradient.
-        ``agent(batch)`` is this, so DDP / ``accelerate`` can wrap an agent."""
+        (metric ``loss/support``), plus ``pretrain_coef`` times MiniLLM's J_PT on the ``pretrain``
+        text (:func:`~tdrl.agents.ops.pretrain_loss`; metrics ``loss/lm*``). With ``diagnostics`` (the
+        trainer's log steps) it adds ``policy/outside_mass`` (the decoding policy's exact mass outside
+        A_p(s)), ``policy/entropy`` (its full-vocabulary entropy) and ``policy/mode_outside`` (how often
+        its most likely token lies outside A_p(s)), from one chunked pass without gradient.
+        ``agent(batch)`` is this, so DDP / ``accelerate`` wrap an agent and every gradient of a step
+        flows through one forward."""
         t = self.transitions(batch)
         loss, metrics = self.loss(t, batch)
         metrics = dict(metrics)
@@ -273,6 +256,14 @@ class Agent(nn.Module):
             term = -pi.log_mass_in_set().mean()
             loss = loss + cfg.support_coef * term
             metrics["loss/support"] = term.detach()
+        if pretrain is not None and pretrain_coef > 0:
+            device = self.student.device
+            lm, lm_metrics = pretrain_loss(
+                self.student, *(pretrain[k].to(device) for k in ("input_ids", "cand_ids", "cand_probs")),
+                chunk=cfg.vocab_chunk,
+            )  # fmt: skip
+            loss = loss + pretrain_coef * lm
+            metrics.update(lm_metrics)
         if diagnostics:
             metrics.update(self.diagnostics(t))
         return loss, metrics
@@ -332,8 +323,10 @@ class Agent(nn.Module):
         cand = torch.as_tensor(np.asarray(obs["cand_ids"]), device=logits.device)
         mask = torch.as_tensor(np.asarray(obs["cand_mask"]), device=logits.device).bool()
         scores = logits[cand].masked_fill(~mask, float("-inf"))
-        index = scores.argmax() if greedy else torch.multinomial(scores.softmax(-1), 1, generator=generator)[0]
-        return int(cand[index])
+        if greedy:
+            return int(cand[scores.argmax()])
+        probs = scores.float().softmax(-1).cpu()  # sampled on the CPU: ``generator`` is a CPU generator
+        return int(cand.cpu()[torch.multinomial(probs, 1, generator=generator)[0]])
 
     # ------------------------------------------------------------------ shared maths
     def transitions(self, batch: dict[str, Tensor], student: Student | None = None) -> Transitions:
@@ -446,76 +439,4 @@ class Agent(nn.Module):
         return masked_log_softmax(t.cand_logprobs[rows], t.cand_mask[rows])
 
 
-def detached(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Metrics with every tensor detached (the trainer turns them into floats only at log time)."""
-    return {k: v.detach() if isinstance(v, Tensor) else v for k, v in metrics.items()}
-
-
-class TargetNetwork:
-    """A frozen copy of a module updated by Polyak averaging: ``theta' <- (1 - tau) theta' + tau theta``."""
-
-    @staticmethod
-    def make(module: nn.Module) -> nn.Module:
-        target = copy.deepcopy(module)
-        target.requires_grad_(False)
-        return target.eval()
-
-    @staticmethod
-    @torch.no_grad()
-    def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
-        for t, s in zip(target.parameters(), source.parameters()):
-            t.lerp_(s.detach(), tau)
-
-
 # ---------------------------------------------------------------------- registry
-def register_agent(name: str):
-    """Class decorator: register an :class:`Agent` subclass under ``name``."""
-
-    def decorate(cls: type[Agent]) -> type[Agent]:
-        if not (isinstance(cls, type) and issubclass(cls, Agent)):
-            raise TypeError(f"@register_agent({name!r}) must decorate an Agent subclass")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ConfigError(f"an agent named {name!r} is already registered ({_REGISTRY[name].__module__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def _load_entry_points() -> None:
-    """Import third-party agents advertised in the ``tdrl.agents`` entry-point group (once)."""
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    for entry in metadata.entry_points(group="tdrl.agents"):
-        obj = entry.load()
-        if isinstance(obj, type) and issubclass(obj, Agent) and entry.name not in _REGISTRY:
-            register_agent(entry.name)(obj)
-
-
-def list_agents() -> list[str]:
-    """Names of every registered agent (built-in and entry-point plug-ins), sorted."""
-    _load_entry_points()
-    return sorted(_REGISTRY)
-
-
-def get_agent(name: str) -> type[Agent]:
-    """The agent class registered as ``name``; :class:`~tdrl.errors.ConfigError` if unknown."""
-    _load_entry_points()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown agent {name!r}: choose one of {', '.join(sorted(_REGISTRY))} (see `tdrl agents`)")
-    return _REGISTRY[name]
-
-
-def make_agent(name: str, student: Student, **overrides) -> Agent:
-    """Build agent ``name`` with its config defaults updated by ``overrides`` (unknown fields raise)."""
-    cls = get_agent(name)
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ConfigError(
-            f"agent {name!r} has no setting(s) {', '.join(unknown)}; its settings: {', '.join(sorted(fields))}"
-        )
-    return cls(student, cls.Config(**overrides))

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tdrl.agents.base import Agent, AgentConfig, detached, register_agent
+from tdrl.agents.base import Agent, AgentConfig, hp
+from tdrl.agents.ops import detached
+from tdrl.agents.registry import register_agent
 from tdrl.errors import ConfigError
 
 
@@ -32,7 +34,7 @@ class BCConfig(AgentConfig):
     ``data/off_support_frac``.
     """
 
-    mode: str = "kd"
+    mode: str = hp("kd", "kd (word-level KD on A_p(s)) or sft (SFT / SeqKD on the data tokens)")
 
     def __post_init__(self):
         super().__post_init__()

@@ -9,16 +9,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from tdrl.agents.base import (
-    Agent,
-    AgentConfig,
-    Policy,
-    Transitions,
-    detached,
-    log1mexp,
-    masked_log_softmax,
-    register_agent,
-)
+from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions, hp
+from tdrl.agents.ops import detached, log1mexp, masked_log_softmax
+from tdrl.agents.registry import register_agent
 from tdrl.errors import ConfigError
 
 DIVERGENCES = ("forward", "reverse", "jsd")
@@ -86,9 +79,9 @@ class GKDConfig(AgentConfig):
     Metrics: ``loss/gkd``, ``gkd/forward_kl``, ``gkd/reverse_kl``, ``policy/entropy_in_set``.
     """
 
-    divergence: str = "jsd"
-    beta: float = 0.5
-    temperature: float = 1.0
+    divergence: str = hp("jsd", "forward (KL(T||S)), reverse (KL(S||T)) or jsd (generalised JSD)")
+    beta: float = hp(0.5, "JSD mixture weight of the teacher")
+    temperature: float = hp(1.0, "temperature dividing the teacher's and the student's logits")
 
     def __post_init__(self):
         super().__post_init__()

@@ -8,17 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from tdrl.agents.base import Agent, AgentConfig, TargetNetwork, detached, register_agent
+from tdrl.agents.base import Agent, AgentConfig, hp
+from tdrl.agents.ops import TargetNetwork, detached, expectile_loss
+from tdrl.agents.registry import register_agent
 from tdrl.errors import ConfigError
-from tdrl.students import gather_logits
-
-
-def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
-    """``mean(|tau - 1(u < 0)| * u^2)`` for ``u = diff`` (IQL's asymmetric L2; tau = 0.5 is MSE / 2 * 1)."""
-    weight = torch.where(diff < 0, 1.0 - expectile, expectile)
-    return (weight * diff.pow(2)).mean()
+from tdrl.models.student import gather_logits
 
 
 @dataclass
@@ -51,11 +47,11 @@ class IQLConfig(AgentConfig):
     ``adv/weight_mean``, ``policy/entropy_in_set``, ``data/off_support_frac``.
     """
 
-    expectile: float = 0.7
-    beta: float = 3.0
-    max_weight: float = 100.0
-    tau: float = 0.005
-    head_lr_scale: float = 100.0
+    expectile: float = hp(0.7, "expectile tau of the V regression")
+    beta: float = hp(3.0, "inverse temperature of the advantage weights exp(beta A)")
+    max_weight: float = hp(100.0, "cap on the advantage weights")
+    tau: float = hp(0.005, "Polyak rate of the target Q head")
+    head_lr_scale: float = hp(100.0, "learning-rate multiplier of the Q and V heads")
 
     def __post_init__(self):
         super().__post_init__()

@@ -10,9 +10,11 @@ from typing import ClassVar
 
 import torch
 
-from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions, detached, masked_logsumexp, register_agent
+from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions, hp
+from tdrl.agents.ops import detached, masked_logsumexp
+from tdrl.agents.registry import register_agent
 from tdrl.errors import ConfigError
-from tdrl.students import gather_logits, vocab_summary
+from tdrl.models.student import gather_logits, vocab_summary
 
 EXPERT_TERMS = ("token", "topp_mean")
 
@@ -62,11 +64,11 @@ class IQLearnConfig(AgentConfig):
     ``data/off_support_frac``.
     """
 
-    chi2: bool = True
-    alpha: float = 0.1
-    q_min: float = -10.0
-    expert_term: str = "token"
-    max_over: str = "vocab"
+    chi2: bool = hp(True, "the chi^2 regulariser phi(x) = x - x^2 / (4 alpha) (else phi(x) = x)")
+    alpha: float = hp(0.1, "chi^2 weight alpha (the paper: 0.1)")
+    q_min: float = hp(-10.0, "Q = logit - max is clipped below at q_min (the paper: -10)")
+    expert_term: str = hp("token", "token (the paper's equation) or topp_mean (the authors' released code)")
+    max_over: str = hp("vocab", "the max in Q = logit - max: vocab (the paper's code) or set (A_p(s))")
 
     def __post_init__(self):
         super().__post_init__()
@@ -159,8 +161,8 @@ class BDConfig(IQLearnConfig):
     ``lm_coef`` to 1.0 (the released trainer's ``loss = bellman_loss + args.lm_coef * pt_loss``,
     with ``--lm-coef``'s default of 1 in the MiniLLM code it is built on); ``--lm-coef 0`` drops it."""
 
-    top_p: float | None = 0.8
-    expert_term: str = "topp_mean"
+    top_p: float | None = hp(0.8, "the top-p MDP's p (the paper: 0.8; re-cuts the annotation)")
+    expert_term: str = hp("topp_mean", "token (the paper's equation) or topp_mean (the authors' released code)")
 
 
 @register_agent("bd")

@@ -8,8 +8,10 @@ from typing import ClassVar
 
 import torch
 
-from tdrl.agents.base import Agent, AgentConfig, detached, register_agent
+from tdrl.agents.base import Agent, AgentConfig, hp
 from tdrl.agents.gkd import divergences, policy_pair
+from tdrl.agents.ops import detached
+from tdrl.agents.registry import register_agent
 from tdrl.errors import ConfigError
 
 
@@ -47,11 +49,11 @@ class MiniLLMConfig(AgentConfig):
     ``minillm/clipped_frac``, ``policy/entropy_in_set``.
     """
 
-    length_norm: bool = True
-    baseline: str = "batch_mean"
-    teacher_mix: float = 0.2
-    cliprange: float = 0.2
-    clip: float = 10.0
+    length_norm: bool = hp(True, "divide the cost-to-go by the number of remaining tokens")
+    baseline: str = hp("batch_mean", "batch_mean (subtract the batch mean of the cost-to-go) or none")
+    teacher_mix: float = hp(0.2, "alpha of the teacher-mixed sampling alpha pi_T + (1 - alpha) pi_S")
+    cliprange: float = hp(0.2, "PPO clip range of the importance ratio")
+    clip: float = hp(10.0, "clip on |advantage|")
 
     def __post_init__(self):
         super().__post_init__()

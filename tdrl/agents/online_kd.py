@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tdrl.agents.base import Agent, AgentConfig, detached, register_agent
+from tdrl.agents.base import Agent, AgentConfig, hp
+from tdrl.agents.ops import detached
+from tdrl.agents.registry import register_agent
 from tdrl.errors import ConfigError
 
 
@@ -33,7 +35,7 @@ class OnlineKDConfig(AgentConfig):
     Metrics: ``loss/kd`` (= ``policy/kl_teacher``, the full-vocabulary KL), ``policy/nll_data``.
     """
 
-    temperature: float = 1.0
+    temperature: float = hp(1.0, "temperature dividing the teacher's and the student's logits")
 
     def __post_init__(self):
         super().__post_init__()

@@ -6,16 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tdrl.agents.base import (
-    Agent,
-    AgentConfig,
-    Policy,
-    TargetNetwork,
-    Transitions,
-    detached,
-    masked_logsumexp,
-    register_agent,
-)
+from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions, hp
+from tdrl.agents.ops import TargetNetwork, detached, masked_logsumexp
+from tdrl.agents.registry import register_agent
 from tdrl.errors import ConfigError
 
 
@@ -57,11 +50,17 @@ class SQLConfig(AgentConfig):
     ``policy/entropy_in_set``, ``data/off_support_frac``.
     """
 
-    alpha: float = 1.0
-    target: str = "polyak"
-    tau: float = 0.01
-    support_coef: float = 1.0
-    q_param: str = "duel"
+    alpha: float = hp(1.0, "entropy weight / decoding temperature (1: the teacher is soft-optimal)")
+    target: str = hp(
+        "polyak", "V(s') from a Polyak target copy (polyak) or the current network without gradient (none)"
+    )
+    tau: float = hp(0.01, "Polyak rate of the target network")
+    support_coef: float = hp(
+        1.0, "weight of the exact support term E_s[-log pi_S(A_p(s)|s)] (holds the mass the TD loss leaves free)"
+    )
+    q_param: str = hp(
+        "duel", "duel (Q = alpha log proj_p pi_S + V(s), value head) or logprob (Q = alpha log pi_S over V)"
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -168,7 +167,7 @@ class CQLConfig(SQLConfig):
     Metrics: SQL's plus ``loss/cql`` (total), ``loss/td``, ``cql/gap`` (the bracket above).
     """
 
-    cql_alpha: float = 1.0
+    cql_alpha: float = hp(1.0, "weight of the conservative term alpha lse_V(Q/alpha) - Q(s, a_data)")
 
 
 @register_agent("cql")

@@ -7,7 +7,8 @@
 
 from gymnasium.envs.registration import register, registry
 
-from tdrl.envs.rollout import RandomMaskedPolicy, TeacherPolicy, rollout
+from tdrl.envs.policies import RandomMaskedPolicy, StudentPolicy, TeacherPolicy
+from tdrl.envs.rollout import rollout
 from tdrl.envs.token_env import OFF_SUPPORT_MODES, TokenGenerationEnv, TokenGenerationVectorEnv
 
 ENV_ID = "tdrl/TokenGeneration-v0"
@@ -27,4 +28,5 @@ __all__ = [
     "rollout",
     "TeacherPolicy",
     "RandomMaskedPolicy",
+    "StudentPolicy",
 ]

@@ -11,59 +11,9 @@ import torch
 from tdrl.actions import ActionSubset
 from tdrl.records import episode_record
 
-__all__ = ["rollout", "TeacherPolicy", "RandomMaskedPolicy"]
+__all__ = ["rollout"]
 
 Policy = Callable[[dict[str, np.ndarray]], Any]
-
-
-def _sample_rows(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One index per row of ``probs`` ``[N, K]`` (rows sum to 1) by inverse-CDF sampling."""
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(probs.shape[0]) * cdf[:, -1]
-    return np.minimum((cdf < u[:, None]).sum(-1), probs.shape[-1] - 1)
-
-
-class _CandidatePolicy:
-    """Base for policies that choose among an observation's ``cand_*`` (single or batched obs)."""
-
-    def __init__(self, seed: int | None = None):
-        self.rng = np.random.default_rng(seed)
-
-    def probabilities(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        raise NotImplementedError
-
-    def __call__(self, obs: dict[str, np.ndarray]):
-        batched = obs["cand_ids"].ndim == 2
-        cand_ids = np.atleast_2d(obs["cand_ids"])
-        probs = self.probabilities({k: np.atleast_2d(obs[k]) for k in ("cand_logprobs", "cand_mask")})
-        choice = _sample_rows(probs, self.rng)
-        actions = cand_ids[np.arange(cand_ids.shape[0]), choice]
-        return actions if batched else actions[0]
-
-
-class TeacherPolicy(_CandidatePolicy):
-    """Samples from the teacher projected onto A_p(s): ``softmax(cand_logprobs / temperature)`` on
-    ``cand_mask``. With ``top_p=1`` and ``top_k >= V`` this is the teacher itself."""
-
-    def __init__(self, temperature: float = 1.0, seed: int | None = None):
-        super().__init__(seed)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-
-    def probabilities(self, obs):
-        logits = np.where(obs["cand_mask"].astype(bool), obs["cand_logprobs"] / self.temperature, -np.inf)
-        logits = logits - logits.max(-1, keepdims=True)
-        weights = np.exp(logits)
-        return weights / weights.sum(-1, keepdims=True)
-
-
-class RandomMaskedPolicy(_CandidatePolicy):
-    """Uniform over A_p(s)."""
-
-    def probabilities(self, obs):
-        weights = obs["cand_mask"].astype(np.float64)
-        return weights / weights.sum(-1, keepdims=True)
 
 
 def _step_extras(policy) -> dict[str, np.ndarray]:

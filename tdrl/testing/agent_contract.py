@@ -28,9 +28,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from tdrl.agents.base import TRAINER_METRIC_GROUPS, Agent, make_agent
+from tdrl.agents.base import TRAINER_METRIC_GROUPS, Agent
+from tdrl.agents.registry import make_agent
+from tdrl.models import Student
 from tdrl.records import record_tensors
-from tdrl.students import Student
 
 __all__ = [
     "TabularStudent",
@@ -81,7 +82,7 @@ class TabularStudent(Student):
 
 
 def _tiny_student():
-    from tdrl.students import load_student
+    from tdrl.models import load_student
 
     torch.manual_seed(0)
     return load_student("tiny")
@@ -271,8 +272,7 @@ def learn_on_markov(name: str, steps: int = 300, **overrides) -> tuple[float, fl
     collect = None
     if agent.on_policy:
         from tdrl.data import collate
-        from tdrl.envs import TokenGenerationVectorEnv, rollout
-        from tdrl.trainer import StudentPolicy
+        from tdrl.envs import StudentPolicy, TokenGenerationVectorEnv, rollout
 
         env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=8, top_k=8, top_p=0.9, max_new_tokens=6)
         mix = getattr(agent.config, "teacher_mix", 0.0)

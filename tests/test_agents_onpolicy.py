@@ -10,11 +10,10 @@ import torch
 from tdrl.agents import make_agent
 from tdrl.cli import main
 from tdrl.data import collate
-from tdrl.envs import TokenGenerationVectorEnv, rollout
+from tdrl.envs import StudentPolicy, TokenGenerationVectorEnv, rollout
 from tdrl.records import record_tensors
 from tdrl.testing import MarkovTeacher
 from tdrl.testing.agent_contract import CHECKS, TabularStudent, contract_batch
-from tdrl.trainer import StudentPolicy
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
@@ -50,7 +49,7 @@ def test_gkd_divergences_by_hand(temperature):
     """Forward KL, reverse KL and the generalised JSD (beta 0.3) between the full-vocabulary teacher
     and student coarsened to A_p(s) + one outside bucket, at a temperature dividing both; at
     temperature 1 the teacher's bucket is exactly 1 - pi_T(A_p(s))."""
-    from tdrl.students import load_student
+    from tdrl.models import load_student
 
     batch = contract_batch()
     torch.manual_seed(0)

@@ -1,12 +1,16 @@
-"""Configuration: dataclasses in, YAML/JSON files and command-line overrides on top.
+"""The arguments of a run: :class:`TrainConfig` plus the chosen agent's own typed settings.
 
-``tdrl train --config run.yaml --agent iql --lr 3e-4``: the file sets defaults, flags override them
-(``transformers.HfArgumentParser`` builds the flags, with each field's ``help``). Files are read with
-``yaml.safe_load`` / ``json``; unknown keys are an error.
+``tdrl train --config run.yaml --agent iqlearn --expert-term topp_mean --lr 3e-4``: the file sets
+defaults, flags override them. ``--agent`` is read first; the agent's Config dataclass then joins the
+parser (``transformers.HfArgumentParser``), so ``tdrl train --agent bd --help`` lists bd's own fields
+with their help, and they are type-checked like every other flag. ``--agent-args key=value,...`` and
+an ``agent_args`` mapping in the file still work (a setting given twice is an error). Files are read
+with ``yaml.safe_load`` / ``json``; unknown keys are an error.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -15,37 +19,9 @@ from typing import Any
 
 import yaml
 
-from tdrl.errors import ConfigError
+from tdrl.errors import ConfigError, check_field_types
 
-__all__ = ["TrainConfig", "parse_agent_args", "load_config_file", "parse_train_args", "check_field_types"]
-
-
-def check_field_types(instance) -> None:
-    """Each field of a dataclass instance has its annotated type (ints given for floats become floats;
-    None only where the annotation allows it); else :class:`~tdrl.errors.ConfigError` naming the field.
-    YAML, JSON and ``key=value`` strings reach the configs untyped: this is where ``steps: null`` or
-    ``alpha=abc`` is caught, before any arithmetic on it."""
-    import types
-    import typing
-
-    hints = typing.get_type_hints(type(instance))
-    for f in dataclasses.fields(instance):
-        hint, value = hints[f.name], getattr(instance, f.name)
-        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        allowed = tuple(a for a in allowed if isinstance(a, type))
-        if value is None and type(None) in allowed:
-            continue
-        if allowed == (str,) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            setattr(instance, f.name, str(value))  # YAML reads `eval_seeds: 0` as a number
-            continue
-        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-            setattr(instance, f.name, float(value))
-            continue
-        if bool not in allowed and isinstance(value, bool) and (int in allowed or float in allowed):
-            raise ConfigError(f"{f.name} must be a number, got {value!r}")
-        if not isinstance(value, allowed):
-            names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
-            raise ConfigError(f"{f.name} must be {names}, got {value!r}")
+__all__ = ["TrainConfig", "parse_agent_args", "load_config_file", "parse_train_args", "train_parser", "UNSET_DEFAULTS"]
 
 
 def _f(default, help: str, **kw):
@@ -70,10 +46,14 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1 (the paper: 0.9)")
     adam_beta2: float = _f(0.95, "AdamW beta2 (the paper: 0.95)")
-    warmup_steps: int = _f(10, "linear warm-up steps, at most 10% of --steps (the paper: 100)")
-    schedule: str = _f("cosine", "learning-rate schedule after warm-up: cosine, linear or constant")
+    warmup_steps: int = _f(10, "linear warm-up steps (the paper: 100)")
+    schedule: str = _f(
+        "cosine", "learning-rate schedule after warm-up (transformers.get_scheduler): cosine, linear or constant"
+    )
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
-    precision: str = _f("fp32", "fp32, or bf16 / fp16 autocast where the device supports it")
+    mixed_precision: str = _f(
+        "no", "accelerate's mixed precision: no, bf16 (CPU or GPU), or fp16 (GPU, with loss scaling)"
+    )
     device: str = _f("cpu", "torch device of student and teacher")
     overwrite: bool = _f(False, "replace a run already in --out (else a second run into it is refused)")
     teacher_dtype: str = _f("float32", "teacher dtype: float32, bfloat16 or float16")
@@ -95,6 +75,8 @@ class TrainConfig:
     eval_top_p: float = _f(0.8, "student sampling nucleus at evaluation (the paper: 0.8; MiniLLM: 1.0)")
     eval_temperature: float = _f(1.0, "student sampling temperature at evaluation")
     eval_greedy: bool = _f(False, "greedy decoding at evaluation")
+    metric_for_best_model: str = _f("eval/rougeL", "validation metric that selects best/ (any eval/* metric)")
+    greater_is_better: bool = _f(True, "a larger --metric-for-best-model is better (False: e.g. eval/teacher_nll)")
     checkpoint_every: int = _f(50, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
     keep_last: int = _f(2, "checkpoints to keep (the best one is kept apart in best/)")
     online_every: int | None = _f(
@@ -120,8 +102,11 @@ class TrainConfig:
     lm_batch_size: int = _f(4, "J_PT sequences per step")
     train_prompts: int = _f(256, "bundled data: training prompts to prepare (0: all 1,732)")
     response_tokens: int = _f(48, "bundled data: teacher response length")
-    top_k: int = _f(64, "bundled data: candidate cap K of the annotation")
-    top_p: float = _f(0.8, "bundled data: nucleus mass p of the annotation")
+    annotation_top_k: int = _f(64, "bundled data: candidate cap K of the annotation")
+    annotation_top_p: float = _f(
+        0.8,
+        "bundled data: nucleus mass p the annotation marks (an agent's --top-p re-cuts it; --eval-top-p is decoding's)",
+    )
 
     def __post_init__(self):
         from tdrl.actions import validate_top_k, validate_top_p
@@ -153,12 +138,16 @@ class TrainConfig:
         if self.test_prompts < 0:
             raise ConfigError(f"test_prompts must be >= 0, got {self.test_prompts}")
         check_device(self.device)
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision == "fp16" and not self.device.startswith("cuda"):
+            raise ConfigError("mixed_precision fp16 needs a CUDA GPU (its loss scaling is CUDA's): use bf16 on the CPU")
+        if not self.metric_for_best_model.startswith("eval/"):
+            raise ConfigError(f"metric_for_best_model must be an eval/* metric, got {self.metric_for_best_model!r}")
         try:
-            validate_top_p(self.top_p)
+            validate_top_p(self.annotation_top_p)
             validate_top_p(self.eval_top_p)
-            validate_top_k(self.top_k)
+            validate_top_k(self.annotation_top_k)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.seed_list()
@@ -200,6 +189,25 @@ def check_device(device: str) -> None:
         raise ConfigError(f"device {device!r} was asked for but MPS is not available here: use --device cpu")
 
 
+def resolve_device(device: str) -> str:
+    """The device this process computes on. ``cuda:N`` is made the current CUDA device (accelerate
+    places models on the current one); under a multi-process launch (``LOCAL_RANK`` set by torchrun or
+    ``accelerate launch``) a bare ``cuda`` is this process's own GPU, so N ranks do not all load their
+    teacher onto GPU 0. Anything else is returned as given."""
+    import os
+
+    import torch
+
+    target = torch.device(device)
+    if target.type != "cuda":
+        return device
+    if target.index is None and int(os.environ.get("LOCAL_RANK", "-1")) >= 0:
+        target = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if target.index is not None:
+        torch.cuda.set_device(target.index)
+    return str(target)
+
+
 def parse_agent_args(text: str) -> dict[str, Any]:
     """``"alpha=0.1,chi2=false"`` or ``'{"alpha": 0.1}'`` -> a dict (values parsed as YAML scalars)."""
     text = (text or "").strip()
@@ -223,7 +231,8 @@ def parse_agent_args(text: str) -> dict[str, Any]:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON config file as a dict of TrainConfig fields (unknown keys raise)."""
+    """A YAML or JSON config file as a dict of settings (TrainConfig fields and agent fields;
+    :func:`parse_train_args` sorts them and refuses unknown keys)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -237,25 +246,65 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} must hold a mapping of settings")
     if isinstance(data.get("agent_args"), dict):
         data["agent_args"] = json.dumps(data["agent_args"])
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
     return data
 
 
-def parse_train_args(argv: list[str], defaults: dict[str, Any] | None = None) -> tuple[TrainConfig, list[str]]:
-    """Parse ``--config FILE`` plus TrainConfig flags; return the config and leftover arguments.
-    ``defaults`` replace TrainConfig's own defaults (a command's presets); the file and flags win."""
+def train_parser(agent_config: type | None = None, prog: str | None = None):
+    """The flags of TrainConfig, plus those of an agent's Config dataclass (``--expert-term`` ...)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(TrainConfig)
+    if agent_config is not None:  # HfArgumentParser lists a dataclass with this attribute under its own heading
+        agent_config = type(
+            agent_config.__name__,
+            (agent_config,),
+            {"_argument_group_name": f"agent settings ({agent_config.__name__})"},
+        )
+    parser = HfArgumentParser((TrainConfig, agent_config) if agent_config else TrainConfig, prog=prog)
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it)")
-    if defaults:
-        parser.set_defaults(**defaults)
-    known, rest = parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_config_file(known.config))
+
+    def error(message: str):  # a bad flag value is a ConfigError (one line from the CLI), not a usage dump
+        raise ConfigError(f"{message} (see `{parser.prog} --help`)")
+
+    parser.error = error
+    return parser
+
+
+def _given(argv: list[str], name: str) -> bool:
+    flags = {f"--{name}", f"--{name.replace('_', '-')}", f"--no_{name}", f"--no-{name.replace('_', '-')}"}
+    return any(a.split("=", 1)[0] in flags for a in argv)
+
+
+def parse_train_args(
+    argv: list[str], defaults: dict[str, Any] | None = None, *, agent_flags: bool = True, prog: str = "tdrl train"
+) -> tuple[TrainConfig, list[str]]:
+    """Parse ``--config FILE``, TrainConfig flags and (``agent_flags``) the chosen agent's typed flags;
+    return the config (agent settings merged into ``agent_args`` as JSON) and leftover arguments.
+    ``defaults`` replace TrainConfig's own defaults (a command's presets); the file and flags win."""
+    from tdrl.agents import get_agent
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--agent")
+    known, _ = pre.parse_known_args(argv)
+    file_values = load_config_file(known.config) if known.config else {}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    agent_config = None
+    if agent_flags:
+        name = known.agent or file_values.get("agent") or (defaults or {}).get("agent") or TrainConfig.agent
+        agent_config = get_agent(name).Config
+    agent_fields = {f.name for f in dataclasses.fields(agent_config)} if agent_config else set()
+    unknown = sorted(set(file_values) - train_fields - agent_fields)
+    if unknown:
+        raise ConfigError(f"{known.config}: unknown setting(s) {', '.join(unknown)}")
+    parser = train_parser(agent_config, prog=prog)
+    parser.set_defaults(**(defaults or {}), **file_values)
     ns, rest = parser.parse_known_args(argv)
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**values), rest
+    config = TrainConfig(**{name: getattr(ns, name) for name in train_fields})
+    typed = {k: getattr(ns, k) for k in agent_fields if k in file_values or _given(argv, k)}
+    if typed:
+        merged = parse_agent_args(config.agent_args)
+        twice = sorted(set(typed) & set(merged))
+        if twice:
+            raise ConfigError(f"agent setting(s) {', '.join(twice)} given both as flags and in agent_args: keep one")
+        config.agent_args = json.dumps({**merged, **typed}, sort_keys=True)
+    return config, rest

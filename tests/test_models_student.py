@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from tdrl.errors import ConfigError, ModelNotFoundError
-from tdrl.students import Student, load_student
-from tdrl.teachers import Teacher
+from tdrl.models import Student, Teacher, load_student
 
 
 def test_subset_logits_equal_gathered_full_logits():
@@ -20,7 +19,7 @@ def test_subset_logits_equal_gathered_full_logits():
 
 @pytest.mark.parametrize("width", [2, 16])  # 2: more distinct ids than M * H, the per-row fallback
 def test_gather_logits_both_branches_match_full_logits_and_gradients(width):
-    from tdrl.students import gather_logits
+    from tdrl.models import gather_logits
 
     torch.manual_seed(0)
     weight = torch.randn(50, width, requires_grad=True)
@@ -41,7 +40,7 @@ def test_gather_logits_both_branches_match_full_logits_and_gradients(width):
 def test_vocab_logsumexp_matches_torch_logsumexp_values_and_gradients(dtype, tol, chunk, with_bias):
     """The chunked full-vocabulary normaliser against torch.logsumexp over the full logits: values and
     gradients for hidden states, weight and bias, at a temperature, in float32 and bfloat16."""
-    from tdrl.students import vocab_logsumexp
+    from tdrl.models import vocab_logsumexp
 
     gen = torch.Generator().manual_seed(0)
     hidden = (torch.randn(2, 5, 16, generator=gen) * 2).to(dtype).requires_grad_()
@@ -63,7 +62,7 @@ def test_vocab_logsumexp_matches_torch_logsumexp_values_and_gradients(dtype, tol
 
 def test_vocab_logsumexp_keeps_no_full_vocabulary_tensor_for_backward():
     """What autograd saves for the backward pass is the inputs and the [N] result, never [N, V]."""
-    from tdrl.students import vocab_logsumexp
+    from tdrl.models import vocab_logsumexp
 
     hidden = torch.randn(64, 8, requires_grad=True)
     weight = torch.randn(5000, 8, requires_grad=True)
@@ -76,7 +75,7 @@ def test_vocab_logsumexp_keeps_no_full_vocabulary_tensor_for_backward():
 
 
 def test_vocab_logsumexp_under_bfloat16_autocast_with_float32_weights():
-    from tdrl.students import vocab_logsumexp
+    from tdrl.models import vocab_logsumexp
 
     hidden = torch.randn(6, 16, requires_grad=True)
     weight = torch.randn(300, 16, requires_grad=True)
@@ -89,7 +88,7 @@ def test_vocab_logsumexp_under_bfloat16_autocast_with_float32_weights():
 
 def test_vocab_summary_by_brute_force():
     """log-normaliser, max, argmax and entropy of the scaled softmax, chunked, against the full one."""
-    from tdrl.students import vocab_summary
+    from tdrl.models import vocab_summary
 
     gen = torch.Generator().manual_seed(1)
     hidden, weight, bias = torch.randn(9, 12, generator=gen), torch.randn(77, 12, generator=gen), torch.randn(77)

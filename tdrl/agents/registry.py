@@ -1,0 +1,69 @@
+"""The agent registry: built-in agents register with :func:`register_agent`; other packages
+advertise theirs in the ``tdrl.agents`` entry-point group."""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import metadata
+
+from tdrl.agents.base import Agent
+from tdrl.errors import ConfigError
+from tdrl.models.student import Student
+
+__all__ = ["register_agent", "get_agent", "list_agents", "make_agent"]
+
+_REGISTRY: dict[str, type[Agent]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_agent(name: str):
+    """Class decorator: register an :class:`Agent` subclass under ``name``."""
+
+    def decorate(cls: type[Agent]) -> type[Agent]:
+        if not (isinstance(cls, type) and issubclass(cls, Agent)):
+            raise TypeError(f"@register_agent({name!r}) must decorate an Agent subclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ConfigError(f"an agent named {name!r} is already registered ({_REGISTRY[name].__module__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    """Import third-party agents advertised in the ``tdrl.agents`` entry-point group (once)."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for entry in metadata.entry_points(group="tdrl.agents"):
+        obj = entry.load()
+        if isinstance(obj, type) and issubclass(obj, Agent) and entry.name not in _REGISTRY:
+            register_agent(entry.name)(obj)
+
+
+def list_agents() -> list[str]:
+    """Names of every registered agent (built-in and entry-point plug-ins), sorted."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_agent(name: str) -> type[Agent]:
+    """The agent class registered as ``name``; :class:`~tdrl.errors.ConfigError` if unknown."""
+    _load_entry_points()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown agent {name!r}: choose one of {', '.join(sorted(_REGISTRY))} (see `tdrl agents`)")
+    return _REGISTRY[name]
+
+
+def make_agent(name: str, student: Student, **overrides) -> Agent:
+    """Build agent ``name`` with its config defaults updated by ``overrides`` (unknown fields raise)."""
+    cls = get_agent(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(
+            f"agent {name!r} has no setting(s) {', '.join(unknown)}; its settings: {', '.join(sorted(fields))}"
+        )
+    return cls(student, cls.Config(**overrides))

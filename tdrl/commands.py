@@ -1,0 +1,286 @@
+"""The ``tdrl`` subcommands: each resolves names (teachers, students, data, agents) into objects and
+calls the library; :mod:`tdrl.cli` parses the command line and turns errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tdrl.errors import ConfigError
+
+#: A few instruction prompts for quick statistics before any data set is loaded.
+SAMPLE_PROMPTS = (
+    "What is the capital of France?",
+    "Name three colors of the rainbow.",
+    "Rewrite this sentence in the past tense: I walk to school every day.",
+    "If Tom has 5 apples and eats 2, how many apples does he have left?",
+    "Define the word 'photosynthesis' in one sentence.",
+    "Summarize in a few words: The meeting was moved from Monday to Friday because the room was booked.",
+    "Explain what this Python code does: print(sum(range(10)))",
+    "Is the following review positive or negative? 'I loved every minute of this film.'",
+)
+
+
+#: ``tdrl warm-start``'s presets (64 steps of full-vocabulary KD at lr 1e-4: validation Rouge-L about 28
+#: for the bundled teacher's ``layers:0,10,20,29`` cut, which writes no words before).
+WARM_START_DEFAULTS = {"steps": 64, "lr": 1e-4, "out": "runs/warm-start"}
+
+
+#: The demo: a shared warm start (cached in runs/demo/warm-start), then the paper's set (sft, kd, bd) and
+#: the offline RL agents (sql, cql, iql) from it, 3 seeds each, scored on bundled test prompts.
+DEMO_DEFAULTS = {
+    "teacher": "bundled", "student": "layers:0,10,20,29", "data": "bundled", "train_prompts": 192,
+    "response_tokens": 40, "steps": 16, "lr": 2e-5, "warmup_steps": 2, "eval_every": 8, "eval_prompts": 8,
+    "eval_max_new_tokens": 24, "test_prompts": 16, "checkpoint_every": 16, "log_every": 4, "out": "runs/demo",
+    "overwrite": True,  # a second demo replaces the first one's runs (the warm start is reused)
+}  # fmt: skip
+
+
+DEMO_AGENTS = "sft,kd,bd,sql,cql,iql"
+
+
+def _print_summary(summary: dict) -> None:
+    last, best = (summary.get("last") or {}).get("metrics", {}), (summary.get("best") or {}).get("metrics", {})
+    print(f"{summary['agent']} seed {summary['seed']}: {summary['steps']} steps in {summary['wall_time_s']:.0f} s")
+    for key in sorted(k for k in last if not k.endswith("_std")):
+        print(f"  {key:<20} last {last[key]:8.3f}   best {best.get(key, float('nan')):8.3f}")
+    print(f"  run directory: {summary['config']['out']}  (tdrl tensorboard {summary['config']['out']})")
+
+
+def cmd_teacher_info(args: argparse.Namespace) -> int:
+    from tdrl.models import load_teacher, sparsity_statistics
+
+    teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    prompts = list(SAMPLE_PROMPTS[: args.num_prompts])
+    responses = teacher.generate(prompts, args.max_new_tokens, temperature=1.0, top_p=0.8, seed=args.seed)
+    stats = sparsity_statistics(teacher, prompts, responses, top_ps=args.top_p, top_ks=args.top_k)
+    print(f"teacher        {teacher.name}")
+    print(f"vocab size     {teacher.vocab_size}")
+    print(f"parameters     {teacher.num_parameters():,}")
+    print(
+        f"states         {int(stats['states'])} response positions of {len(prompts)} sampled teacher responses "
+        f"(temperature 1, top-p 0.8, seed {args.seed})"
+    )
+    print("\ntop-p set A_p(s): mean size | mean teacher mass inside")
+    print("   k      p     size     mass")
+    for k in args.top_k:
+        for p in args.top_p:
+            print(f"{k:4d}  {p:5.2f}  {stats[f'size@k{k}p{p}']:7.2f}  {stats[f'mass@k{k}p{p}']:7.3f}")
+    print(f"\nmass of the teacher's top-7 tokens: {stats['top7_mass']:.3f}; top-50: {stats['top50_mass']:.3f}")
+    return 0
+
+
+def _source(args: argparse.Namespace, require_response: bool = False):
+    from tdrl.data import load_source
+
+    return load_source(
+        args.source,
+        split=args.split,
+        prompt_column=args.prompt_column,
+        response_column=args.response_column,
+        context_column=args.context_column,
+        require_response=require_response,
+    )
+
+
+def _subset(ds, limit: int | None):
+    return ds if limit is None or limit >= len(ds) else ds.select(range(limit))
+
+
+def cmd_generate_responses(args: argparse.Namespace) -> int:
+    from tdrl.data import generate_responses
+    from tdrl.models import load_teacher
+
+    source = _subset(_source(args), args.limit)
+    teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    out = generate_responses(
+        teacher, source, args.out, num_responses=args.num_responses, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size,
+        seed=args.seed, shard_size=args.shard_size, progress=True,
+    )  # fmt: skip
+    print(f"wrote {len(source) * args.num_responses} teacher responses to {out}")
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from tdrl.data import ANNOTATION_META, annotate
+    from tdrl.integrity import read_json
+    from tdrl.models import load_teacher
+
+    source = _subset(_source(args, require_response=True), args.limit)
+    teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    out = annotate(
+        teacher, source, args.out, top_k=args.top_k, top_p=args.top_p, reward=args.reward, gamma=args.gamma,
+        max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
+        logprob_dtype=args.logprob_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
+        strict=args.strict, progress=True,
+    )  # fmt: skip
+    meta = read_json(out / ANNOTATION_META, "annotation metadata")
+    stats = meta["statistics"]
+    print(
+        f"annotated {meta['records']} records ({stats['tokens']} response tokens; skipped: "
+        f"{', '.join(f'{n} {k}' for k, n in meta['skipped'].items() if n) or 'none'}) "
+        f"into {out}\nmean |A_p(s)| {stats['support_size']:.2f}, mean teacher mass in A_p(s) "
+        f"{stats['support_mass']:.3f}, data tokens inside A_p(s) {stats['action_in_cand']:.3f}, "
+        f"{meta['bytes_per_token']:.0f} bytes/token on disk"
+    )
+    return 0
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    from tdrl.agents import get_agent, list_agents
+
+    names = list_agents()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {get_agent(name).description}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tdrl.training import build_trainer, resume_trainer
+    from tdrl.training.args import parse_train_args
+
+    if args.resume:
+        extra = argparse.ArgumentParser(prog="tdrl train --resume")
+        extra.add_argument("--steps", type=int, default=None, help="extend the run to this many steps")
+        steps = extra.parse_args(args.rest).steps
+        trainer = resume_trainer(args.resume, steps=steps)
+    else:
+        config, rest = parse_train_args(args.rest)
+        if rest:
+            raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl train --help`)")
+        trainer = build_trainer(config)
+    summary = trainer.train()
+    if trainer.accelerator.is_main_process:
+        _print_summary(summary)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tdrl.errors import CheckpointNotFoundError
+    from tdrl.evaluation import EvalConfig, evaluate, reference_records
+    from tdrl.integrity import read_json
+    from tdrl.models import load_student, load_teacher
+    from tdrl.training.checkpoints import RUN_FILE, find_checkpoint
+
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist: pass a run, checkpoint or best/ directory")
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    is_model = (path / "config.json").is_file() and any((path / w).is_file() for w in weights)
+    model_dir, run = (path, path / RUN_FILE) if is_model else (None, None)
+    if model_dir is None:
+        checkpoint = find_checkpoint(path, verify=True)
+        model_dir, run = checkpoint / "student", checkpoint / RUN_FILE
+    info = read_json(run, "run record") if run is not None and run.is_file() else {}
+    teacher_name = args.teacher or info.get("teacher") or "bundled"  # the run's own teacher unless told otherwise
+    teacher = load_teacher(teacher_name, dtype=info.get("teacher_dtype", "float32"), device=args.device)
+    student = load_student(str(model_dir)).to(args.device)
+    split = args.split or ("test" if args.data == "bundled" else None)
+    records = reference_records(
+        teacher, args.data, split=split, n=args.prompts, max_new_tokens=args.max_new_tokens,
+        prompt_column=args.prompt_column, reference_column=args.reference_column, context_column=args.context_column,
+    )  # fmt: skip
+    config = EvalConfig(
+        max_new_tokens=args.max_new_tokens, seeds=args.seeds, top_p=args.top_p, temperature=args.temperature,
+        greedy=args.greedy, also_greedy=not args.greedy,
+    )  # fmt: skip
+    temperature = info.get("decode_temperature", 1.0)
+    metrics, samples = evaluate(
+        student.model, student.tokenizer, teacher, records, config, decode_temperature=temperature
+    )
+    where = f"{args.data} {split}" if split else args.data
+    print(f"{model_dir} on {len(records)} {where} prompts, teacher {teacher_name}, seeds {config.seeds}:")
+    for key in sorted(k for k in metrics if not k.endswith("_std")):
+        print(f"  {key:<22} {metrics[key]:8.3f} ± {metrics[key + '_std']:.3f}")
+    if "eval/rougeL_reference" not in metrics:
+        print(
+            f"  (no human references in {args.data}: add a '{args.reference_column}' column for eval/rougeL_reference)"
+        )
+    for sample in samples[:2]:
+        print(f"\n  prompt:  {sample['prompt']}\n  student: {sample['student']}\n  teacher: {sample['teacher']}")
+    return 0
+
+
+def cmd_warm_start(args: argparse.Namespace) -> int:
+    from tdrl.training.args import parse_train_args
+    from tdrl.training.warmstart import warm_start
+
+    config, rest = parse_train_args(args.rest, defaults=WARM_START_DEFAULTS, agent_flags=False, prog="tdrl warm-start")
+    if rest:
+        raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl warm-start --help`)")
+    out, record = warm_start(config, config.out, overwrite=args.overwrite)
+    validation = record["validation"]
+    rouge = f", validation Rouge-L {validation['eval/rougeL']:.2f}" if "eval/rougeL" in validation else ""
+    print(f"warm start in {out} ({record['steps']} steps of full-vocabulary KD, {record['train_time_s']:.0f} s of "
+          f"training{rouge}; fingerprint {record['fingerprint']}); train from it with --student {out}")  # fmt: skip
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tdrl.training.args import parse_train_args
+
+    config, rest = parse_train_args(args.rest, agent_flags=False, prog="tdrl compare")
+    if rest:
+        raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl compare --help`)")
+    return _compare(config, args.agents, args.seeds)
+
+
+def _compare(config, agents: str, seeds: int, start: str = "start") -> int:
+    from pathlib import Path
+
+    from tdrl.compare import compare, results_table, split_agent_specs
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    out = Path(config.out)
+    summaries = compare(split_agent_specs(agents), list(range(seeds)), config, out, start=start)
+    print(results_table(summaries))
+    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'eval_curves.png'}")
+    print(f"TensorBoard: tdrl tensorboard {out / 'runs'}   (then open http://127.0.0.1:6006/)")
+    return 0
+
+
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    import subprocess
+
+    url = f"http://127.0.0.1:{args.port}/"
+    print(f"TensorBoard for {args.logdir}: {url}  (Ctrl-C stops it)", flush=True)
+    command = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        args.logdir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
+    return subprocess.call(command)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+    from pathlib import Path
+
+    from tdrl.training.args import parse_train_args
+    from tdrl.training.warmstart import warm_start
+
+    start = time.perf_counter()
+    config, rest = parse_train_args(args.rest, defaults=DEMO_DEFAULTS, agent_flags=False, prog="tdrl demo")
+    if rest:
+        raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl demo --help`)")
+    steps = args.warm_start_steps
+    warm = dataclasses.replace(config, steps=steps, lr=args.warm_start_lr, warmup_steps=max(1, steps // 10), seed=0)
+    print(f"warm start: {steps} steps of full-vocabulary KD of {config.student} (reused when cached) ...", flush=True)
+    path, record = warm_start(warm, Path(config.out) / "warm-start")
+    print(f"warm start ready in {path} ({record['train_time_s']:.0f} s of training)", flush=True)
+    status = _compare(dataclasses.replace(config, student=str(path)), args.agents or DEMO_AGENTS, args.seeds,
+                      start="warm start")  # fmt: skip
+    print(f"demo wall time: {time.perf_counter() - start:.0f} s")
+    return status

@@ -1,0 +1,259 @@
+"""The sparse annotation cache: the teacher run ONCE over every (prompt, response), its top-K
+log-probs, A_p(s), the data token's log-prob and reward at every response position, in ``datasets``
+Arrow shards written atomically with a manifest each (:func:`annotate`). Offline agents then train
+without the teacher in memory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from tdrl.actions import validate_top_k, validate_top_p
+from tdrl.data.dataset import ANNOTATION_META, annotation_statistics, load_annotations
+from tdrl.data.sources import records_fingerprint
+from tdrl.data.writing import dir_bytes, open_output, progress_bar, quiet_datasets, shard_ranges
+from tdrl.errors import ConfigError, DataError
+from tdrl.integrity import DirectoryLock, read_json, verify_manifest, write_json_atomic, write_manifest
+from tdrl.models.lm import tokenizer_fingerprint
+from tdrl.models.teacher import Reward, Teacher
+
+__all__ = ["annotate", "SKIP_REASONS"]
+
+log = logging.getLogger(__name__)
+
+
+def _features(logprob_dtype: str):
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "id": Value("string"),
+            "prompt": Value("string"),
+            "response": Value("string"),
+            "prompt_ids": List(Value("int32")),
+            "response_ids": List(Value("int32")),
+            "cand_ids": List(List(Value("int32"))),
+            "cand_logprobs": List(List(Value(logprob_dtype))),
+            "cand_mask": List(List(Value("bool"))),
+            "action_logprob": List(Value("float32")),
+            "action_in_cand": List(Value("bool")),
+            "reward": List(Value("float32")),
+            "terminated": Value("bool"),
+            "length": Value("int32"),
+        }
+    )
+
+
+def _tokenise(teacher: Teacher, row: dict, max_response_len: int) -> tuple[list[int], list[int], bool]:
+    prompt_ids = teacher.encode_prompt(row["prompt"])
+    if row.get("response_ids") is not None:
+        ids = row["response_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise DataError(f"record {row['id']!r}: response_ids must be a list of token ids, got {ids!r:.80}")
+        bad = [t for t in ids if not 0 <= t < teacher.vocab_size]
+        if bad:
+            raise DataError(
+                f"record {row['id']!r}: response_ids {bad[:5]} lie outside the teacher's vocabulary "
+                f"0..{teacher.vocab_size - 1}"
+            )
+        response_ids = list(ids)
+        terminated = bool(response_ids) and response_ids[-1] == teacher.eos_token_id
+    else:  # reference text: tokenise and end it with EOS (the response is complete)
+        response_ids = teacher.tokenizer(row.get("response", ""), add_special_tokens=False)["input_ids"]
+        response_ids = list(response_ids) + [teacher.eos_token_id]
+        terminated = True
+    if len(response_ids) > max_response_len:
+        response_ids, terminated = response_ids[:max_response_len], False
+    return prompt_ids, response_ids, terminated
+
+
+def annotate(
+    teacher: Teacher,
+    source,
+    out: str | os.PathLike,
+    *,
+    top_k: int = 64,
+    top_p: float = 0.8,
+    reward: Reward | str = Reward.LOGPROB,
+    gamma: float = 0.99,
+    max_prompt_len: int = 512,
+    max_response_len: int = 256,
+    logprob_dtype: str = "float32",
+    batch_size: int = 8,
+    shard_size: int = 512,
+    strict: bool = False,
+    stop_after_shards: int | None = None,
+    progress: bool = False,
+) -> Path:
+    """Run the teacher once over every (prompt, response) of ``source`` and write the sparse
+    annotation cache: a ``datasets`` Arrow dataset per shard under ``out/shards`` plus
+    ``out/tdrl-annotation.json`` (settings, fingerprint, statistics).
+
+    Per record (see :mod:`tdrl.records`): ``prompt_ids``, ``response_ids``, and per response position
+    ``cand_ids`` (int32 ``[K]``), ``cand_logprobs`` (``logprob_dtype`` ``[K]``: the teacher's top-K
+    log-probs, kept also outside A_p(s) so one cache can be re-cut at a smaller p), ``cand_mask``
+    (A_p(s)), ``action_logprob``, ``action_in_cand``, ``reward``; plus ``terminated`` and ``length``.
+
+    Responses are taken as token ids when the source has them (``generate_responses`` output), else
+    tokenised and ended with EOS. Prompts longer than ``max_prompt_len`` tokens are skipped and
+    counted (``strict=True`` raises instead); responses are cut at ``max_response_len``.
+    """
+    top_k, top_p = validate_top_k(top_k), validate_top_p(top_p)
+    reward = Reward.parse(reward)
+    for name, value in (("max_prompt_len", max_prompt_len), ("max_response_len", max_response_len),
+                        ("batch_size", batch_size), ("shard_size", shard_size)):  # fmt: skip
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if logprob_dtype not in ("float16", "float32"):
+        raise ConfigError(f"logprob_dtype must be float16 or float32, got {logprob_dtype!r}")
+    if len(source) == 0:
+        raise DataError("the data source is empty: nothing to annotate")
+    if "response" not in source.column_names and "response_ids" not in source.column_names:
+        raise DataError(
+            "the data source has no responses: annotate needs (prompt, response) pairs; generate them with "
+            "`tdrl generate-responses` first"
+        )
+    out = Path(out)
+    settings = {
+        "teacher": teacher.name,
+        "weights": teacher.weights_fingerprint(),
+        "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
+        "vocab_size": teacher.vocab_size,
+        "template": teacher.render_prompt("{prompt}"),
+        "source": records_fingerprint(source),
+        "top_k": top_k,
+        "top_p": top_p,
+        "reward": reward.value,
+        "gamma": gamma,
+        "max_prompt_len": max_prompt_len,
+        "max_response_len": max_response_len,
+        "logprob_dtype": logprob_dtype,
+        "shard_size": shard_size,
+    }
+    created = not out.exists()
+    with DirectoryLock(out, "annotation directory"):
+        meta = open_output(out, ANNOTATION_META, settings, "a teacher annotation")
+        try:
+            _annotate_shards(teacher, source, out, settings, strict, stop_after_shards, progress, batch_size)
+        except DataError:
+            if created and not any((out / "shards").glob("shard-*/data-*.arrow")):
+                shutil.rmtree(out, ignore_errors=True)  # nothing usable was written: leave no broken cache behind
+            raise
+        if stop_after_shards is not None and len(list((out / "shards").glob("shard-*"))) < _n_shards(source, settings):
+            return out
+        shards = {}
+        for p in sorted((out / "shards").glob("shard-*")):
+            shards[p.name] = read_json(p / "tdrl-shard.json", "shard record")
+        meta.update(
+            complete=True,
+            shards={name: m["records"] for name, m in shards.items()},
+            records=sum(m["records"] for m in shards.values()),
+            skipped={key: sum(m["skipped"].get(key, 0) for m in shards.values()) for key in SKIP_REASONS},
+        )
+        if any(meta["skipped"].values()):
+            log.warning("annotate: skipped records: %s", meta["skipped"])
+        data = load_annotations(out, _meta=meta)
+        meta["statistics"] = annotation_statistics(data)
+        meta["bytes_per_token"] = dir_bytes(out / "shards") / max(1, meta["statistics"]["tokens"])
+        write_json_atomic(out / ANNOTATION_META, meta)
+    return out
+
+
+#: Why annotate leaves a record out (counted per reason in tdrl-annotation.json).
+SKIP_REASONS = ("prompt_too_long", "beyond_context", "empty_response")
+
+
+def _n_shards(source, settings) -> int:
+    return len(shard_ranges(len(source), settings["shard_size"]))
+
+
+def _annotate_shards(teacher, source, out: Path, settings: dict, strict, stop_after_shards, progress, batch_size):
+    """Write every missing (or damaged) shard: Arrow data, its record counts, and a manifest."""
+    import datasets
+
+    features = _features(settings["logprob_dtype"])
+    max_prompt_len, max_response_len = settings["max_prompt_len"], settings["max_response_len"]
+    context = teacher.max_length
+    written = 0
+    ranges = shard_ranges(len(source), settings["shard_size"])
+    for index, (start, stop) in enumerate(progress_bar(ranges, progress, "annotate")):
+        shard = out / "shards" / f"shard-{index:05d}"
+        if shard.is_dir():
+            if not verify_manifest(shard, hashes=False):
+                continue
+            shutil.rmtree(shard)  # damaged (a file missing or truncated): write it again
+        if stop_after_shards is not None and written >= stop_after_shards:
+            return
+        columns: dict[str, list] = {name: [] for name in features}
+        skipped = dict.fromkeys(SKIP_REASONS, 0)
+        items = []
+        for i in range(start, stop):
+            row = source[i]
+            prompt_ids, response_ids, terminated = _tokenise(teacher, row, max_response_len)
+            too_long = len(prompt_ids) > max_prompt_len
+            beyond = context is not None and len(prompt_ids) + len(response_ids) > context
+            if (too_long or beyond) and strict:
+                limit = f"max_prompt_len={max_prompt_len}" if too_long else f"the teacher's context of {context} tokens"
+                raise DataError(
+                    f"record {row['id']!r}: {len(prompt_ids)} prompt + {len(response_ids)} response tokens exceed "
+                    f"{limit} (drop --strict to skip such records)"
+                )
+            reason = "prompt_too_long" if too_long else "beyond_context" if beyond else None
+            reason = reason or (None if response_ids else "empty_response")
+            if reason:
+                skipped[reason] += 1
+                continue
+            items.append((row, prompt_ids, response_ids, terminated))
+        for b_start in range(0, len(items), batch_size):
+            _annotate_batch(teacher, items[b_start : b_start + batch_size], columns, settings["top_k"],
+                            settings["top_p"], Reward.parse(settings["reward"]), settings["gamma"])  # fmt: skip
+        tmp = shard.with_name(f".{shard.name}.{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        if items:  # an empty shard is recorded (its counts) but holds no Arrow data
+            with quiet_datasets():
+                datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))
+        (tmp / "tdrl-shard.json").write_text(json.dumps({"skipped": skipped, "records": len(items)}))
+        write_manifest(tmp)
+        os.replace(tmp, shard)
+        written += 1
+    counts = [read_json(p / "tdrl-shard.json", "shard record") for p in (out / "shards").glob("shard-*")]
+    if counts and sum(c["records"] for c in counts) == 0:
+        totals = {key: sum(c["skipped"].get(key, 0) for c in counts) for key in SKIP_REASONS}
+        raise DataError(
+            f"no record fits: every one was skipped ({totals}; max_prompt_len={max_prompt_len}, max_response_len="
+            f"{max_response_len}, teacher context {context}): raise the limits or use shorter prompts"
+        )
+
+
+def _annotate_batch(teacher, items, columns, top_k, top_p, reward, gamma) -> None:
+    seqs = [p + r for _, p, r, _ in items]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), teacher.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    ann = teacher.annotate(ids, mask, top_k=top_k, top_p=top_p, reward=reward, gamma=gamma)
+    for i, (row, prompt_ids, response_ids, terminated) in enumerate(items):
+        lo, hi = len(prompt_ids) - 1, len(prompt_ids) - 1 + len(response_ids)  # states that chose a response token
+        sub = ann.subset[i, lo:hi]
+        tokens = torch.tensor(response_ids)
+        columns["id"].append(str(row["id"]))
+        columns["prompt"].append(row["prompt"])
+        columns["response"].append(row.get("response") or teacher.tokenizer.decode(response_ids))
+        columns["prompt_ids"].append(prompt_ids)
+        columns["response_ids"].append(response_ids)
+        columns["cand_ids"].append(sub.ids.to(torch.int32).tolist())
+        columns["cand_logprobs"].append(sub.logprobs.tolist())
+        columns["cand_mask"].append(sub.mask.tolist())
+        columns["action_logprob"].append(ann.token_logprob[i, lo:hi].tolist())
+        columns["action_in_cand"].append(sub.contains(tokens).tolist())
+        columns["reward"].append(ann.reward[i, lo:hi].tolist())
+        columns["terminated"].append(bool(terminated))
+        columns["length"].append(len(prompt_ids) + len(response_ids))

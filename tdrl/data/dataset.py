@@ -1,0 +1,275 @@
+"""Reading the annotation cache for training: :func:`load_annotations` (verified shards),
+:class:`DistillDataset` (per-record tensors, re-cut to another p), :func:`collate` (the batch of
+DESIGN.md: one batch, one forward pass), and the seeded, resumable :class:`BucketBatchSampler`."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tdrl.actions import nucleus_mask
+from tdrl.errors import ConfigError, DataError, VocabularyMismatchError
+from tdrl.integrity import read_json, verify_manifest
+from tdrl.models.lm import tokenizer_fingerprint
+from tdrl.records import ONLINE_FIELDS, TRAINING_FIELDS
+
+__all__ = [
+    "ANNOTATION_META", "load_annotations", "annotation_statistics", "DistillDataset", "collate",
+    "BucketBatchSampler", "check_same_vocabulary",
+]  # fmt: skip
+
+ANNOTATION_META = "tdrl-annotation.json"
+
+
+def load_annotations(path: str | os.PathLike, *, _meta: dict | None = None):
+    """The annotation cache at ``path`` as one ``datasets.Dataset`` (shards concatenated), after checking
+    that every shard the metadata lists is present and intact (sizes and sha256 of its files)."""
+    import datasets
+
+    path = Path(path)
+    meta_path = path / ANNOTATION_META
+    if not meta_path.is_file():
+        raise DataError(f"{path} is not a tdrl annotation cache (no {ANNOTATION_META}): build one with `tdrl annotate`")
+    meta = _meta or read_json(meta_path, "annotation metadata")
+    if not meta.get("complete"):
+        raise DataError(
+            f"the annotation in {path} is incomplete: rerun `tdrl annotate` with the same arguments to resume"
+        )
+    listed = meta.get("shards") or {p.name: None for p in sorted((path / "shards").glob("shard-*"))}
+    shards = []
+    for name, records in listed.items():
+        shard = path / "shards" / name
+        problems = verify_manifest(shard) if shard.is_dir() else [f"{shard} is missing"]
+        if problems:
+            raise DataError(
+                f"the annotation cache {path} is damaged ({problems[0]}): rerun `tdrl annotate` with the same "
+                "arguments to rebuild the damaged shard"
+            )
+        if records == 0:
+            continue
+        data = datasets.load_from_disk(str(shard))
+        if records is not None and len(data) != records:
+            raise DataError(f"{shard} holds {len(data)} records, its metadata says {records}: rerun `tdrl annotate`")
+        shards.append(data)
+    if not shards:
+        raise DataError(f"the annotation in {path} holds no records (all were skipped?)")
+    return datasets.concatenate_datasets(shards)
+
+
+def annotation_statistics(data) -> dict[str, float]:
+    """Mean |A_p(s)| and teacher mass in A_p(s) over every response position, and the token count."""
+    sizes, masses, in_cand, tokens = 0.0, 0.0, 0.0, 0
+    for row in data.with_format("numpy").iter(batch_size=64):
+        for mask, logprobs, hits in zip(row["cand_mask"], row["cand_logprobs"], row["action_in_cand"]):
+            mask = np.stack(mask) if mask.dtype == object else mask
+            logprobs = np.stack(logprobs) if logprobs.dtype == object else logprobs
+            sizes += mask.sum()
+            masses += np.where(mask, np.exp(logprobs.astype(np.float64)), 0.0).sum()
+            in_cand += np.asarray(hits).sum()
+            tokens += mask.shape[0]
+    return {
+        "tokens": tokens,
+        "support_size": sizes / max(tokens, 1),
+        "support_mass": masses / max(tokens, 1),
+        "action_in_cand": in_cand / max(tokens, 1),
+    }
+
+
+def check_same_vocabulary(teacher_tokenizer, student_tokenizer, *, what: str = "teacher and student") -> None:
+    """Raise :class:`~tdrl.errors.VocabularyMismatchError` unless both tokenizers map every token to
+    the same id (the paper's stated requirement: actions are shared token ids)."""
+    a, b = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if a != b:
+        only_a, only_b = len(set(a) - set(b)), len(set(b) - set(a))
+        moved = sum(1 for tok, i in a.items() if tok in b and b[tok] != i)
+        raise VocabularyMismatchError(
+            f"{what} use different vocabularies ({len(a)} vs {len(b)} tokens; {only_a} and {only_b} tokens "
+            f"missing from the other side, {moved} with different ids): tdrl's actions are token ids, so pick a "
+            "student from the teacher's family (e.g. --student layers:0,10,20,29)"
+        )
+
+
+class DistillDataset(torch.utils.data.Dataset):
+    """An annotation cache as a map-style dataset of per-record tensors.
+
+    Args:
+        path: directory written by :func:`annotate` (or a loaded ``datasets.Dataset`` of that schema).
+        tokenizer: if given, must be the tokenizer the cache was built with (else
+            :class:`~tdrl.errors.VocabularyMismatchError`).
+        top_p: re-cut A_p(s) at this p from the cached top-K log-probs (default: the cache's p).
+    """
+
+    def __init__(self, path, *, tokenizer=None, top_p: float | None = None):
+        if isinstance(path, (str, os.PathLike)):
+            self.data = load_annotations(path)  # raises DataError unless a complete cache
+            self.meta = read_json(Path(path) / ANNOTATION_META, "annotation metadata")
+        else:
+            self.meta, self.data = {}, path
+        settings = self.meta.get("settings", {})
+        if tokenizer is not None and settings.get("tokenizer") not in (None, tokenizer_fingerprint(tokenizer)):
+            raise VocabularyMismatchError(
+                f"the annotation cache {path} was built with another tokenizer (fingerprint {settings['tokenizer']}, "
+                f"this one {tokenizer_fingerprint(tokenizer)}): re-annotate with this model's teacher"
+            )
+        self.top_p = top_p
+        vocab = settings.get("vocab_size") or (len(tokenizer) if tokenizer is not None else None)
+        if vocab is not None:
+            _check_token_ids(self.data, vocab, path)
+        self.lengths = np.asarray(self.data["length"], dtype=np.int64)
+        self._torch = self.data.with_format("torch")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        row = self._torch[int(index)]
+        item = {key: row[key] for key in TRAINING_FIELDS}
+        item["cand_logprobs"] = item["cand_logprobs"].float()
+        if self.top_p is not None:
+            item["cand_mask"] = nucleus_mask(item["cand_logprobs"], self.top_p)
+        return item
+
+
+def _check_token_ids(data, vocab_size: int, where) -> None:
+    """Every token id of the cache (prompt, response and candidates) lies in ``[0, vocab_size)``: a
+    damaged cache must not train (a negative id would silently index from the end)."""
+    import pyarrow.compute as pc
+
+    table = data.data.table if hasattr(data.data, "table") else data.data
+    for column, depth in (("prompt_ids", 1), ("response_ids", 1), ("cand_ids", 2)):
+        values = table.column(column)
+        for _ in range(depth):
+            values = pc.list_flatten(values)
+        if len(values) == 0:
+            continue
+        low, high = pc.min_max(values).values()
+        if low.as_py() < 0 or high.as_py() >= vocab_size:
+            raise DataError(
+                f"the annotation cache {where} holds {column} outside 0..{vocab_size - 1} (min {low}, max {high}): "
+                "it is damaged or made for another vocabulary; rebuild it with `tdrl annotate`"
+            )
+
+
+def collate(records: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str, Tensor]:
+    """Stack records into the batch of DESIGN.md ("one batch, one forward pass").
+
+    Sequences are right-padded to T = the longest prompt + response. Position t is the state
+    ``input_ids[:, : t + 1]``; per-position fields describe the action ``input_ids[:, t + 1]``:
+
+    * ``input_ids``, ``attention_mask`` ``[B, T]``;
+    * ``response_mask`` ``[B, T]`` True where the action at t is a response token;
+    * ``cand_ids`` ``[B, T, K]`` (int64), ``cand_logprobs`` ``[B, T, K]`` (float32, ``-inf`` outside
+      A_p(s)), ``cand_mask`` ``[B, T, K]``;
+    * ``action_logprob``, ``reward`` ``[B, T]`` (0 off the response), ``action_in_cand`` ``[B, T]``;
+    * ``done`` ``[B, T]`` True at the last response position (its next state is terminal);
+    * ``terminated`` ``[B]`` the response ended with EOS (False: cut at the length limit);
+    * ``behaviour_logprob``, ``student_logprob`` ``[B, T]`` only when every record is an online
+      episode that carries them (:data:`tdrl.records.ONLINE_FIELDS`).
+    """
+    if not records:
+        raise DataError("cannot collate an empty batch")
+    k = records[0]["cand_ids"].shape[-1]
+    lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in records]
+    b, t = len(records), max(lengths)
+    batch = {
+        "input_ids": torch.full((b, t), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((b, t), dtype=torch.long),
+        "response_mask": torch.zeros((b, t), dtype=torch.bool),
+        "cand_ids": torch.zeros((b, t, k), dtype=torch.long),
+        "cand_logprobs": torch.full((b, t, k), float("-inf")),
+        "cand_mask": torch.zeros((b, t, k), dtype=torch.bool),
+        "action_logprob": torch.zeros((b, t)),
+        "action_in_cand": torch.zeros((b, t), dtype=torch.bool),
+        "reward": torch.zeros((b, t)),
+        "done": torch.zeros((b, t), dtype=torch.bool),
+        "terminated": torch.zeros(b, dtype=torch.bool),
+    }
+    for i, r in enumerate(records):
+        n_prompt, n = len(r["prompt_ids"]), len(r["response_ids"])
+        batch["input_ids"][i, :n_prompt] = torch.as_tensor(r["prompt_ids"])
+        batch["input_ids"][i, n_prompt : n_prompt + n] = torch.as_tensor(r["response_ids"])
+        batch["attention_mask"][i, : n_prompt + n] = 1
+        lo, hi = n_prompt - 1, n_prompt - 1 + n
+        mask = torch.as_tensor(r["cand_mask"], dtype=torch.bool)
+        batch["response_mask"][i, lo:hi] = True
+        batch["cand_ids"][i, lo:hi] = torch.as_tensor(r["cand_ids"]).long()
+        batch["cand_logprobs"][i, lo:hi] = torch.as_tensor(r["cand_logprobs"]).float().masked_fill(~mask, float("-inf"))
+        batch["cand_mask"][i, lo:hi] = mask
+        batch["action_logprob"][i, lo:hi] = torch.as_tensor(r["action_logprob"]).float()
+        batch["action_in_cand"][i, lo:hi] = torch.as_tensor(r["action_in_cand"], dtype=torch.bool)
+        batch["reward"][i, lo:hi] = torch.as_tensor(r["reward"]).float()
+        batch["done"][i, hi - 1] = True
+        batch["terminated"][i] = bool(r["terminated"])
+    for key in ONLINE_FIELDS:
+        if all(key in r for r in records):
+            batch[key] = torch.zeros((b, t))
+            for i, r in enumerate(records):
+                lo = len(r["prompt_ids"]) - 1
+                batch[key][i, lo : lo + len(r["response_ids"])] = torch.as_tensor(r[key]).float()
+    return batch
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of similar length, in a deterministic order given (seed, epoch).
+
+    Each epoch: shuffle all indices with ``seed + epoch``, cut them into pools of
+    ``batch_size * pool_batches``, sort each pool by length, cut pools into batches, and shuffle the
+    batch order. Iterating yields the batches of :meth:`set_epoch`'s epoch (a pure function of seed and
+    epoch), so a resumed run skips the batches it consumed (``accelerate``'s ``skip_first_batches``)
+    and sees exactly the batches an uninterrupted run would have.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        pool_batches: int = 50,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if len(lengths) == 0:
+            raise DataError("cannot batch an empty dataset")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.pool_batches = batch_size, seed, pool_batches
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch``, in order (a pure function of seed and epoch)."""
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = np.arange(n)
+            out = [order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+        else:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(n)
+            pool = self.batch_size * self.pool_batches
+            out = []
+            for start in range(0, n, pool):
+                chunk = order[start : start + pool]
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                out += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+            out = [out[i] for i in rng.permutation(len(out))]
+        if self.drop_last:
+            out = [b for b in out if len(b) == self.batch_size]
+        return out
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)

@@ -1,0 +1,199 @@
+"""Prompt and response sources: the bundled instruction set, files (JSONL / JSON / CSV / TSV),
+``save_to_disk`` directories, ``generate-responses`` output, presets (``dolly``) and hub data sets.
+Names resolve locally first (:func:`tdrl.models.resolve_name`)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tdrl.errors import ConfigError, DataError
+from tdrl.integrity import read_json
+from tdrl.models.hub import resolve_name
+
+__all__ = ["PRESETS", "SPLITS", "Preset", "load_source", "records_fingerprint", "RESPONSES_META"]
+
+SPLITS = ("train", "validation", "test")
+
+RESPONSES_META = "tdrl-responses.json"
+
+BUNDLED_FILE = "bundled_prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Column mapping of a known data set (``context`` is joined into the prompt)."""
+
+    hub_id: str
+    prompt_column: str
+    response_column: str
+    context_column: str | None = None
+
+
+PRESETS = {
+    "dolly": Preset("databricks/databricks-dolly-15k", "instruction", "response", "context"),
+}
+
+
+def _bundled_records(split: str | None) -> list[dict]:
+    text = resources.files("tdrl").joinpath("resources", BUNDLED_FILE).read_text(encoding="utf-8")
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [r for r in records if split is None or r["split"] == split]
+
+
+def _read_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            with path.open(encoding="utf-8") as fh:
+                return [json.loads(line) for line in fh if line.strip()]
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+                lists = [v for v in data.values() if isinstance(v, list)]
+                if len(lists) != 1:
+                    raise DataError(f"{path}: a JSON object must hold exactly one list of records")
+                data = lists[0]
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of records")
+            return data
+        if suffix in (".csv", ".tsv"):
+            with path.open(encoding="utf-8", newline="") as fh:
+                rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+            for i, row in enumerate(rows):
+                if None in row:  # DictReader puts the fields beyond the header under the key None
+                    raise DataError(f"{path}: row {i + 2} has more fields than the header ({len(row) - 1} columns)")
+            return rows
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path} is not valid {suffix[1:].upper()}: {exc}") from exc
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .tsv")
+
+
+def _read_responses_dir(path: Path) -> list[dict]:
+    meta = read_json(path / RESPONSES_META, "responses metadata")
+    if not meta.get("complete"):
+        raise DataError(
+            f"{path} holds unfinished teacher responses: rerun `tdrl generate-responses` with the same "
+            "arguments to finish them"
+        )
+    records = []
+    for shard in sorted((path / "shards").glob("shard-*.jsonl")):
+        records += _read_file(shard)
+    return records
+
+
+def _hub_or_disk(source: str, split: str | None) -> list[dict]:
+    import datasets
+
+    try:
+        if Path(source).is_dir():
+            ds = datasets.load_from_disk(source)
+        else:
+            ds = datasets.load_dataset(source, split=split or "train")
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError ...)
+        raise DataError(
+            f"could not load data source {source!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}): "
+            "pass 'bundled', a .jsonl/.json/.csv file, a directory from `tdrl generate-responses` or "
+            "`save_to_disk`, or a hub data set reachable from this machine"
+        ) from exc
+    if isinstance(ds, datasets.DatasetDict):
+        if (split or "train") not in ds:
+            raise DataError(f"data source {source!r} has splits {list(ds)}; choose one with split=/--split")
+        ds = ds[split or "train"]
+    return ds.to_list()
+
+
+def load_source(
+    source: str | os.PathLike | Any,
+    *,
+    split: str | None = None,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    context_column: str | None = None,
+    require_response: bool = False,
+):
+    """Load (prompt, response) records as a ``datasets.Dataset`` with columns ``id``, ``prompt`` and,
+    when present, ``response``, ``response_ids``, ``reference``, ``family``.
+
+    ``source`` is ``"bundled"`` (the shipped instruction set; ``split`` in train/validation/test), a
+    preset name (``"dolly"``), a ``.jsonl``/``.json``/``.csv`` file, a directory written by
+    :func:`generate_responses` or ``Dataset.save_to_disk``, a ``datasets.Dataset``, or a hub id (passed
+    to ``datasets.load_dataset`` untouched). Columns are renamed from ``prompt_column`` /
+    ``response_column``; a non-empty ``context_column`` value is appended to the prompt after a blank
+    line. Raises :class:`~tdrl.errors.DataError` for empty sources and malformed records.
+    """
+    import datasets
+
+    name = source if isinstance(source, str) else str(source) if isinstance(source, os.PathLike) else None
+    if isinstance(source, datasets.Dataset):
+        rows, label = source.to_list(), "the given dataset"
+    elif name == "bundled":
+        if split is not None and split not in SPLITS:
+            raise ConfigError(f"the bundled set has splits {', '.join(SPLITS)}; got split={split!r}")
+        rows, label = _bundled_records(split), "bundled"
+    else:
+        label = name
+        if name in PRESETS or name in {p.hub_id for p in PRESETS.values()}:
+            preset = PRESETS.get(name) or next(p for p in PRESETS.values() if p.hub_id == name)
+            prompt_column, response_column = preset.prompt_column, preset.response_column
+            context_column = preset.context_column
+            name = preset.hub_id
+        kind, where = resolve_name(name, "data source (besides 'bundled' and 'dolly')", DataError)
+        path = Path(where)
+        if kind == "hub":
+            rows = _hub_or_disk(where, split)
+        elif path.is_file():
+            rows = _read_file(path)
+        elif (path / RESPONSES_META).is_file():
+            rows = _read_responses_dir(path)
+        else:
+            rows = _hub_or_disk(str(path), split)
+    records = _normalise(rows, label, prompt_column, response_column, context_column, require_response)
+    return datasets.Dataset.from_list(records)
+
+
+def _normalise(rows, label, prompt_column, response_column, context_column, require_response) -> list[dict]:
+    if len(rows) == 0:
+        raise DataError(f"data source {label!r} is empty: it holds no records")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"record {i} of {label!r} is not an object with named fields: {row!r:.80}")
+        prompt = row.get(prompt_column)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(
+                f"record {i} of {label!r} has no non-empty {prompt_column!r} (fields: {sorted(row)}): "
+                "fix the record or set --prompt-column"
+            )
+        if context_column and isinstance(row.get(context_column), str) and row[context_column].strip():
+            prompt = f"{prompt}\n\n{row[context_column].strip()}"
+        record = {"id": str(row.get("id", i)), "prompt": prompt}
+        response = row.get(response_column)
+        if response is not None:
+            if not isinstance(response, str):
+                raise DataError(f"record {i} of {label!r}: {response_column!r} must be a string, got {response!r:.80}")
+            record["response"] = response
+        elif require_response:
+            raise DataError(
+                f"record {i} of {label!r} has no {response_column!r} (fields: {sorted(row)}): annotation needs "
+                "responses; generate them with `tdrl generate-responses` or set --response-column"
+            )
+        for key in ("response_ids", "reference", "family", "terminated"):
+            if key in row and row[key] is not None:
+                record[key] = row[key]
+        out.append(record)
+    return out
+
+
+def records_fingerprint(ds) -> str:
+    """sha256 over every record's id, prompt, response and response ids (order included)."""
+    digest = hashlib.sha256()
+    for row in ds:
+        digest.update(json.dumps([row.get("id"), row["prompt"], row.get("response"), row.get("response_ids")]).encode())
+    return digest.hexdigest()[:16]

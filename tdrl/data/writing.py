@@ -1,0 +1,70 @@
+"""What the data writers share: sharding, the output directory's settings check, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+from tdrl.errors import DataError
+from tdrl.integrity import read_json, write_json_atomic
+
+__all__ = ["shard_ranges", "open_output", "settings_fingerprint", "progress_bar", "quiet_datasets", "dir_bytes"]
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def open_output(out: Path, meta_name: str, settings: dict, kind: str) -> dict:
+    """Create ``out`` or check that it holds the same job (same settings); return the meta dict."""
+    meta_path = out / meta_name
+    if meta_path.is_file():
+        meta = read_json(meta_path, "output metadata")
+        if meta.get("settings") != settings:
+            changed = sorted(k for k in settings if meta.get("settings", {}).get(k) != settings[k])
+            raise DataError(
+                f"{out} already holds {kind} built with different settings ({', '.join(changed)} differ; "
+                f"fingerprint {meta.get('fingerprint')} vs {settings_fingerprint(settings)}): use a new --out "
+                "directory or delete the old one"
+            )
+        return meta
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: choose a directory")
+    if out.exists() and any(p.name != ".tdrl.lock" for p in out.iterdir()):
+        raise DataError(f"{out} exists and is not a tdrl {kind} directory: choose an empty or new --out")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    meta = {"kind": kind, "settings": settings, "fingerprint": settings_fingerprint(settings), "complete": False}
+    write_json_atomic(meta_path, meta)
+    return meta
+
+
+def settings_fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def progress_bar(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="shard")
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """Silence ``datasets``' per-save progress bars (tdrl draws its own per shard)."""
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -1,0 +1,102 @@
+"""Policies for the token environments: the teacher projected on A_p(s), uniform on A_p(s), and the
+student sampling the way it decodes. Each maps an observation (batched for a vector env) to action(s)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["TeacherPolicy", "RandomMaskedPolicy", "StudentPolicy"]
+
+
+def _sample_rows(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One index per row of ``probs`` ``[N, K]`` (rows sum to 1) by inverse-CDF sampling."""
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(probs.shape[0]) * cdf[:, -1]
+    return np.minimum((cdf < u[:, None]).sum(-1), probs.shape[-1] - 1)
+
+
+class _CandidatePolicy:
+    """Base for policies that choose among an observation's ``cand_*`` (single or batched obs)."""
+
+    def __init__(self, seed: int | None = None):
+        self.rng = np.random.default_rng(seed)
+
+    def probabilities(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, obs: dict[str, np.ndarray]):
+        batched = obs["cand_ids"].ndim == 2
+        cand_ids = np.atleast_2d(obs["cand_ids"])
+        probs = self.probabilities({k: np.atleast_2d(obs[k]) for k in ("cand_logprobs", "cand_mask")})
+        choice = _sample_rows(probs, self.rng)
+        actions = cand_ids[np.arange(cand_ids.shape[0]), choice]
+        return actions if batched else actions[0]
+
+
+class TeacherPolicy(_CandidatePolicy):
+    """Samples from the teacher projected onto A_p(s): ``softmax(cand_logprobs / temperature)`` on
+    ``cand_mask``. With ``top_p=1`` and ``top_k >= V`` this is the teacher itself."""
+
+    def __init__(self, temperature: float = 1.0, seed: int | None = None):
+        super().__init__(seed)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def probabilities(self, obs):
+        logits = np.where(obs["cand_mask"].astype(bool), obs["cand_logprobs"] / self.temperature, -np.inf)
+        logits = logits - logits.max(-1, keepdims=True)
+        weights = np.exp(logits)
+        return weights / weights.sum(-1, keepdims=True)
+
+
+class RandomMaskedPolicy(_CandidatePolicy):
+    """Uniform over A_p(s)."""
+
+    def probabilities(self, obs):
+        weights = obs["cand_mask"].astype(np.float64)
+        return weights / weights.sum(-1, keepdims=True)
+
+
+class StudentPolicy:
+    """The student as an env policy (batched observations), sampling the way it decodes: from its
+    policy over the whole vocabulary (``agent.policy_logits`` / ``temperature``), so it may leave
+    A_p(s) (the env flags it). With ``teacher_mix`` alpha > 0 (MiniLLM) it samples from
+    mu = alpha pi_T + (1 - alpha) pi_S, the teacher part renormalised on the observation's A_p(s).
+    After each call ``last_extras`` holds, per row, ``behaviour_logprob`` = log mu(a|s) and
+    ``student_logprob`` = log pi_S(a|s) of the chosen tokens; :func:`~tdrl.envs.rollout` stores them in
+    the episode records (importance ratios when the episodes are reused)."""
+
+    def __init__(self, agent, seed: int = 0, temperature: float = 1.0, teacher_mix: float = 0.0):
+        self.agent, self.temperature, self.teacher_mix = agent, temperature, teacher_mix
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_extras: dict[str, np.ndarray] = {}
+
+    @torch.no_grad()
+    def __call__(self, obs: dict) -> np.ndarray:
+        student = self.agent.student
+        ids = torch.as_tensor(np.atleast_2d(obs["input_ids"]), device=student.device)
+        lengths = torch.as_tensor(np.atleast_1d(obs["length"]), device=student.device)
+        mask = (torch.arange(ids.shape[1], device=ids.device) < lengths.unsqueeze(-1)).long()
+        was_training = student.training
+        student.eval()
+        try:
+            hidden = student.hidden_states(ids, mask)
+        finally:
+            student.train(was_training)
+        last = hidden[torch.arange(ids.shape[0]), lengths - 1]
+        probs = torch.softmax(self.agent.policy_logits(last).float().cpu() / self.temperature, -1)
+        behaviour = probs
+        if self.teacher_mix > 0:
+            cand = torch.as_tensor(np.atleast_2d(obs["cand_ids"])).long()
+            teacher = torch.softmax(torch.as_tensor(np.atleast_2d(obs["cand_logprobs"])).float(), -1)
+            teacher_full = torch.zeros_like(probs).scatter_add_(-1, cand, teacher)
+            behaviour = self.teacher_mix * teacher_full + (1 - self.teacher_mix) * probs
+        actions = torch.multinomial(behaviour, 1, generator=self.generator)
+        self.last_extras = {
+            "behaviour_logprob": behaviour.gather(-1, actions).squeeze(-1).clamp_min(1e-30).log().numpy(),
+            "student_logprob": probs.gather(-1, actions).squeeze(-1).clamp_min(1e-30).log().numpy(),
+        }
+        actions = actions.squeeze(-1).numpy()
+        return actions if np.ndim(obs["length"]) else actions[0]

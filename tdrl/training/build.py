@@ -1,0 +1,104 @@
+"""From names to objects: :func:`build_trainer` resolves a :class:`~tdrl.training.args.TrainConfig`'s
+teacher, student, agent, data and evaluation prompts into a :class:`~tdrl.training.trainer.Trainer`;
+:func:`resume_trainer` rebuilds one from a run's newest intact checkpoint."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from tdrl.agents import get_agent, make_agent
+from tdrl.data import DistillDataset, check_same_vocabulary, prepare_bundled_data
+from tdrl.errors import DataError
+from tdrl.evaluation import reference_records
+from tdrl.integrity import read_json
+from tdrl.models import Teacher, load_student, load_teacher
+from tdrl.training.args import TrainConfig, parse_agent_args, resolve_device
+from tdrl.training.callbacks import TrainerCallback
+from tdrl.training.checkpoints import find_checkpoint, run_directory
+from tdrl.training.trainer import Trainer
+
+__all__ = ["build_trainer", "resume_trainer", "set_seed"]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_trainer(
+    args: TrainConfig,
+    *,
+    teacher: Teacher | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    progress: bool = True,
+) -> Trainer:
+    """Resolve the names of ``args`` (teacher, student, agent, data, validation and test prompts)
+    into objects and return a :class:`Trainer`; ``teacher`` may be passed in to share it between runs."""
+    agent_cls = get_agent(args.agent)  # an unknown agent fails before any model loads
+    args = args.with_agent_defaults(agent_cls.trainer_defaults)  # e.g. bd's J_PT, minillm's collection
+    set_seed(args.seed)
+    device = resolve_device(args.device)  # this process's GPU under torchrun / accelerate launch
+    teacher = teacher or load_teacher(args.teacher, dtype=args.teacher_dtype, device=device)
+    student = load_student(args.student, teacher=teacher).to(device)
+    check_same_vocabulary(teacher.tokenizer, student.tokenizer)
+    agent = make_agent(args.agent, student, **parse_agent_args(args.agent_args)).to(device)
+    with PartialState(
+        cpu=torch.device(args.device).type == "cpu"
+    ).main_process_first():  # one process builds the cached data, the others read it
+        if args.data == "bundled":
+            data_dir = prepare_bundled_data(
+                teacher, train_prompts=args.train_prompts, response_tokens=args.response_tokens,
+                top_k=args.annotation_top_k, top_p=args.annotation_top_p, progress=progress,
+            )  # fmt: skip
+        elif not Path(args.data).exists():
+            raise DataError(
+                f"data directory {args.data} does not exist: build it with `tdrl annotate` or use --data bundled"
+            )
+        else:
+            data_dir = args.data
+        dataset = DistillDataset(data_dir, tokenizer=student.tokenizer, top_p=agent.config.top_p)
+        made_by = dataset.meta.get("settings", {}).get("weights")
+        if made_by not in (None, teacher.weights_fingerprint()):
+            raise DataError(
+                f"the annotation cache {data_dir} was made by another teacher (weights {made_by}, this teacher "
+                f"{teacher.weights_fingerprint()}): annotate the data with this teacher"
+            )
+        references = dict(max_new_tokens=args.eval_max_new_tokens, reference_column=args.eval_reference_column)
+        eval_records = reference_records(
+            teacher, args.eval_data, split=args.eval_split, n=args.eval_prompts, **references
+        )
+        test_records = None
+        if args.test_prompts:
+            test_records = reference_records(teacher, args.test_data, split=args.test_split, n=args.test_prompts,
+                                             **references)  # fmt: skip
+    return Trainer(
+        agent, teacher, dataset, eval_records, args, test_records=test_records, callbacks=callbacks, progress=progress
+    )
+
+
+def resume_trainer(
+    path: str | Path,
+    *,
+    teacher: Teacher | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    progress: bool = True,
+    steps: int | None = None,
+) -> Trainer:
+    """A trainer restored from the newest intact checkpoint under ``path`` (or ``path`` itself),
+    writing to the run directory ``path`` names (not the one stored in the checkpoint: a copied run
+    resumes in its copy). Every checkpoint file is verified against the manifest first, and the
+    data cache and the teacher must be the ones the run started with. ``steps`` may extend the run."""
+    checkpoint = find_checkpoint(path, verify=True)
+    args = TrainConfig(**read_json(checkpoint / "config.json", "checkpoint config"))
+    args.out = str(run_directory(path))
+    if steps is not None:
+        args.steps = steps
+    trainer = build_trainer(args, teacher=teacher, callbacks=callbacks, progress=progress)
+    trainer.load_checkpoint(checkpoint)
+    return trainer

@@ -1,0 +1,102 @@
+"""Callbacks of the training loop, and the TensorBoard one every run has.
+
+Scalar names: ``train/loss``, ``train/lr``, ``train/grad_norm``, every agent metric under its own
+name (``loss/q``, ``q/mean``, ``cql/gap``, ``policy/outside_mass`` ...), ``eval/*`` (each also ``*_std``
+over seeds), ``batch/support_size``, ``batch/support_mass``, ``batch/off_support_frac``,
+``perf/tokens_per_s``, ``rollout/*``, and at the end ``test/*`` and ``test_best/*``. Text: ``samples``
+(prompt / student / teacher, every evaluation). HParams: the run's configuration and every setting of
+its agent with its final and best metrics (``hparam/...``), so TensorBoard's HParams tab compares runs.
+One run directory per (agent, seed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+__all__ = ["Tracker", "samples_markdown", "TrainerCallback", "TensorBoardCallback"]
+
+
+def samples_markdown(samples: list[dict[str, str]]) -> str:
+    """A markdown table of (prompt, student, teacher) samples for TensorBoard's text tab."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    rows = ["| prompt | student | teacher |", "|---|---|---|"]
+    rows += [f"| {cell(s['prompt'])} | {cell(s['student'])} | {cell(s['teacher'])} |" for s in samples]
+    return "\n".join(rows)
+
+
+class Tracker:
+    """A thin TensorBoard writer (``torch.utils.tensorboard``; no TensorFlow needed)."""
+
+    def __init__(self, log_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(str(self.log_dir))
+
+    def scalars(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.writer.add_text(tag, markdown, step)
+
+    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        finite = {f"hparam/{k}": v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        self.writer.add_hparams(clean, finite, run_name=".")
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class TrainerCallback:
+    """Hooks of the training loop (main process only); every hook may be left out. ``trainer`` is the
+    :class:`~tdrl.training.trainer.Trainer` (its ``step``, ``args``, ``agent``, ``out``)."""
+
+    def on_train_begin(self, trainer) -> None: ...
+
+    def on_step_end(self, trainer) -> None:
+        """After each optimiser step (``trainer.step`` already counts it), before evaluation and
+        checkpointing."""
+
+    def on_log(self, trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_evaluate(self, trainer, metrics: dict[str, float], samples: list[dict[str, str]]) -> None: ...
+
+    def on_train_end(self, trainer, summary: dict) -> None: ...
+
+
+class TensorBoardCallback(TrainerCallback):
+    """Scalars, evaluation samples and hparams into the run directory."""
+
+    def __init__(self):
+        self.tracker: Tracker | None = None
+
+    def on_train_begin(self, trainer) -> None:
+        self.tracker = Tracker(trainer.out)
+
+    def on_log(self, trainer, metrics: dict[str, float]) -> None:
+        self.tracker.scalars(metrics, trainer.step)
+
+    def on_evaluate(self, trainer, metrics: dict[str, float], samples: list[dict[str, str]]) -> None:
+        self.tracker.scalars(metrics, trainer.step)
+        self.tracker.text("samples", samples_markdown(samples), trainer.step)
+
+    def on_train_end(self, trainer, summary: dict) -> None:
+        if not summary["interrupted"]:
+            for which, group in (("last", "test"), ("best", "test_best")):
+                metrics = (summary.get("test") or {}).get(which) or {}
+                self.tracker.scalars({k.replace("eval/", f"{group}/"): v for k, v in metrics.items()}, trainer.step)
+            final = dict((summary.get("last") or {}).get("metrics", {}))
+            final.update({f"best_{k}": v for k, v in (summary.get("best") or {}).get("metrics", {}).items()})
+            for which, metrics in (summary.get("test") or {}).items():
+                if isinstance(metrics, dict):
+                    final.update({f"test_{which}_{k.split('/')[1]}": v for k, v in metrics.items()})
+            self.tracker.hparams(trainer.hparams(), final)
+        self.tracker.close()
