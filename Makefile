@@ -44,8 +44,8 @@ gpu-smoke:
 	$(GPU_VENV)/bin/python scripts/gpu_smoke.py
 
 lint: install
-	$(BIN)/ruff check tdrl tests benchmarks examples
-	$(BIN)/ruff format --check tdrl tests benchmarks examples
+	$(BIN)/ruff check tdrl tests benchmarks examples scripts
+	$(BIN)/ruff format --check tdrl tests benchmarks examples scripts
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) build *.egg-info .pytest_cache

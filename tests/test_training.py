@@ -464,7 +464,8 @@ def test_typed_agent_flags_reach_the_agent_the_summary_and_tensorboard(tmp_path,
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads(summary["config"]["agent_args"]) == {"alpha": 0.25, "chi2": False, "expert_term": "topp_mean"}
     hp = hparams_of(out)
-    assert hp["agent.expert_term"] == "topp_mean" and hp["agent.alpha"] == 0.25 and hp["agent.chi2"] == 0  # torch writes bools as numbers
+    assert hp["agent.expert_term"] == "topp_mean" and hp["agent.alpha"] == 0.25
+    assert hp["agent.chi2"] == 0  # torch writes bools as numbers
     assert hp["agent.gamma"] == 0.99 and hp["agent"] == "iqlearn"  # every agent field, set or not
     capsys.readouterr()
     twice = [
