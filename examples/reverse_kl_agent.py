@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tdrl.agents import Agent, AgentConfig, register_agent
+from tdrl.agents import Agent, AgentConfig, hp, register_agent
 from tdrl.agents.gkd import partition_log_probs
 
 
@@ -30,7 +30,7 @@ class ReverseKLConfig(AgentConfig):
     Metrics: ``loss/reverse_kl``, ``policy/entropy_in_set``.
     """
 
-    temperature: float = 1.0
+    temperature: float = hp(1.0, "divides the student's and the teacher's logits before the divergence")
 
 
 @register_agent("reverse-kl")

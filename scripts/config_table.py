@@ -23,7 +23,7 @@ def _rows(fields, defaults=None) -> list[str]:
     lines = ["| flag | default | meaning |", "|---|---|---|"]
     for f in fields:
         shown = _default(f, (defaults or {}).get(f.name, dataclasses.MISSING))
-        meaning = f.metadata["help"].replace("|", "\\|")  # a | inside a cell would end it
+        meaning = f.metadata.get("help", "").replace("|", "\\|")  # a | inside a cell would end it
         lines.append(f"| `--{f.name.replace('_', '-')}` | {shown} | {meaning} |")
     return lines
 
@@ -38,6 +38,8 @@ def agent_tables() -> str:
     out = ["Every agent (`AgentConfig`):", "", *_rows(dataclasses.fields(AgentConfig))]
     for name in list_agents():
         cls = get_agent(name)
+        if not cls.__module__.startswith("tdrl."):
+            continue  # a plug-in registered in this process (tests import examples/) is not tdrl's to document
         fields = dataclasses.fields(cls.Config)
         own = [f for f in fields if f.name not in shared]
         preset = {

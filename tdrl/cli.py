@@ -252,13 +252,16 @@ def _train_help(command: str, argv: list[str]) -> int:
         parser.add_argument("--overwrite", action="store_true", help="replace a warm start made with other settings")
     elif command == "demo":
         parser.set_defaults(**DEMO_DEFAULTS)
-        parser.add_argument("--agents", help=f"comma-separated agent specs (default: {DEMO_AGENTS})")
-        parser.add_argument("--seeds", type=int, help="number of seeds (default 3)")
-        parser.add_argument("--warm-start-steps", type=int, help="steps of the shared warm start (default 64)")
-        parser.add_argument("--warm-start-lr", type=float, help="learning rate of the shared warm start (1e-4)")
+        parser.add_argument("--agents", default=DEMO_AGENTS, help="comma-separated agent specs")
+        parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
+        parser.add_argument("--warm-start-steps", type=int, default=64, help="steps of the shared warm start")
+        parser.add_argument("--warm-start-lr", type=float, default=1e-4, help="learning rate of the warm start")
     else:
-        parser.add_argument("--agents", help="comma-separated agent specs (name, name:key=value, kd, sft, seqkd)")
-        parser.add_argument("--seeds", type=int, help="number of seeds (0 .. N-1)")
+        parser.add_argument(
+            "--agents", default="bc,sql,iql,iqlearn,cql,bd",
+            help="comma-separated agent specs (name, name:key=value, kd, sft, seqkd)",
+        )  # fmt: skip
+        parser.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. N-1)")
     parser.print_help()
     return 0
 

@@ -7,7 +7,7 @@ the full vocabulary: the ecosystem's usual baseline). Third-party
 agents register with :func:`register_agent` or the ``tdrl.agents`` entry-point group.
 """
 
-from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions
+from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions, hp
 from tdrl.agents.bc import BC, BCConfig
 from tdrl.agents.gkd import GKD, GKDConfig
 from tdrl.agents.iql import IQL, IQLConfig
@@ -19,7 +19,7 @@ from tdrl.agents.registry import get_agent, list_agents, make_agent, register_ag
 from tdrl.agents.sql import CQL, SQL, CQLConfig, SQLConfig
 
 __all__ = [
-    "Agent", "AgentConfig", "Transitions", "Policy", "register_agent", "get_agent", "list_agents", "make_agent",
+    "Agent", "AgentConfig", "Transitions", "Policy", "hp", "register_agent", "get_agent", "list_agents", "make_agent",
     "masked_logsumexp", "masked_log_softmax", "log1mexp", "detached", "expectile_loss",
     "BC", "BCConfig", "SQL", "SQLConfig", "CQL", "CQLConfig", "IQL", "IQLConfig",
     "IQLearn", "IQLearnConfig", "BD", "BDConfig", "GKD", "GKDConfig", "MiniLLM", "MiniLLMConfig",

@@ -1,4 +1,5 @@
-"""The agent contract, the registry, and the batch view every agent shares.
+"""The agent contract: settings every agent shares (:class:`AgentConfig`) and the :class:`Agent` base
+class (the batch turned into transitions once, the policy view, the support term, the diagnostics).
 
 An agent owns its maths (``loss``); the trainer owns optimisers, schedules, AMP and logging::
 
@@ -29,9 +30,7 @@ vocabulary. ``restrict`` says what the teacher's set A_p(s) restricts:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from tdrl.agents.ops import masked_log_softmax, masked_logsumexp, pretrain_loss
+from tdrl.agents.transitions import Policy, Transitions
 from tdrl.errors import ConfigError, check_field_types
 from tdrl.models.student import VOCAB_CHUNK, Student, gather_logits, vocab_logsumexp, vocab_summary
 
@@ -48,7 +48,6 @@ __all__ = ["Agent", "AgentConfig", "Transitions", "Policy", "RESTRICT_MODES", "T
 RESTRICT_MODES = ("mdp", "set", "none")
 #: Metric groups the trainer logs itself; an agent's metric names never start with these.
 TRAINER_METRIC_GROUPS = ("train/", "batch/", "perf/", "eval/", "test/", "test_best/", "rollout/")
-_REGISTRY: dict[str, type[Agent]] = {}
 
 
 def hp(default, help: str):
@@ -118,82 +117,6 @@ class AgentConfig:
                 validate_top_p(self.top_p)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-
-
-@dataclass
-class Transitions:
-    """The response positions of a batch as N transitions, flattened row-major.
-
-    ``hidden`` holds M >= N states: every state s of a transition and every next state s'. ``cur``
-    and ``nxt`` index into it (``nxt`` is -1 where a row has no next position; ``done`` is then True).
-    Per-state fields (``cand_*``) are ``[M, ...]``; per-transition fields are ``[N]``.
-    ``behaviour_logprob`` / ``student_logprob`` (``[N]``, or None for offline data) are the log-probs
-    under which online episodes were sampled: the behaviour policy and the student at that time.
-    """
-
-    hidden: Tensor
-    cur: Tensor
-    nxt: Tensor
-    cand_ids: Tensor
-    cand_mask: Tensor
-    cand_logprobs: Tensor
-    actions: Tensor
-    reward: Tensor
-    done: Tensor
-    action_in_cand: Tensor
-    action_logprob: Tensor
-    behaviour_logprob: Tensor | None = None
-    student_logprob: Tensor | None = None
-    _log_z: dict = dataclasses.field(default_factory=dict, repr=False)
-
-    @property
-    def n(self) -> int:
-        return int(self.cur.shape[0])
-
-
-@dataclass
-class Policy:
-    """The student's (or another head's) logits at R states: on the support S of the MDP's sums
-    (``logits`` / ``mask``, ``[R, S]``: A_p(s) with S = K, or the whole vocabulary for
-    ``restrict="none"``), at the teacher's candidates (``cand``, ``[R, K]``, A_p(s) = ``cand_mask``),
-    and at each transition's data token (``action``, ``[N]``). :attr:`log_z` ``[R]`` normalises the
-    decoding policy (over V, or over A_p(s) for ``restrict="set"``); it is computed on first use, so
-    an agent that never asks for it never pays for the full-vocabulary pass. ``log_z_support`` ``[R]``
-    is the log-sum-exp over the support, ``log_z_set`` over A_p(s). ``rows`` maps each transition to
-    its row (``t.cur`` for all M states, ``arange(N)`` for the transition states). Every logit is
-    already divided by the temperature the policy was built with.
-    """
-
-    logits: Tensor
-    mask: Tensor
-    cand: Tensor
-    cand_mask: Tensor
-    action: Tensor
-    action_in_set: Tensor
-    log_z_support: Tensor
-    log_z_set: Tensor
-    rows: Tensor
-    normaliser: Callable[[], Tensor] | None = dataclasses.field(default=None, repr=False)
-
-    @functools.cached_property
-    def log_z(self) -> Tensor:
-        return self.log_z_support if self.normaliser is None else self.normaliser()
-
-    def log_probs(self) -> Tensor:
-        """``log pi_S(a|s)`` on the support ``[R, S]`` (``-inf`` outside it)."""
-        return (self.logits - self.log_z.unsqueeze(-1)).masked_fill(~self.mask, float("-inf"))
-
-    def cand_log_probs(self) -> Tensor:
-        """``log pi_S(a|s)`` at the teacher's candidates ``[R, K]`` (finite everywhere)."""
-        return self.cand - self.log_z.unsqueeze(-1)
-
-    def action_log_prob(self) -> Tensor:
-        """``log pi_S(a_data|s)`` per transition ``[N]``."""
-        return self.action - self.log_z[self.rows]
-
-    def log_mass_in_set(self) -> Tensor:
-        """``log pi_S(A_p(s)|s)`` ``[R]`` of the decoding policy (0 for ``restrict="set"``)."""
-        return self.log_z_set - self.log_z
 
 
 class Agent(nn.Module):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -365,7 +366,13 @@ class Trainer:
 
             broadcast_object_list(token)
         tmp = root / f".tmp-{self.step}-{token[0]}"
-        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        tied = logging.getLogger("accelerate.utils.other")  # it warns on every save that a tied head is
+        level = tied.level  # stored once; load_state restores the tie (tested by the bit-exact resume)
+        tied.setLevel(logging.ERROR)
+        try:
+            self.accelerator.save_state(str(tmp), safe_serialization=True)
+        finally:
+            tied.setLevel(level)
         state = self.accelerator.get_state_dict(self.model)
         if self.accelerator.is_main_process:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
