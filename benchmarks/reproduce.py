@@ -289,6 +289,7 @@ def main(argv=None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     recorded = (out / "records.json").is_file() and not args.fresh
     store = json.loads((out / "records.json").read_text()) if recorded else {}
+    reused_keys = set(store)
     if args.fresh:
         shutil.rmtree(out / "runs", ignore_errors=True)
     started = time.perf_counter()
@@ -309,11 +310,11 @@ def main(argv=None) -> str:
 
     if args.only:
         return "\n".join(json.dumps(run(spec, spec, s)["test"]["last"]) for spec in args.only for s in seeds)
-    key = f"start-{run_key(base)}"
+    key = f"start-{run_key(base)}-seeds{len(seeds)}"  # the start sampled once per seed: its own spread
     if key not in store:
-        store[key] = start_row(dataclasses.replace(base, out=str(out)), teacher)
+        store[key] = start_row(dataclasses.replace(base, out=str(out)), teacher, seeds=seeds)
         write_json_atomic(out / "records.json", store)
-    start = [("warm start (no further training)" if warm else "start (no training)", [store[key]])]
+    start = [("warm start (no further training)" if warm else "start (no training)", store[key])]
     by_spec: dict[str, list[dict]] = {}
     labels = {}
     for label, spec in MAIN + ABLATIONS:
@@ -366,7 +367,12 @@ def main(argv=None) -> str:
             + ". The top-p MDP can only shape a student that already decodes.",
         ]
     elapsed = time.perf_counter() - started
-    sections += ["", f"Reproduction wall time: {elapsed:.0f} s (finished runs recorded in {out} are reused)."]
+    reused = [store[k] for k in reused_keys if isinstance(store[k], dict) and "spec" in store[k]]
+    line = f"Reproduction wall time: {elapsed:.0f} s"
+    if reused:  # say what the table cost, not what this call cost
+        line += (f"; {len(reused)} runs were recorded by an earlier call and reused (their training runs took "
+                 f"{sum(r['wall_time_s'] for r in reused):.0f} s of wall time, test scoring not counted)")  # fmt: skip
+    sections += ["", line + f" (finished runs are recorded in {out}/records.json and reused)."]
     text = "\n".join(sections)
     (out / "results.md").write_text(text + "\n")
     print(text)

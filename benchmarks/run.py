@@ -28,6 +28,10 @@ def main(argv=None) -> None:
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="of the training-step table")
     parser.add_argument("--budget", default=None, help="reproduce.py budget (default: smoke with --quick, else cpu)")
     parser.add_argument("--out", help="default: benchmarks/RESULTS.md (RESULTS-quick.md with --quick)")
+    parser.add_argument(
+        "--reuse-reproduction", action="store_true",
+        help="reuse the runs an earlier reproduce.py call recorded in its --out (default: start it fresh)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     quick = args.quick
     args.out = args.out or str(Path(__file__).with_name("RESULTS-quick.md" if quick else "RESULTS.md"))
@@ -69,7 +73,9 @@ def main(argv=None) -> None:
         else timed("annotation throughput", annotate_speed.main, ["--records", "64", "--device", args.device])
     )
     table = timed(
-        "the paper's table in miniature", reproduce.main, ["--budget", budget, "--device", args.device, "--fresh"]
+        "the paper's table in miniature",
+        reproduce.main,
+        ["--budget", budget, "--device", args.device] + ([] if args.reuse_reproduction else ["--fresh"]),
     )
 
     mode = "`make bench-quick` (tiny models)" if quick else "`make bench`"

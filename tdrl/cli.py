@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.set_defaults(func=cmd_tensorboard)
 
     demo = sub.add_parser(
-        "demo", help="the main job: a warm start, then six agents x 3 seeds on the bundled teacher (~15 min)",
+        "demo", help="the main job: a warm start, then six agents x 3 seeds on the bundled teacher (~17 min, 2 cores)",
         add_help=False,
     )  # fmt: skip
     demo.add_argument("--agents", default=None, help=f"default: {DEMO_AGENTS}")

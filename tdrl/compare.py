@@ -78,16 +78,25 @@ def parse_agent_spec(spec: str) -> tuple[str, str, str]:
     return re.sub(r"[^\w.=-]+", "_", label), name, args
 
 
-def start_row(base: TrainConfig, teacher, progress: bool = False, label: str = "start") -> dict:
+def start_row(
+    base: TrainConfig, teacher, progress: bool = False, label: str = "start", seeds: list[int] | tuple[int, ...] = (0,)
+) -> list[dict]:
     """The starting student itself (``base.student``, untrained) under the same test protocol and
-    outside-mass probe as every run: the reference row of a comparison."""
+    outside-mass probe as every run: the reference rows of a comparison, one per sampling seed in
+    ``seeds`` (a comparison passes its training seeds), so the start has a spread too: the test
+    prompts' sampling noise alone, which a single evaluation would hide."""
     from tdrl.training.build import build_trainer
 
     config = dataclasses.replace(base, agent="bc", agent_args="", out=str(Path(base.out) / "runs" / "start"))
     trainer = build_trainer(config, teacher=teacher, progress=progress)
-    test = trainer.test() if base.test_prompts else {}
-    return {"label": label, "seed": 0, "steps": 0, "wall_time_s": 0.0, "train_time_s": 0.0, "test": test,
-            "history": [], **trainer.probe()}  # fmt: skip
+    probe = trainer.probe()
+    rows = []
+    for seed in seeds:
+        trainer.eval_config = dataclasses.replace(trainer.eval_config, seeds=[seed])
+        test = trainer.test() if base.test_prompts else {}
+        rows.append({"label": label, "seed": seed, "steps": 0, "wall_time_s": 0.0, "train_time_s": 0.0,
+                     "test": test, "history": [], **probe})  # fmt: skip
+    return rows
 
 
 def compare(
@@ -99,7 +108,8 @@ def compare(
     start: str | None = "start",
 ) -> list[dict]:
     """Train every (agent, seed) with ``base``'s settings; write results.{csv,md} and the plot. Unless
-    ``start`` is None, the starting student is evaluated once as the reference row labelled ``start``."""
+    ``start`` is None, the starting student is evaluated as the reference row labelled ``start`` (sampled once
+    per seed: :func:`start_row`)."""
     from tdrl.training.build import build_trainer
 
     out = Path(out)
@@ -109,7 +119,7 @@ def compare(
         raise ConfigError("compare needs at least one seed (--seeds N with N >= 1)")
     specs = [parse_agent_spec(a) for a in agents]  # all names checked before anything trains
     teacher = load_teacher(base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device))
-    summaries = [start_row(dataclasses.replace(base, out=str(out)), teacher, progress, start)] if start else []
+    summaries = start_row(dataclasses.replace(base, out=str(out)), teacher, progress, start, seeds) if start else []
     for label, name, args in specs:
         for seed in seeds:
             config = dataclasses.replace(
@@ -194,7 +204,8 @@ def results_table(summaries: list[dict]) -> str:
         "inside the teacher's A_p(s); entropy: of the student's full-vocabulary sampling distribution (nats); "
         "outside mass: the decoding policy's mass outside A_p(s) on 64 training records' states (the probe); mode "
         "outside: how often its most likely token lies outside A_p(s) there. "
-        "The first row is the student before any training.",
+        "The first row is the student before any training, sampled once per seed (its spread is the test "
+        "sampling's noise alone).",
     ]
     return "\n".join(lines) + "\n"
 

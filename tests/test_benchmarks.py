@@ -41,11 +41,15 @@ def test_reproduce_smoke_plumbing(tmp_path, monkeypatch):
         assert needle in text
     records = json.loads((tmp_path / "r" / "records.json").read_text())
     runs = [r for r in records.values() if isinstance(r, dict) and "test" in r]
-    # main table, new ablations, kd-online, the two raw-student runs, the warm start's own row
-    assert len(runs) == len(reproduce.MAIN) + len(reproduce.ABLATIONS) - 1 + 1 + 2 + 1
+    # main table, new ablations, kd-online, the two raw-student runs
+    assert len(runs) == len(reproduce.MAIN) + len(reproduce.ABLATIONS) - 1 + 1 + 2
+    (start,) = [r for k, r in records.items() if k.startswith("start-")]  # the warm start, once per seed
+    assert [row["seed"] for row in start] == [0] and "| warm start (no further training) | 1 |" in text
     assert all(not (tmp_path / "r" / "runs" / d / "checkpoints").exists() for d in ("bd-seed0", "kd-online-seed0"))
     assert (tmp_path / "r" / "rouge_vs_time.png").stat().st_size > 0
     # the same call again trains nothing: every run is read back from records.json
     mtime = (tmp_path / "r" / "records.json").stat().st_mtime_ns
-    assert reproduce.main(argv).split("Reproduction wall time")[0] == text.split("Reproduction wall time")[0]
+    again = reproduce.main(argv)
+    assert again.split("Reproduction wall time")[0] == text.split("Reproduction wall time")[0]
+    assert f"{len(runs)} runs were recorded by an earlier call and reused" in again
     assert (tmp_path / "r" / "records.json").stat().st_mtime_ns == mtime

@@ -57,3 +57,31 @@ def test_readme_configuration_reference_is_the_current_one():
     assert module.config_table() in readme, "rerun python scripts/config_table.py"
     assert module.agent_tables() in readme, "rerun python scripts/config_table.py"
     assert "| `--expert-term` | `topp_mean` |" in module.agent_tables()  # bd's own default, from its Config
+
+
+def test_readme_metric_names_are_what_each_agent_logs():
+    """The README's agent table names exactly the metrics each built-in agent returns (besides the
+    diagnostics every agent logs: policy/outside_mass, policy/entropy, policy/mode_outside)."""
+    import re
+    from pathlib import Path
+
+    from tdrl.agents import get_agent, list_agents
+    from tdrl.testing import tiny_teacher
+    from tdrl.testing.agent_contract import _agent, contract_batch
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z-]+)` \|.*\| ([^|]*)\|$", readme, re.M)}
+    diagnostics = {"policy/outside_mass", "policy/entropy", "policy/mode_outside"}
+
+    def documented(name: str) -> set[str]:
+        cell = rows[name].strip()
+        names = set(re.findall(r"`([a-z_]+/[a-z0-9_]+)`", cell))
+        ref = re.match(r"(?:as ([a-z-]+)|([a-z-]+)'s)", cell)  # "as iqlearn", "sql's + ..."
+        return names | documented(ref.group(1) or ref.group(2)) if ref else names
+
+    for name in (n for n in list_agents() if get_agent(n).__module__.startswith("tdrl.")):
+        agent = _agent(name)
+        if agent.uses_teacher:
+            agent.attach_teacher(tiny_teacher())
+        _, metrics = agent(contract_batch(), diagnostics=True)
+        assert set(metrics) - diagnostics == documented(name), (name, sorted(set(metrics) - diagnostics))

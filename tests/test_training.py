@@ -121,10 +121,12 @@ def test_compare_two_agents_two_seeds(tmp_path, capsys):
         == 0
     )
     text = capsys.readouterr().out
-    assert "| start | 1 |" in text and "| kd | 2 |" in text and "| bd | 2 |" in text
+    assert "| start | 2 |" in text and "| kd | 2 |" in text and "| bd | 2 |" in text
     rows = list(csv.DictReader((out / "results.csv").open()))
     pairs = [(r["agent"], r["seed"]) for r in rows]
-    assert pairs == [("start", "0"), ("kd", "0"), ("kd", "1"), ("bd", "0"), ("bd", "1")]
+    # the start is one model sampled once per seed (its spread is the sampling noise), probed once
+    assert pairs == [("start", "0"), ("start", "1"), ("kd", "0"), ("kd", "1"), ("bd", "0"), ("bd", "1")]
+    assert rows[0]["outside mass"] == rows[1]["outside mass"] and rows[0]["steps"] == rows[1]["steps"] == "0"
     assert all(0 <= float(r["outside mass"]) <= 1 and float(r["Rouge-L last"]) >= 0 for r in rows)
     assert (out / "eval_curves.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["bd-seed0", "bd-seed1", "kd-seed0", "kd-seed1"]
@@ -363,7 +365,7 @@ def test_demo_command_plumbing_with_tiny_overrides(tmp_path, capsys):
             "--warm-start-steps", "2", "--test-prompts", "2", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "| warm start | 1 |" in text and "| kd | 2 |" in text and "| bd | 2 |" in text
+    assert "| warm start | 2 |" in text and "| kd | 2 |" in text and "| bd | 2 |" in text
     assert "demo wall time" in text and "Beyond the seed spread" in text and "tdrl tensorboard" in text
     assert (out / "results.md").is_file() and (out / "warm-start" / "tdrl-warm-start.json").is_file()
     marker = (out / "warm-start" / "tdrl-warm-start.json").stat().st_mtime_ns

@@ -19,12 +19,14 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch
+
 from tdrl.errors import CheckpointNotFoundError, ConfigError
-from tdrl.integrity import verify_manifest
+from tdrl.integrity import read_json, verify_manifest, write_manifest
 
 __all__ = [
     "COMPLETE", "RUN_FILE", "RUN_OUTPUTS", "find_checkpoint", "run_directory", "claim_run_directory",
-    "export_model", "keep_newest",
+    "export_model", "keep_newest", "save_checkpoint", "load_checkpoint",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -121,3 +123,62 @@ def keep_newest(root: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest complete checkpoints under ``root``."""
     for old in sorted(p for p in root.glob("step-*") if (p / COMPLETE).is_file())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(trainer) -> Path:
+    """Write ``trainer``'s complete checkpoint atomically (every process takes part: accelerate gathers
+    whole weights) into ``out/checkpoints/step-NNNNNNN`` and keep the newest ``keep_last``."""
+    accelerator = trainer.accelerator
+    root = trainer.out / "checkpoints"
+    final = root / f"step-{trainer.step:07d}"
+    token = [uuid.uuid4().hex[:8]]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(token)
+    tmp = root / f".tmp-{trainer.step}-{token[0]}"
+    tied = logging.getLogger("accelerate.utils.other")  # it warns on every save that a tied head is
+    level = tied.level  # stored once; load_state restores the tie (tested by the bit-exact resume)
+    tied.setLevel(logging.ERROR)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    finally:
+        tied.setLevel(level)
+    state = accelerator.get_state_dict(trainer.model)
+    if accelerator.is_main_process:
+        torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+        info = trainer._run_info()
+        export_model(trainer.student, state, tmp / "student", {RUN_FILE: info})
+        (tmp / "config.json").write_text(json.dumps(trainer.args.to_dict(), indent=2))
+        (tmp / RUN_FILE).write_text(json.dumps(info, indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer.trainer_state(), indent=2))
+        write_manifest(tmp, skip=(COMPLETE,))
+        (tmp / COMPLETE).write_text(json.dumps({"step": trainer.step}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        keep_newest(root, trainer.args.keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(trainer, checkpoint: Path) -> dict:
+    """Restore a verified checkpoint (:func:`find_checkpoint` found and checked it) into ``trainer``:
+    weights, optimiser, every process's RNGs and the loss scaler through accelerate, then the schedule.
+    Returns the trainer's own state (position in the data order, history, best model); refuses a
+    checkpoint whose annotation cache or teacher weights differ from the trainer's."""
+    state = read_json(checkpoint / "trainer_state.json", "checkpoint state")
+    for key, now, what in (
+        ("data_fingerprint", trainer.dataset.meta.get("fingerprint"), "the annotation cache"),
+        ("teacher_weights", trainer.teacher.weights_fingerprint(), "the teacher's weights"),
+    ):
+        if state.get(key) not in (None, now):
+            raise ConfigError(
+                f"{what} changed since {checkpoint} was written ({state[key]} then, {now} now): resume with "
+                "the data and teacher the run started with, or start a new run"
+            )
+    if state["step"] > trainer.args.steps:
+        raise ConfigError(f"checkpoint is at step {state['step']}, past --steps {trainer.args.steps}")
+    trainer.accelerator.load_state(str(checkpoint))
+    trainer.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    return state

@@ -14,10 +14,7 @@ uninterrupted one (tested bit for bit).
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +24,12 @@ from tdrl.agents.base import TRAINER_METRIC_GROUPS, Agent
 from tdrl.data import BucketBatchSampler, DistillDataset, collate
 from tdrl.errors import ConfigError
 from tdrl.evaluation import EvalConfig, evaluate
-from tdrl.integrity import DirectoryLock, read_json, write_json_atomic, write_manifest
+from tdrl.integrity import DirectoryLock, write_json_atomic
 from tdrl.models import Teacher, model_fingerprint
 from tdrl.records import record_tensors
 from tdrl.training.args import TrainConfig
 from tdrl.training.callbacks import TensorBoardCallback, TrainerCallback
-from tdrl.training.checkpoints import COMPLETE, RUN_FILE, claim_run_directory, export_model, keep_newest
+from tdrl.training.checkpoints import RUN_FILE, claim_run_directory, export_model, load_checkpoint, save_checkpoint
 from tdrl.training.online import PretrainText, collect_episodes
 from tdrl.training.signals import StopSignal
 
@@ -355,66 +352,23 @@ class Trainer:
         return values
 
     # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict:
+        """The trainer's own state, saved as JSON beside accelerate's (data position, history, fingerprints)."""
+        return {
+            "step": self.step, "epoch": self.epoch, "consumed": self.consumed, "history": self.history,
+            "best": self.best, "online": self.online, "train_time_s": self.train_time,
+            "data_fingerprint": self.dataset.meta.get("fingerprint"),
+            "teacher_weights": self.teacher.weights_fingerprint(),
+        }  # fmt: skip
+
     def save_checkpoint(self) -> Path:
-        """Write a complete checkpoint atomically (every process takes part) and keep the newest
-        ``keep_last``."""
-        root = self.out / "checkpoints"
-        final = root / f"step-{self.step:07d}"
-        token = [uuid.uuid4().hex[:8]]
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(token)
-        tmp = root / f".tmp-{self.step}-{token[0]}"
-        tied = logging.getLogger("accelerate.utils.other")  # it warns on every save that a tied head is
-        level = tied.level  # stored once; load_state restores the tie (tested by the bit-exact resume)
-        tied.setLevel(logging.ERROR)
-        try:
-            self.accelerator.save_state(str(tmp), safe_serialization=True)
-        finally:
-            tied.setLevel(level)
-        state = self.accelerator.get_state_dict(self.model)
-        if self.accelerator.is_main_process:
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            export_model(self.student, state, tmp / "student", {RUN_FILE: self._run_info()})
-            (tmp / "config.json").write_text(json.dumps(self.args.to_dict(), indent=2))
-            (tmp / RUN_FILE).write_text(json.dumps(self._run_info(), indent=2))
-            trainer_state = {
-                "step": self.step, "epoch": self.epoch, "consumed": self.consumed, "history": self.history,
-                "best": self.best, "online": self.online, "train_time_s": self.train_time,
-                "data_fingerprint": self.dataset.meta.get("fingerprint"),
-                "teacher_weights": self.teacher.weights_fingerprint(),
-            }  # fmt: skip
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-            write_manifest(tmp, skip=(COMPLETE,))
-            (tmp / COMPLETE).write_text(json.dumps({"step": self.step}))
-            if final.exists():
-                import shutil
-
-                shutil.rmtree(final)
-            tmp.rename(final)
-            keep_newest(root, self.args.keep_last)
-        self.accelerator.wait_for_everyone()
-        return final
+        """Write a complete checkpoint atomically and keep the newest ``keep_last``
+        (:func:`tdrl.training.checkpoints.save_checkpoint`)."""
+        return save_checkpoint(self)
 
     def load_checkpoint(self, checkpoint: Path) -> None:
-        """Restore the state of a verified checkpoint (:func:`~tdrl.training.build.resume_trainer` finds
-        and checks it): weights, optimiser, every process's RNGs and the loss scaler through accelerate,
-        then the schedule and the position in the data order."""
-        state = read_json(checkpoint / "trainer_state.json", "checkpoint state")
-        for key, now, what in (
-            ("data_fingerprint", self.dataset.meta.get("fingerprint"), "the annotation cache"),
-            ("teacher_weights", self.teacher.weights_fingerprint(), "the teacher's weights"),
-        ):
-            if state.get(key) not in (None, now):
-                raise ConfigError(
-                    f"{what} changed since {checkpoint} was written ({state[key]} then, {now} now): resume with "
-                    "the data and teacher the run started with, or start a new run"
-                )
-        if state["step"] > self.args.steps:
-            raise ConfigError(f"checkpoint is at step {state['step']}, past --steps {self.args.steps}")
-        self.accelerator.load_state(str(checkpoint))
-        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        """Restore a verified checkpoint (:func:`tdrl.training.checkpoints.load_checkpoint`)."""
+        state = load_checkpoint(self, checkpoint)
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
         self.history, self.best, self.online = state["history"], state["best"], state.get("online", [])
         self.train_time = state.get("train_time_s", 0.0)
