@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark and write benchmarks/RESULTS.md.
 
-    python -m benchmarks.run            # the full CPU suite (bundled teacher; under 45 minutes on 2 cores)
+    python -m benchmarks.run            # the full CPU suite (bundled teacher; about 105 minutes on 2 cores)
     python -m benchmarks.run --quick    # the same sections on the tiny models (under 5 minutes)
     python -m benchmarks.run --device cuda --budget gpu   # on a GPU machine
 
@@ -120,6 +120,9 @@ def main(argv=None) -> None:
         f"| **total** | **{time.perf_counter() - started:.0f}** |",
         "",
     ]
+    if args.reuse_reproduction:
+        sections += ["The reproduction reused runs an earlier call recorded: its wall-time line in section "
+                     f"{'4' if quick else '5'} says how long they took.", ""]  # fmt: skip
     Path(args.out).write_text("\n".join(sections))
     print(f"wrote {args.out}")
 
