@@ -229,7 +229,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return _compare(config, args.agents, args.seeds)
 
 
-def _compare(config, agents: str, seeds: int, start: str = "start") -> int:
+def _compare(config, agents: str, seeds: int, start: str = "start", teacher=None) -> int:
     from pathlib import Path
 
     from tdrl.compare import compare, results_table, split_agent_specs
@@ -237,7 +237,7 @@ def _compare(config, agents: str, seeds: int, start: str = "start") -> int:
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     out = Path(config.out)
-    summaries = compare(split_agent_specs(agents), list(range(seeds)), config, out, start=start)
+    summaries = compare(split_agent_specs(agents), list(range(seeds)), config, out, start=start, teacher=teacher)
     print(results_table(summaries))
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'eval_curves.png'}")
     print(f"TensorBoard: tdrl tensorboard {out / 'runs'}   (then open http://127.0.0.1:6006/)")
@@ -268,7 +268,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from tdrl.training.args import parse_train_args
+    from tdrl.models import load_teacher
+    from tdrl.training.args import parse_train_args, resolve_device
     from tdrl.training.warmstart import warm_start
 
     start = time.perf_counter()
@@ -278,9 +279,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     steps = args.warm_start_steps
     warm = dataclasses.replace(config, steps=steps, lr=args.warm_start_lr, warmup_steps=max(1, steps // 10), seed=0)
     print(f"warm start: {steps} steps of full-vocabulary KD of {config.student} (reused when cached) ...", flush=True)
-    path, record = warm_start(warm, Path(config.out) / "warm-start")
+    # one teacher (and one hash of its weights) for the warm start and the comparison
+    teacher = load_teacher(config.teacher, dtype=config.teacher_dtype, device=resolve_device(config.device))
+    path, record = warm_start(warm, Path(config.out) / "warm-start", teacher=teacher)
     print(f"warm start ready in {path} ({record['train_time_s']:.0f} s of training)", flush=True)
     status = _compare(dataclasses.replace(config, student=str(path)), args.agents or DEMO_AGENTS, args.seeds,
-                      start="warm start")  # fmt: skip
+                      start="warm start", teacher=teacher)  # fmt: skip
     print(f"demo wall time: {time.perf_counter() - start:.0f} s")
     return status

@@ -91,9 +91,13 @@ def start_row(
     trainer = build_trainer(config, teacher=teacher, progress=progress)
     probe = trainer.probe()
     rows = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         trainer.eval_config = dataclasses.replace(trainer.eval_config, seeds=[seed])
-        test = trainer.test() if base.test_prompts else {}
+        test = trainer.test(greedy=i == 0) if base.test_prompts else {}
+        if i and test:  # greedy decoding does not depend on the seed: one pass serves every row
+            greedy = {k: v for k, v in rows[0]["test"]["last"].items() if k.startswith("eval/rougeL_greedy")}
+            test["last"].update(greedy)
+            test["best"].update(greedy)
         rows.append({"label": label, "seed": seed, "steps": 0, "wall_time_s": 0.0, "train_time_s": 0.0,
                      "test": test, "history": [], **probe})  # fmt: skip
     return rows
@@ -106,10 +110,11 @@ def compare(
     out: str | Path,
     progress: bool = True,
     start: str | None = "start",
+    teacher=None,
 ) -> list[dict]:
     """Train every (agent, seed) with ``base``'s settings; write results.{csv,md} and the plot. Unless
     ``start`` is None, the starting student is evaluated as the reference row labelled ``start`` (sampled once
-    per seed: :func:`start_row`)."""
+    per seed: :func:`start_row`). ``teacher``: an already loaded teacher (else ``base.teacher`` is loaded)."""
     from tdrl.training.build import build_trainer
 
     out = Path(out)
@@ -118,7 +123,7 @@ def compare(
     if not seeds:
         raise ConfigError("compare needs at least one seed (--seeds N with N >= 1)")
     specs = [parse_agent_spec(a) for a in agents]  # all names checked before anything trains
-    teacher = load_teacher(base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device))
+    teacher = teacher or load_teacher(base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device))
     summaries = start_row(dataclasses.replace(base, out=str(out)), teacher, progress, start, seeds) if start else []
     for label, name, args in specs:
         for seed in seeds:

@@ -224,7 +224,7 @@ class Trainer:
     def _train_step(self, batches, log: bool) -> tuple[dict[str, torch.Tensor], int]:
         """One optimiser step over ``grad_accum`` micro-batches inside ``accelerator.accumulate`` (the
         gradients are all-reduced only on the micro-batch that steps). Metrics stay tensors (no device
-        sync) until the caller logs them; with ``log`` the last micro-batch adds the diagnostics."""
+        sync) and are gathered on ``log`` steps only, where the last micro-batch adds the diagnostics."""
         args = self.args
         self.agent.train()
         totals: dict[str, torch.Tensor] = {}
@@ -244,9 +244,10 @@ class Trainer:
                     totals["train/lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            for key, value in {"train/loss": loss.detach(), **metrics, **_batch_metrics(batch)}.items():
-                value = torch.as_tensor(value, dtype=torch.float32).detach()
-                totals[key] = totals.get(key, 0.0) + value / args.grad_accum
+            if log:  # the caller reads the metrics on log steps only
+                for key, value in {"train/loss": loss.detach(), **metrics, **_batch_metrics(batch)}.items():
+                    value = torch.as_tensor(value, dtype=torch.float32).detach()
+                    totals[key] = totals.get(key, 0.0) + value / args.grad_accum
             tokens += int(batch["response_mask"].sum())
         self.scheduler.step()
         self.agent.after_update()
@@ -295,13 +296,13 @@ class Trainer:
                     self.student, state, self.out / "best", {"metrics.json": metrics, RUN_FILE: self._run_info()}
                 )
 
-    def test(self) -> dict:
+    def test(self, greedy: bool = True) -> dict:
         """The last and the best-validation model on the test records (sampled with the evaluation
-        settings, plus one greedy pass): ``{"last", "best", "best_step"}``. This, not the validation
-        score that selected the best model, is what a comparison reports."""
+        settings, plus one greedy pass unless ``greedy`` is False): ``{"last", "best", "best_step"}``.
+        This, not the validation score that selected the best model, is what a comparison reports."""
         from transformers import AutoModelForCausalLM
 
-        config = dataclasses.replace(self.eval_config, also_greedy=True)
+        config = dataclasses.replace(self.eval_config, also_greedy=greedy)
 
         def run(model):
             return evaluate(model, self.student.tokenizer, self.teacher, self.test_records, config,
