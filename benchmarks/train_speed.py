@@ -36,6 +36,7 @@ from benchmarks.memory import PeakMemory
 from tdrl.agents import make_agent
 from tdrl.data import collate, load_source
 from tdrl.models import bundled_teacher_dir, load_student, load_teacher
+from tdrl.records import annotated_record, record_tensors
 
 AGENTS = ["bc", "sql", "cql", "iql", "iqlearn", "bd", "gkd", "minillm"]
 BASELINE = "kd-online"
@@ -70,14 +71,7 @@ def annotated_batch(teacher, batch_size: int, response_tokens: int, top_k: int, 
         response_ids = teacher.tokenizer(text, add_special_tokens=False)["input_ids"][i : i + response_tokens]
         ids = torch.tensor([prompt_ids + response_ids])
         ann = teacher.annotate(ids, top_k=top_k, top_p=top_p)
-        lo, hi = len(prompt_ids) - 1, ids.shape[1] - 1
-        sub = ann.subset[0, lo:hi]
-        items.append({
-            "prompt_ids": torch.tensor(prompt_ids), "response_ids": torch.tensor(response_ids),
-            "cand_ids": sub.ids, "cand_logprobs": sub.logprobs, "cand_mask": sub.mask,
-            "action_logprob": ann.token_logprob[0, lo:hi], "reward": ann.reward[0, lo:hi],
-            "action_in_cand": sub.contains(torch.tensor(response_ids)), "terminated": False,
-        })  # fmt: skip
+        items.append(record_tensors(annotated_record(ann, 0, prompt_ids, response_ids, terminated=False)))
     return collate(items, teacher.pad_token_id)
 
 

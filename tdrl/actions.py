@@ -24,7 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["exact_top_p", "ActionSubset", "top_p_subset", "nucleus_mask", "validate_top_k", "validate_top_p"]
+__all__ = [
+    "exact_top_p",
+    "ActionSubset",
+    "top_p_subset",
+    "nucleus_mask",
+    "in_set",
+    "validate_top_k",
+    "validate_top_p",
+]
 
 
 def validate_top_p(top_p: float) -> float:
@@ -83,8 +91,7 @@ class ActionSubset:
 
     def contains(self, token_ids: Tensor) -> Tensor:
         """Whether each token of ``token_ids`` (shape ``[...]``) lies in A_p(s) at its state."""
-        hit = (self.ids == token_ids.unsqueeze(-1).to(self.ids.dtype)) & self.mask
-        return hit.any(-1)
+        return in_set(self.ids, self.mask, token_ids)
 
     def to(self, device: torch.device | str) -> ActionSubset:
         return ActionSubset(self.ids.to(device), self.logprobs.to(device), self.mask.to(device))
@@ -139,6 +146,13 @@ def exact_top_p(logits: Tensor, top_p: float, start_k: int = 64) -> ActionSubset
         if k >= vocab or bool((subset.mass() >= top_p).all()):
             return subset
         k = min(2 * k, vocab)
+
+
+def in_set(cand_ids: Tensor, cand_mask: Tensor, token_ids: Tensor) -> Tensor:
+    """Whether each token of ``token_ids`` ``[...]`` lies in A_p(s) = the ``cand_ids`` ``[..., K]`` where
+    ``cand_mask`` is True. The one membership test: it is derived wherever A_p(s) is used (a stored
+    copy goes stale when A_p(s) is re-cut at another p)."""
+    return ((cand_ids == token_ids.unsqueeze(-1).to(cand_ids.dtype)) & cand_mask.bool()).any(-1)
 
 
 def nucleus_mask(logprobs: Tensor, top_p: float) -> Tensor:

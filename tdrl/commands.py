@@ -121,7 +121,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         f"annotated {meta['records']} records ({stats['tokens']} response tokens; skipped: "
         f"{', '.join(f'{n} {k}' for k, n in meta['skipped'].items() if n) or 'none'}) "
         f"into {out}\nmean |A_p(s)| {stats['support_size']:.2f}, mean teacher mass in A_p(s) "
-        f"{stats['support_mass']:.3f}, data tokens inside A_p(s) {stats['action_in_cand']:.3f}, "
+        f"{stats['support_mass']:.3f}, data tokens inside A_p(s) {stats['data_in_set']:.3f}, "
         f"{meta['bytes_per_token']:.0f} bytes/token on disk"
     )
     return 0

@@ -218,9 +218,9 @@ def tabular_transition_batch(teacher: MarkovTeacher, sets):
         "cand_mask": torch.zeros(n, 2, v_size, dtype=torch.bool),
         "cand_logprobs": torch.full((n, 2, v_size), float("-inf")),
         "action_logprob": torch.zeros(n, 2),
-        "action_in_cand": torch.tensor([[True, False]] * n),
         "reward": torch.zeros(n, 2),
-        "done": torch.zeros(n, 2, dtype=torch.bool),
+        "last": torch.tensor([[True, False]] * n),
+        "terminal": torch.zeros(n, 2, dtype=torch.bool),
     }
     for i, (s, a) in enumerate(pairs):
         for pos, state in ((0, s), (1, a)):
@@ -232,7 +232,7 @@ def tabular_transition_batch(teacher: MarkovTeacher, sets):
             batch["cand_logprobs"][i, pos, :k] = logprobs[state, sets[state]]
         batch["reward"][i, 0] = logprobs[s, a]
         batch["action_logprob"][i, 0] = logprobs[s, a]
-        batch["done"][i, 0] = a == eos
+        batch["terminal"][i, 0] = a == eos
     return batch, pairs
 
 
@@ -359,34 +359,31 @@ def test_masked_logsumexp_by_hand_and_empty_rows():
 
 
 def episode_batch(teacher: MarkovTeacher, seqs, top_p: float = 0.8):
-    """Responses after prompt [0], annotated by the Markov teacher (K = V, p = ``top_p``), collated."""
+    """Responses after prompt [0], annotated by the Markov teacher (K = V, p = ``top_p``), collated;
+    a response not ending in EOS is truncated (it bootstraps from its final state)."""
     from tdrl.data import collate
+    from tdrl.records import annotated_record, record_tensors
 
     items = []
     for seq in seqs:
         ann = teacher.annotate(torch.tensor([[0, *seq]]), top_k=teacher.vocab_size, top_p=top_p)
-        sub = ann.subset[0, : len(seq)]
-        items.append({
-            "prompt_ids": torch.tensor([0]), "response_ids": torch.tensor(seq), "cand_ids": sub.ids,
-            "cand_logprobs": sub.logprobs, "cand_mask": sub.mask, "action_logprob": ann.token_logprob[0],
-            "action_in_cand": sub.contains(torch.tensor(seq)), "reward": ann.reward[0],
-            "terminated": seq[-1] == teacher.eos_token_id,
-        })  # fmt: skip
+        items.append(record_tensors(annotated_record(ann, 0, [0], seq, seq[-1] == teacher.eos_token_id)))
     return collate(items, teacher.pad_token_id)
 
 
 def transitions_by_hand(batch):
-    """Per transition: (state token, action, A_p(s) ids, next state token or None when done, reward,
-    teacher log-probs on A_p(s))."""
+    """Per transition: (state token, action, A_p(s) ids, next state token or None when it is terminal
+    (after EOS; a truncated response's last transition leads to its final state s_T, whose set the
+    batch holds), reward, teacher log-probs on A_p(s))."""
     out = []
     for b in range(batch["input_ids"].shape[0]):
         positions = torch.nonzero(batch["response_mask"][b]).flatten().tolist()
         for i, t in enumerate(positions):
             ids = batch["input_ids"][b]
             mask = batch["cand_mask"][b, t]
-            last = i == len(positions) - 1
-            nxt = None if last else int(ids[t + 1])
-            next_set = None if last else batch["cand_ids"][b, t + 1][batch["cand_mask"][b, t + 1]].tolist()
+            terminal = i == len(positions) - 1 and bool(batch["terminated"][b])
+            nxt = None if terminal else int(ids[t + 1])
+            next_set = None if terminal else batch["cand_ids"][b, t + 1][batch["cand_mask"][b, t + 1]].tolist()
             out.append({
                 "s": int(ids[t]), "a": int(ids[t + 1]), "set": batch["cand_ids"][b, t][mask].tolist(),
                 "next": nxt, "next_set": next_set,
@@ -492,8 +489,13 @@ def test_iql_losses_by_hand():
     tw, tb = agent.target_q_head.weight.double(), agent.target_q_head.bias.double()
     vw, vb = student.value_head.weight.double()[0], student.value_head.bias.item()
     td, ev, pol, weights = [], [], [], []
-    for r in transitions_by_hand(batch):
+    rows = transitions_by_hand(batch)
+    # a data token outside A_p(s); two EOS-terminated episodes, and one truncated that bootstraps V(s_T)
+    assert any(r["a"] not in r["set"] for r in rows) and sum(r["next"] is None for r in rows) == 2
+    for r in rows:
         s, a = r["s"], r["a"]
+        if a not in r["set"]:  # not a transition of the top-p MDP: no term of any loss
+            continue
         q, q_target, v = (qw[a, s] + qb[a]).item(), (tw[a, s] + tb[a]).item(), (vw[s] + vb).item()
         v_next = 0.0 if r["next"] is None else (vw[r["next"]] + vb).item()
         td.append(0.5 * (q - r["r"] - gamma * v_next) ** 2)
@@ -511,16 +513,27 @@ def test_iql_losses_by_hand():
     assert loss.item() == pytest.approx(np.mean(td) + np.mean(ev) + np.mean(pol), rel=1e-6)
 
 
-def test_iql_with_beta_zero_is_sft():
+def test_iql_with_beta_zero_is_sft_on_the_top_p_mdp():
+    """beta = 0: every weight is 1 and the policy loss is -log pi_S(a|s) (over V) averaged over the
+    transitions whose data token lies in A_p(s), computed here from the student's full logits; the
+    zero-initialised Q head gives weights 1 at any beta before it has learned."""
     from tdrl.models import load_student
 
     batch = contract_batch()
     torch.manual_seed(0)
     student = load_student("tiny")
     _, iql_metrics = make_agent("iql", student, beta=0.0)(batch)
-    sft_loss, _ = make_agent("bc", student, mode="sft")(batch)
-    assert iql_metrics["loss/policy"].item() == pytest.approx(sft_loss.item(), rel=1e-6)
+    logits = student.full_logits(student.hidden_states(batch["input_ids"], batch["attention_mask"])).double()
+    terms = []
+    for b, t in torch.nonzero(batch["response_mask"]).tolist():
+        action = batch["input_ids"][b, t + 1].item()
+        if action in batch["cand_ids"][b, t][batch["cand_mask"][b, t]].tolist():
+            terms.append(-(logits[b, t, action] - torch.logsumexp(logits[b, t], 0)).item())
+    assert len(terms) == int(batch["response_mask"].sum()) - 1  # the contract batch's one token outside A_p(s)
+    assert iql_metrics["loss/policy"].item() == pytest.approx(np.mean(terms), rel=1e-6)
     assert iql_metrics["adv/weight_mean"].item() == pytest.approx(1.0)
+    _, fresh = make_agent("iql", student, beta=3.0)(batch)
+    assert fresh["adv/weight_mean"].item() == pytest.approx(1.0) and fresh["q/mean"].item() == 0.0
 
 
 @pytest.mark.parametrize("restrict", ["mdp", "set"])

@@ -11,7 +11,7 @@ from tdrl.agents import make_agent
 from tdrl.cli import main
 from tdrl.data import collate
 from tdrl.envs import StudentPolicy, TokenGenerationVectorEnv, rollout
-from tdrl.records import record_tensors
+from tdrl.records import annotated_record, record_tensors
 from tdrl.testing import MarkovTeacher
 from tdrl.testing.agent_contract import CHECKS, TabularStudent, contract_batch
 
@@ -83,15 +83,8 @@ def sequence_batch(teacher: MarkovTeacher, seqs):
     """Sequences after prompt [0], annotated by the Markov teacher over its whole vocabulary (p = 1)."""
     items = []
     for seq in seqs:
-        ids = torch.tensor([[0, *seq]])
-        ann = teacher.annotate(ids, top_k=teacher.vocab_size, top_p=1.0)
-        sub = ann.subset[0, : len(seq)]
-        items.append({
-            "prompt_ids": torch.tensor([0]), "response_ids": torch.tensor(seq), "cand_ids": sub.ids,
-            "cand_logprobs": sub.logprobs, "cand_mask": sub.mask, "action_logprob": ann.token_logprob[0],
-            "action_in_cand": torch.ones(len(seq), dtype=torch.bool), "reward": ann.reward[0],
-            "terminated": seq[-1] == teacher.eos_token_id,
-        })  # fmt: skip
+        ann = teacher.annotate(torch.tensor([[0, *seq]]), top_k=teacher.vocab_size, top_p=1.0)
+        items.append(record_tensors(annotated_record(ann, 0, [0], seq, seq[-1] == teacher.eos_token_id)))
     return collate(items, teacher.pad_token_id)
 
 

@@ -71,6 +71,11 @@ def test_annotation_equals_direct_teacher_calls(cache, small_source, tiny_teache
         assert torch.equal(torch.tensor(row["cand_ids"]), ann.subset.ids[0, lo:hi].int())
         assert torch.allclose(torch.tensor(row["cand_logprobs"]), ann.subset.logprobs[0, lo:hi], atol=1e-5)
         assert torch.equal(torch.tensor(row["cand_mask"]), ann.subset.mask[0, lo:hi])
+        assert torch.equal(
+            torch.tensor(row["final_cand_ids"]), ann.subset.ids[0, hi].int()
+        )  # s_T, after the last token
+        assert torch.equal(torch.tensor(row["final_cand_mask"]), ann.subset.mask[0, hi])
+        assert "action_in_cand" not in row  # derived where A_p(s) is used, never stored
         # action_logprob against an independent log-softmax of the full logits
         logprobs = torch.log_softmax(tiny_teacher.logits(ids)[0].double(), -1)
         expected = [logprobs[lo + j, tok].item() for j, tok in enumerate(src["response_ids"])]
@@ -79,7 +84,7 @@ def test_annotation_equals_direct_teacher_calls(cache, small_source, tiny_teache
         assert row["terminated"] == (src["response_ids"][-1] == tiny_teacher.eos_token_id)
 
 
-def test_round_trip_batch_shapes_padding_and_done(cache, tiny_teacher):
+def test_round_trip_batch_shapes_padding_and_ends(cache, tiny_teacher):
     ds = DistillDataset(cache, tokenizer=tiny_teacher.tokenizer)
     items = [ds[i] for i in (0, 3, 7)]
     batch = collate(items, tiny_teacher.pad_token_id)
@@ -93,12 +98,17 @@ def test_round_trip_batch_shapes_padding_and_done(cache, tiny_teacher):
         assert batch["attention_mask"][i].sum() == n_prompt + n
         positions = torch.nonzero(batch["response_mask"][i]).flatten().tolist()
         assert positions == list(range(n_prompt - 1, n_prompt - 1 + n))
-        assert torch.nonzero(batch["done"][i]).flatten().tolist() == [n_prompt + n - 2]
-        # the action at position t is the next token
-        hits = batch["cand_ids"][i, positions] == batch["input_ids"][i, [p + 1 for p in positions]].unsqueeze(-1)
-        assert torch.equal((hits & batch["cand_mask"][i, positions]).any(-1), batch["action_in_cand"][i, positions])
+        assert torch.nonzero(batch["last"][i]).flatten().tolist() == [n_prompt + n - 2]
+        # terminal (V(s') = 0) only where the response ended with EOS; a truncated one bootstraps V(s_T)
+        assert batch["terminal"][i].tolist() == (batch["last"][i] & bool(r["terminated"])).tolist()
         assert torch.isneginf(batch["cand_logprobs"][i][~batch["cand_mask"][i]]).all()
-        assert not batch["cand_mask"][i][~batch["response_mask"][i]].any()
+        final = n_prompt + n - 1  # the final state s_T holds its candidates; no other non-response position does
+        assert torch.equal(batch["cand_ids"][i, final], r["final_cand_ids"].long())
+        assert torch.equal(batch["cand_mask"][i, final], r["final_cand_mask"])
+        others = ~batch["response_mask"][i]
+        others[final] = False
+        assert not batch["cand_mask"][i][others].any()
+    assert sorted(bool(r["terminated"]) for r in items) == [False, False, True]  # both kinds of end are covered
     assert batch["terminated"].tolist() == [bool(r["terminated"]) for r in items]
 
 
@@ -159,6 +169,54 @@ def test_distill_dataset_recut_to_smaller_p(cache):
     wide, narrow = DistillDataset(cache), DistillDataset(cache, top_p=0.3)
     a, b = wide[0], narrow[0]
     assert (b["cand_mask"] <= a["cand_mask"]).all() and b["cand_mask"].sum() < a["cand_mask"].sum()
+
+
+def brute_force_top_p(probs: list[float], k: int, p: float) -> set[int]:
+    """A_p by hand: the k most probable token ids, then the shortest prefix of them reaching mass p."""
+    order = sorted(range(len(probs)), key=lambda a: -probs[a])[:k]
+    chosen, mass = set(), 0.0
+    for a in order:
+        if mass >= p:
+            break
+        chosen.add(a)
+        mass += probs[a]
+    return chosen
+
+
+def test_data_token_membership_after_a_recut_is_brute_force_membership(cache, tiny_teacher):
+    """Re-cut from the annotation's p = 0.8 to 0.3, cached records (DistillDataset) and online episodes
+    (env records re-cut by collate) alike: the agents' ``action_in_set`` equals membership in A_0.3(s)
+    computed by hand from the teacher's own full distribution at every position."""
+    from tdrl.agents import make_agent
+    from tdrl.envs import TeacherPolicy, TokenGenerationEnv, rollout
+    from tdrl.models import load_student
+    from tdrl.records import record_tensors
+
+    ds = DistillDataset(cache, top_p=0.3)
+    cached = [ds[i] for i in range(len(ds))]
+    env = TokenGenerationEnv(tiny_teacher, ["Name three colors.", "hi"], top_k=16, top_p=0.8, max_new_tokens=6)
+    online = [record_tensors(r) for r in rollout(env, TeacherPolicy(seed=0, temperature=2.0), 4, seed=0)]
+    agent = make_agent("bc", load_student("tiny"))
+    for records in (cached, online):
+        batch = collate(records, tiny_teacher.pad_token_id, top_p=0.3)
+        t = agent.transitions(batch)
+        expected = []
+        for r in records:
+            ids = list(map(int, r["prompt_ids"])) + list(map(int, r["response_ids"]))
+            probs = torch.softmax(tiny_teacher.logits(torch.tensor([ids]))[0].double(), -1)
+            lo = len(r["prompt_ids"]) - 1
+            for j, token in enumerate(map(int, r["response_ids"])):
+                expected.append(token in brute_force_top_p(probs[lo + j].tolist(), 16, 0.3))
+        assert t.action_in_set.tolist() == expected
+        assert 0 < sum(expected) < len(expected)  # both cases occur: the re-cut moved tokens out of the set
+    wide = agent.transitions(collate(online, tiny_teacher.pad_token_id)).action_in_set
+    assert wide.all() and not t.action_in_set.all()  # at 0.8 the teacher's own samples were all inside
+
+
+def test_a_cache_without_the_final_states_is_refused_with_advice(cache):
+    old = load_annotations(cache).remove_columns(["final_cand_ids", "final_cand_logprobs", "final_cand_mask"])
+    with pytest.raises(DataError, match="final_cand_ids.*rebuild it with `tdrl annotate`"):
+        DistillDataset(old)
 
 
 def test_sources_files_columns_and_context(tmp_path):

@@ -11,6 +11,7 @@ from gymnasium.error import ResetNeeded
 from gymnasium.utils.env_checker import check_env
 
 import tdrl  # noqa: F401  (registers the env id)
+from tdrl.actions import in_set
 from tdrl.envs import ENV_ID, RandomMaskedPolicy, TeacherPolicy, TokenGenerationEnv, TokenGenerationVectorEnv, rollout
 from tdrl.errors import ConfigError
 
@@ -113,8 +114,14 @@ def test_rollout_records_match_offline_annotation(tiny_teacher):
         assert torch.equal(torch.tensor(record["cand_ids"]), sub.ids)
         assert torch.equal(torch.tensor(record["cand_mask"]), sub.mask)
         assert torch.allclose(torch.tensor(record["cand_logprobs"]), sub.masked_logprobs(), atol=1e-4)
-        assert torch.allclose(torch.tensor(record["action_logprob"]), ann.token_logprob[0, n - 1 :], atol=1e-4)
-        assert all(record["action_in_cand"])  # TeacherPolicy stays inside A_p
+        assert torch.allclose(
+            torch.tensor(record["action_logprob"]), ann.token_logprob[0, n - 1 : n - 1 + m], atol=1e-4
+        )
+        assert in_set(sub.ids, sub.mask, torch.tensor(record["response_ids"])).all()  # TeacherPolicy stays inside A_p
+        final = ann.subset[0, n - 1 + m]  # the state after the last token: what a truncated episode bootstraps from
+        assert torch.equal(torch.tensor(record["final_cand_ids"]), final.ids)
+        assert torch.equal(torch.tensor(record["final_cand_mask"]), final.mask)
+        assert torch.allclose(torch.tensor(record["final_cand_logprobs"]), final.masked_logprobs(), atol=1e-4)
 
 
 def deterministic_action(obs, t):

@@ -10,7 +10,7 @@ An agent owns its maths (``loss``); the trainer owns optimisers, schedules, AMP 
         def loss(self, t, batch) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 A batch is the collated dict of :func:`tdrl.data.collate`. :meth:`Agent.forward` turns it ONCE into
-N transitions (s, a, r, s', done) over the response positions, flattened row-major, with one student
+N transitions (s, a, r, s', terminal) over the response positions, flattened row-major, with one student
 trunk forward (:meth:`Agent.transitions`), and passes them to ``loss``. :meth:`Agent.policy` gives
 the student's logits on the action set with their normaliser, without building ``[B, T, V]``.
 
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tdrl.actions import in_set
 from tdrl.agents.ops import masked_log_softmax, masked_logsumexp, pretrain_loss
 from tdrl.agents.transitions import Policy, Transitions
 from tdrl.errors import ConfigError, check_field_types
@@ -202,10 +203,10 @@ class Agent(nn.Module):
             hidden, student.output_weight(), student.output_bias(), scale=scale, chunk=self.config.vocab_chunk
         )
         cand = gather_logits(hidden, student.output_weight(), student.output_bias(), t.cand_ids[t.cur]).float()
-        in_set = masked_logsumexp(cand * scale, t.cand_mask[t.cur]) - summary.log_z
-        mode_in_set = ((t.cand_ids[t.cur] == summary.argmax.unsqueeze(-1)) & t.cand_mask[t.cur]).any(-1)
+        log_mass_in = masked_logsumexp(cand * scale, t.cand_mask[t.cur]) - summary.log_z
+        mode_in_set = in_set(t.cand_ids[t.cur], t.cand_mask[t.cur], summary.argmax)
         return {
-            "policy/outside_mass": (1.0 - in_set.exp()).mean(),
+            "policy/outside_mass": (1.0 - log_mass_in.exp()).mean(),
             "policy/entropy": summary.entropy.mean(),
             "policy/mode_outside": 1.0 - mode_in_set.float().mean(),
         }
@@ -270,17 +271,20 @@ class Agent(nn.Module):
         nxt = next_index[sel]
         hidden = student.hidden_states(batch["input_ids"], batch["attention_mask"])
         optional = {k: batch[k][sel].float() for k in ("behaviour_logprob", "student_logprob") if k in batch}
+        cand_ids, cand_mask = batch["cand_ids"][need], batch["cand_mask"][need].bool()
+        cur = flat[sel]
         return Transitions(
             hidden=hidden[need],
-            cur=flat[sel],
+            cur=cur,
             nxt=nxt,
-            cand_ids=batch["cand_ids"][need],
-            cand_mask=batch["cand_mask"][need].bool(),
+            cand_ids=cand_ids,
+            cand_mask=cand_mask,
             cand_logprobs=batch["cand_logprobs"][need].float(),
             actions=actions[sel],
             reward=batch["reward"][sel].float(),
-            done=batch["done"][sel].bool() | (nxt < 0),
-            action_in_cand=batch["action_in_cand"][sel].bool(),
+            terminal=batch["terminal"][sel].bool() | (nxt < 0),
+            last=batch["last"][sel].bool() | (nxt < 0),
+            action_in_set=in_set(cand_ids[cur], cand_mask[cur], actions[sel]),
             action_logprob=batch["action_logprob"][sel].float(),
             **optional,
         )
@@ -314,9 +318,9 @@ class Agent(nn.Module):
             cand = logits.gather(-1, t.cand_ids[rows])
             log_z = logits.logsumexp(-1)
             ones = torch.ones_like(logits, dtype=torch.bool)
-            in_set = torch.ones_like(t.action_in_cand)
+            everything = torch.ones_like(t.action_in_set)
             return Policy(
-                logits, ones, cand, cand_mask, action, in_set, log_z, masked_logsumexp(cand, cand_mask), index
+                logits, ones, cand, cand_mask, action, everything, log_z, masked_logsumexp(cand, cand_mask), index
             )
         cand = gather_logits(states, weight, bias, t.cand_ids[rows]).float() * scale
         log_z_set = masked_logsumexp(cand, cand_mask)
@@ -327,8 +331,9 @@ class Agent(nn.Module):
             else:
                 chunk = self.config.vocab_chunk
                 normaliser = lambda: vocab_logsumexp(states, weight, bias, scale=scale, chunk=chunk)  # noqa: E731
-        return Policy(cand, cand_mask, cand, cand_mask, action, t.action_in_cand, log_z_set, log_z_set, index,
-                      normaliser)  # fmt: skip
+        return Policy(
+            cand, cand_mask, cand, cand_mask, action, t.action_in_set, log_z_set, log_z_set, index, normaliser
+        )
 
     def _vocab_log_z(self, t: Transitions, temperature: float) -> Tensor:
         """``logsumexp_V`` of the student's LM head / temperature at all M states, cached in ``t``."""
@@ -342,9 +347,10 @@ class Agent(nn.Module):
 
     @staticmethod
     def next_value(values: Tensor, t: Transitions) -> Tensor:
-        """``V(s')`` per transition from per-state values ``[M]``; 0 where ``done``."""
+        """``V(s')`` per transition from per-state values ``[M]``: 0 where s' is terminal (EOS); a
+        truncated response's last transition bootstraps from its final state's value."""
         v = values[t.nxt.clamp(min=0)]
-        return torch.where(t.done, torch.zeros_like(v), v)
+        return torch.where(t.terminal, torch.zeros_like(v), v)
 
     @staticmethod
     def entropy_in_set(logits: Tensor, mask: Tensor) -> Tensor:

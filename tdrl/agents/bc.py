@@ -67,6 +67,6 @@ class BC(Agent):
             "policy/nll_data": nll.mean() if used.any() else torch.tensor(float("nan")),
             "policy/kl_teacher": (cross - teacher_entropy).mean(),
             "policy/entropy_in_set": self.entropy_in_set(pi.logits, pi.mask),
-            "data/off_support_frac": 1.0 - t.action_in_cand.float().mean(),
+            "data/off_support_frac": 1.0 - t.action_in_set.float().mean(),
         }
         return loss, detached(metrics)

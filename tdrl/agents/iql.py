@@ -19,29 +19,35 @@ from tdrl.models.student import gather_logits
 
 @dataclass
 class IQLConfig(AgentConfig):
-    """Implicit Q-Learning on the token MDP with three heads on the student's trunk h(s):
+    """Implicit Q-Learning on the top-p token MDP with three heads on the student's trunk h(s):
 
-    * Q(s, a): a vocabulary-sized Q head (initialised from the LM head) with a Polyak target copy Q';
-      only Q(s, a_data) is ever evaluated (one gathered row per position);
-    * V(s): the student's scalar value head;
+    * Q(s, a): a vocabulary-sized linear Q head with a Polyak target copy Q'; only Q(s, a_data) is
+      ever evaluated (one gathered row per position). It starts at zero (weights and bias): Q = 0 is
+      on the reward's scale (with the default reward log pi_T, Q* = log pi_T <= 0 and V* = 0), so the
+      first steps' advantages are 0 and their weights 1 (SFT), not exp(beta * raw logit);
+    * V(s): the student's scalar value head (also zero at the start);
     * pi(a|s): the LM head itself, the policy that is decoded: normalised over the whole vocabulary
       (``restrict="mdp"``, default, and ``"none"``), or over A_p(s) (``"set"``, ablation).
 
-    Losses (sum), with u = Q'(s, a) - V(s):
+    Losses (sum), with u = Q'(s, a) - V(s), over the transitions of the MDP: those whose data token
+    lies in A_p(s) (the top-p MDP has no other actions; ``restrict="none"``: every transition):
 
         L_V  = E[ |tau - 1(u < 0)| u^2 ]                                  (expectile regression)
-        L_Q  = E[ 1/2 (Q(s, a) - r - gamma (1 - done) V(s'))^2 ]         (V(s') without gradient)
-        L_pi = -E[ min(exp(beta u), max_weight) * log pi^R(a|s) ]        (advantage-weighted regression)
+        L_Q  = E[ 1/2 (Q(s, a) - r - gamma (1 - terminal) V(s'))^2 ]     (V(s') without gradient)
+        L_pi = -E[ min(exp(beta u), max_weight) * log pi(a|s) ]          (advantage-weighted regression,
+                                                                          u without gradient)
 
-    With beta -> 0 every weight is 1 and L_pi is SFT (cross-entropy over V) on the data tokens. The
-    top-p MDP has no max over actions here (the expectile stands in for it); A_p(s) enters through
-    the teacher's data. With ``restrict="set"`` data tokens outside A_p(s) have no probability
-    under the set-normalised policy and are left out of L_pi (``data/off_support_frac``).
+    What runs over A_p(s): which transitions exist, hence the expectile (V(s) is the tau-expectile of
+    Q over the data actions inside A_p(s): IQL's in-sample maximum over the MDP's actions), the TD
+    targets and the regression; Implicit Q-Learning has no sum or max over actions to restrict. V(s')
+    = 0 after EOS; a response cut at the length limit bootstraps V(s_T). With beta -> 0 every weight
+    is 1 and L_pi is SFT on the data tokens inside A_p(s). Its fixed point is not the teacher: AWR
+    gives pi(a|s) proportional to pi_data(a|s) min(exp(beta A(s, a)), max_weight) (the kit asserts
+    this one, by brute force on a Markov teacher).
 
     Defaults (Kostrikov et al.): expectile tau = 0.7, beta = 3.0, max_weight = 100, target rate 0.005;
     ``head_lr_scale`` = 100 (ours, measured): the Q and V heads train at 100x the student's learning
-    rate, so they reach the scale of the returns within the run (test Rouge-L 28.8 against 23.5 with
-    1x, same budget, RESULTS.md).
+    rate, so they reach the scale of the returns within the run (RESULTS.md).
 
     Metrics: ``loss/q``, ``loss/v``, ``loss/policy``, ``q/mean``, ``v/mean``, ``adv/mean``,
     ``adv/weight_mean``, ``policy/entropy_in_set``, ``data/off_support_frac``.
@@ -59,6 +65,8 @@ class IQLConfig(AgentConfig):
             raise ConfigError(f"expectile must lie in (0, 1), got {self.expectile}")
         if self.beta < 0 or self.max_weight <= 0:
             raise ConfigError("beta must be >= 0 and max_weight > 0")
+        if not 0 < self.tau <= 1:
+            raise ConfigError(f"tau must lie in (0, 1], got {self.tau}")
 
 
 @register_agent("iql")
@@ -69,15 +77,16 @@ class IQL(Agent):
     def __init__(self, student, config=None):
         super().__init__(student, config)
         student.enable_value_head()
-        weight, bias = student.output_weight(), student.output_bias()
-        self.q_head = nn.Linear(weight.shape[1], weight.shape[0], bias=True).to(weight.device)
+        weight = student.output_weight()
+        self.q_head = nn.Linear(weight.shape[1], weight.shape[0], bias=True).to(device=weight.device)
         with torch.no_grad():
-            self.q_head.weight.copy_(weight)
-            self.q_head.bias.copy_(bias if bias is not None else torch.zeros_like(self.q_head.bias))
+            self.q_head.weight.zero_()
+            self.q_head.bias.zero_()
         self.target_q_head = TargetNetwork.make(self.q_head)
 
     def loss(self, t, batch):
         cfg = self.config
+        inside = torch.ones_like(t.action_in_set) if cfg.restrict == "none" else t.action_in_set
         h = t.hidden[t.cur]
         actions = t.actions.unsqueeze(-1)
         q = gather_logits(h, self.q_head.weight, self.q_head.bias, actions).squeeze(-1)
@@ -85,15 +94,17 @@ class IQL(Agent):
             q_target = gather_logits(h, self.target_q_head.weight, self.target_q_head.bias, actions).squeeze(-1)
         values = self.student.value(t.hidden)
         v = values[t.cur]
-        loss_v = expectile_loss(q_target - v, cfg.expectile)
         y = t.reward + cfg.gamma * self.next_value(values.detach(), t)
-        loss_q = 0.5 * (q - y).pow(2).mean()
         pi = self.policy(t, current_only=True)
         logp = pi.action_log_prob()
         adv = (q_target - v).detach()
         weight = torch.exp(cfg.beta * adv).clamp(max=cfg.max_weight)
-        used = pi.action_in_set if cfg.restrict == "set" else torch.ones_like(pi.action_in_set)
-        loss_pi = -(weight * logp)[used].mean() if used.any() else (logp * 0.0).sum()
+        if inside.any():
+            loss_v = expectile_loss((q_target - v)[inside], cfg.expectile)
+            loss_q = 0.5 * (q - y)[inside].pow(2).mean()
+            loss_pi = -(weight * logp)[inside].mean()
+        else:
+            loss_v = loss_q = loss_pi = (q * 0.0).sum() + (v * 0.0).sum() + (logp * 0.0).sum()
         loss = loss_q + loss_v + loss_pi
         metrics = {
             "loss/q": loss_q,
@@ -102,9 +113,9 @@ class IQL(Agent):
             "q/mean": q.mean(),
             "v/mean": v.mean(),
             "adv/mean": adv.mean(),
-            "adv/weight_mean": weight.mean(),
+            "adv/weight_mean": weight[inside].mean() if inside.any() else torch.ones(()),
             "policy/entropy_in_set": self.entropy_in_set(pi.logits, pi.mask),
-            "data/off_support_frac": 1.0 - t.action_in_cand.float().mean(),
+            "data/off_support_frac": 1.0 - t.action_in_set.float().mean(),
         }
         return loss, detached(metrics)
 

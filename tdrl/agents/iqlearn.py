@@ -146,7 +146,7 @@ class IQLearn(Agent):
             "v/mean": v.mean(),
             "q/clipped_frac": 1.0 - in_set_q.any(-1).float().mean(),
             "policy/entropy_in_set": self.entropy_in_set(q_set[t.cur], pi.mask[t.cur]),
-            "data/off_support_frac": 1.0 - t.action_in_cand.float().mean(),
+            "data/off_support_frac": 1.0 - t.action_in_set.float().mean(),
         }
         return loss, detached(metrics)
 

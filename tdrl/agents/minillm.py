@@ -101,7 +101,7 @@ class MiniLLM(Agent):
         old = log_s.detach() if fresh else t.student_logprob
         behaviour = old if fresh or t.behaviour_logprob is None else t.behaviour_logprob
         cost = torch.where(inside, old - log_t, torch.zeros_like(old)).detach()
-        future, remaining = segment_suffix_sums(cost, t.done)
+        future, remaining = segment_suffix_sums(cost, t.last)
         if cfg.length_norm:
             future = future / remaining.clamp(min=1.0)
         if cfg.baseline == "batch_mean":
@@ -110,7 +110,7 @@ class MiniLLM(Agent):
         ratio = torch.exp(log_s - behaviour)
         clipped = ratio.clamp(1.0 - cfg.cliprange, 1.0 + cfg.cliprange)
         policy_term = torch.maximum(advantage * ratio, advantage * clipped)
-        sequences = t.done.sum().clamp(min=1)
+        sequences = t.last.sum().clamp(min=1)
         loss = (kl_step + policy_term)[inside].sum() / sequences
         metrics = {
             "loss/minillm": loss,

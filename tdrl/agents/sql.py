@@ -22,9 +22,12 @@ class SQLConfig(AgentConfig):
 
         Q(s, a) = alpha * log proj_p pi_S(a|s) + V_psi(s),   pi_S = softmax(z / alpha),
         V(s)    = alpha * logsumexp_{a in A_p(s)} Q(s, a) / alpha = V_psi(s),
-        L_TD    = E[ 1/2 (Q(s, a) - y)^2 ],   y = r(s, a) + gamma * (1 - done) * V_target(s'),
+        L_TD    = E[ 1/2 (Q(s, a) - y)^2 ],   y = r(s, a) + gamma * (1 - terminal) * V_target(s'),
 
-    over the data transitions whose token lies in A_p(s) (the top-p MDP has no other actions). r is
+    over the data transitions whose token lies in A_p(s) (the top-p MDP has no other actions; with
+    ``restrict="none"`` over all of them). What runs over A_p(s): the projection proj_p in Q, the
+    soft value V(s) (and V(s') of the target), and which transitions exist. V(s') = 0 after EOS; a
+    response cut at the length limit bootstraps V_target(s_T) (the released BD code does the same). r is
     the teacher reward stored in the data (``logprob`` by default, for which the soft-optimal Q of the
     full MDP is log pi_T). At the fixed point the student's policy on A_p(s) is the soft-optimal
     policy of the top-p MDP, and nothing ties the logits to the reward's scale: a raw-logit Q would
@@ -120,11 +123,15 @@ class SQL(Agent):
             return self.soft_value(pi.logits, pi.mask)
         return alpha * pi.log_mass_in_set()
 
+    def inside(self, t: Transitions) -> torch.Tensor:
+        """The transitions of the MDP: data token in A_p(s) (every transition for ``restrict="none"``)."""
+        return torch.ones_like(t.action_in_set) if self.config.restrict == "none" else t.action_in_set
+
     def td_terms(self, batch, t: Transitions):
         """Q at the data tokens, the TD loss and its metrics (shared with CQL)."""
         q_action, values, pi = self.q_values(t)
         y = t.reward + self.config.gamma * self.next_value(self.target_values(batch, t, values), t)
-        inside = t.action_in_cand
+        inside = self.inside(t)
         td = (q_action - y)[inside]
         loss = 0.5 * td.pow(2).mean() if inside.any() else (q_action * 0.0).sum()
         cur_logits = pi.logits[t.cur] / (1.0 if self.config.restrict != "set" else self.config.alpha)
@@ -134,7 +141,7 @@ class SQL(Agent):
             "v/mean": values[t.cur].mean(),
             "td/abs_error": td.abs().mean() if inside.any() else torch.zeros(()),
             "policy/entropy_in_set": self.entropy_in_set(cur_logits, pi.mask[t.cur]),
-            "data/off_support_frac": 1.0 - inside.float().mean(),
+            "data/off_support_frac": 1.0 - t.action_in_set.float().mean(),
         }
         return q_action, pi, loss, metrics
 
@@ -157,7 +164,8 @@ class CQLConfig(SQLConfig):
 
         L = L_TD + cql_alpha * E[ alpha * logsumexp_{a in V} Q(s, a) / alpha - Q(s, a_data) ],
 
-    pushing Q down on every token and up on the data token; the out-of-distribution actions are the
+    pushing Q down on every token and up on the data token, averaged over the same transitions as
+    L_TD (data token in A_p(s): the top-p MDP's transitions); the out-of-distribution actions are the
     tokens outside A_p(s). With the duelling Q of ``restrict="mdp"`` (Q extends to every token a of V
     by the same formula) the bracket is exactly ``-alpha * log pi_S(a_data|s)``, the student's
     full-vocabulary cross-entropy on the data token (computed so, from the chunked normaliser).
@@ -182,6 +190,8 @@ class CQL(SQL):
             gap = self.soft_value(pi.logits[t.cur], pi.mask[t.cur]) - q_action
         else:
             gap = -alpha * pi.action_log_prob()  # alpha lse_V(Q / alpha) - Q(s, a_data), Q duelling
-        loss = td_loss + self.config.cql_alpha * gap.mean()
-        metrics.update({"loss/td": td_loss, "loss/cql": loss, "cql/gap": gap.mean()})
+        inside = self.inside(t)
+        gap = gap[inside].mean() if inside.any() else (gap * 0.0).sum()
+        loss = td_loss + self.config.cql_alpha * gap
+        metrics.update({"loss/td": td_loss, "loss/cql": loss, "cql/gap": gap})
         return loss, detached(metrics)

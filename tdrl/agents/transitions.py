@@ -19,9 +19,15 @@ __all__ = ["Transitions", "Policy"]
 class Transitions:
     """The response positions of a batch as N transitions, flattened row-major.
 
-    ``hidden`` holds M >= N states: every state s of a transition and every next state s'. ``cur``
-    and ``nxt`` index into it (``nxt`` is -1 where a row has no next position; ``done`` is then True).
-    Per-state fields (``cand_*``) are ``[M, ...]``; per-transition fields are ``[N]``.
+    ``hidden`` holds M >= N states: every state s of a transition and every next state s' (the final
+    state s_T of each response included). ``cur`` and ``nxt`` index into it. Per-state fields
+    (``cand_*``) are ``[M, ...]``; per-transition fields are ``[N]``:
+
+    * ``terminal``: s' is terminal (the response ended with EOS there): V(s') = 0. A response cut at
+      the length limit is not terminal: its last transition bootstraps V(s_T) on A_p(s_T);
+    * ``last``: the last transition of its sequence (terminal or truncated);
+    * ``action_in_set``: the data token lies in A_p(s), derived from ``cand_ids`` / ``cand_mask`` at s
+      (never read from the data: the sets may have been re-cut).
     ``behaviour_logprob`` / ``student_logprob`` (``[N]``, or None for offline data) are the log-probs
     under which online episodes were sampled: the behaviour policy and the student at that time.
     """
@@ -34,8 +40,9 @@ class Transitions:
     cand_logprobs: Tensor
     actions: Tensor
     reward: Tensor
-    done: Tensor
-    action_in_cand: Tensor
+    terminal: Tensor
+    last: Tensor
+    action_in_set: Tensor
     action_logprob: Tensor
     behaviour_logprob: Tensor | None = None
     student_logprob: Tensor | None = None

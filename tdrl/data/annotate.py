@@ -22,6 +22,7 @@ from tdrl.errors import ConfigError, DataError
 from tdrl.integrity import DirectoryLock, read_json, verify_manifest, write_json_atomic, write_manifest
 from tdrl.models.lm import tokenizer_fingerprint
 from tdrl.models.teacher import Reward, Teacher
+from tdrl.records import annotated_record
 
 __all__ = ["annotate", "SKIP_REASONS"]
 
@@ -41,8 +42,10 @@ def _features(logprob_dtype: str):
             "cand_ids": List(List(Value("int32"))),
             "cand_logprobs": List(List(Value(logprob_dtype))),
             "cand_mask": List(List(Value("bool"))),
+            "final_cand_ids": List(Value("int32")),
+            "final_cand_logprobs": List(Value(logprob_dtype)),
+            "final_cand_mask": List(Value("bool")),
             "action_logprob": List(Value("float32")),
-            "action_in_cand": List(Value("bool")),
             "reward": List(Value("float32")),
             "terminated": Value("bool"),
             "length": Value("int32"),
@@ -98,7 +101,9 @@ def annotate(
     Per record (see :mod:`tdrl.records`): ``prompt_ids``, ``response_ids``, and per response position
     ``cand_ids`` (int32 ``[K]``), ``cand_logprobs`` (``logprob_dtype`` ``[K]``: the teacher's top-K
     log-probs, kept also outside A_p(s) so one cache can be re-cut at a smaller p), ``cand_mask``
-    (A_p(s)), ``action_logprob``, ``action_in_cand``, ``reward``; plus ``terminated`` and ``length``.
+    (A_p(s)), ``action_logprob``, ``reward``; the same three candidate fields at the final state
+    (``final_cand_*``: a truncated response bootstraps V(s_T) on A_p(s_T)); plus ``terminated`` and
+    ``length``. Nothing derived from A_p(s) is stored (it is re-cut at the agent's p).
 
     Responses are taken as token ids when the source has them (``generate_responses`` output), else
     tokenised and ended with EOS. Prompts longer than ``max_prompt_len`` tokens are skipped and
@@ -121,6 +126,7 @@ def annotate(
         )
     out = Path(out)
     settings = {
+        "schema": SCHEMA,
         "teacher": teacher.name,
         "weights": teacher.weights_fingerprint(),
         "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
@@ -164,6 +170,9 @@ def annotate(
         write_json_atomic(out / ANNOTATION_META, meta)
     return out
 
+
+#: The cache's record layout: 2 adds the final state's candidates and drops the stored in-set flag.
+SCHEMA = 2
 
 #: Why annotate leaves a record out (counted per reason in tdrl-annotation.json).
 SKIP_REASONS = ("prompt_too_long", "beyond_context", "empty_response")
@@ -241,19 +250,12 @@ def _annotate_batch(teacher, items, columns, top_k, top_p, reward, gamma) -> Non
         mask[i, : len(s)] = 1
     ann = teacher.annotate(ids, mask, top_k=top_k, top_p=top_p, reward=reward, gamma=gamma)
     for i, (row, prompt_ids, response_ids, terminated) in enumerate(items):
-        lo, hi = len(prompt_ids) - 1, len(prompt_ids) - 1 + len(response_ids)  # states that chose a response token
-        sub = ann.subset[i, lo:hi]
-        tokens = torch.tensor(response_ids)
-        columns["id"].append(str(row["id"]))
-        columns["prompt"].append(row["prompt"])
-        columns["response"].append(row.get("response") or teacher.tokenizer.decode(response_ids))
-        columns["prompt_ids"].append(prompt_ids)
-        columns["response_ids"].append(response_ids)
-        columns["cand_ids"].append(sub.ids.to(torch.int32).tolist())
-        columns["cand_logprobs"].append(sub.logprobs.tolist())
-        columns["cand_mask"].append(sub.mask.tolist())
-        columns["action_logprob"].append(ann.token_logprob[i, lo:hi].tolist())
-        columns["action_in_cand"].append(sub.contains(tokens).tolist())
-        columns["reward"].append(ann.reward[i, lo:hi].tolist())
-        columns["terminated"].append(bool(terminated))
-        columns["length"].append(len(prompt_ids) + len(response_ids))
+        record = annotated_record(ann, i, prompt_ids, response_ids, terminated)
+        record.update(
+            id=str(row["id"]),
+            prompt=row["prompt"],
+            response=row.get("response") or teacher.tokenizer.decode(response_ids),
+            length=len(prompt_ids) + len(response_ids),
+        )
+        for name, column in columns.items():
+            column.append(record[name])

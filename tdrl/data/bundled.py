@@ -8,7 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from tdrl.data.annotate import annotate
+from tdrl.data.annotate import SCHEMA, annotate
 from tdrl.data.generate import generate_responses
 from tdrl.data.sources import load_source
 from tdrl.models.hub import tdrl_cache_dir
@@ -18,7 +18,7 @@ __all__ = ["prepare_bundled_data", "bundled_data_dir"]
 
 
 def bundled_data_dir(teacher: Teacher, train_prompts: int, response_tokens: int, top_k: int, top_p: float) -> Path:
-    key = json.dumps([teacher.weights_fingerprint(), train_prompts, response_tokens, top_k, top_p])
+    key = json.dumps([teacher.weights_fingerprint(), train_prompts, response_tokens, top_k, top_p, SCHEMA])
     return tdrl_cache_dir() / "data" / f"bundled-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tdrl.actions import nucleus_mask
+from tdrl.actions import in_set
 from tdrl.errors import ConfigError, DataError, VocabularyMismatchError
 from tdrl.integrity import read_json, verify_manifest
 from tdrl.models.lm import tokenizer_fingerprint
-from tdrl.records import ONLINE_FIELDS, TRAINING_FIELDS
+from tdrl.records import ONLINE_FIELDS, TRAINING_FIELDS, recut
 
 __all__ = [
     "ANNOTATION_META", "load_annotations", "annotation_statistics", "DistillDataset", "collate",
@@ -63,21 +63,23 @@ def load_annotations(path: str | os.PathLike, *, _meta: dict | None = None):
 
 
 def annotation_statistics(data) -> dict[str, float]:
-    """Mean |A_p(s)| and teacher mass in A_p(s) over every response position, and the token count."""
-    sizes, masses, in_cand, tokens = 0.0, 0.0, 0.0, 0
-    for row in data.with_format("numpy").iter(batch_size=64):
-        for mask, logprobs, hits in zip(row["cand_mask"], row["cand_logprobs"], row["action_in_cand"]):
-            mask = np.stack(mask) if mask.dtype == object else mask
-            logprobs = np.stack(logprobs) if logprobs.dtype == object else logprobs
+    """Over every response position at the annotation's p: mean |A_p(s)|, teacher mass in A_p(s), the
+    fraction of data tokens inside A_p(s) (derived here, as everywhere, by :func:`tdrl.actions.in_set`),
+    and the token count."""
+    sizes, masses, inside, tokens = 0.0, 0.0, 0.0, 0
+    columns = ["cand_ids", "cand_mask", "cand_logprobs", "response_ids"]
+    for row in data.select_columns(columns).with_format("numpy").iter(batch_size=64):
+        for ids, mask, logprobs, response in zip(*(row[c] for c in columns)):
+            ids, mask, logprobs = (np.stack(x) if x.dtype == object else x for x in (ids, mask, logprobs))
             sizes += mask.sum()
             masses += np.where(mask, np.exp(logprobs.astype(np.float64)), 0.0).sum()
-            in_cand += np.asarray(hits).sum()
+            inside += in_set(torch.as_tensor(ids), torch.as_tensor(mask), torch.as_tensor(response)).sum().item()
             tokens += mask.shape[0]
     return {
         "tokens": tokens,
         "support_size": sizes / max(tokens, 1),
         "support_mass": masses / max(tokens, 1),
-        "action_in_cand": in_cand / max(tokens, 1),
+        "data_in_set": inside / max(tokens, 1),
     }
 
 
@@ -117,6 +119,13 @@ class DistillDataset(torch.utils.data.Dataset):
                 f"the annotation cache {path} was built with another tokenizer (fingerprint {settings['tokenizer']}, "
                 f"this one {tokenizer_fingerprint(tokenizer)}): re-annotate with this model's teacher"
             )
+        missing = [c for c in TRAINING_FIELDS if c not in self.data.column_names]
+        if missing:
+            raise DataError(
+                f"the annotation cache {path} lacks {', '.join(missing)} (an older tdrl wrote it without the teacher's "
+                "A_p(s) at each response's final state, which a truncated response needs to bootstrap): rebuild it "
+                "with `tdrl annotate` into a new directory"
+            )
         self.top_p = top_p
         vocab = settings.get("vocab_size") or (len(tokenizer) if tokenizer is not None else None)
         if vocab is not None:
@@ -128,12 +137,12 @@ class DistillDataset(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
+        """Record ``index``'s training fields as tensors, A_p(s) re-cut at ``top_p`` (:func:`~tdrl.records.recut`)."""
         row = self._torch[int(index)]
         item = {key: row[key] for key in TRAINING_FIELDS}
-        item["cand_logprobs"] = item["cand_logprobs"].float()
-        if self.top_p is not None:
-            item["cand_mask"] = nucleus_mask(item["cand_logprobs"], self.top_p)
-        return item
+        for key in ("cand_logprobs", "final_cand_logprobs"):
+            item[key] = item[key].float()
+        return recut(item, self.top_p)
 
 
 def _check_token_ids(data, vocab_size: int, where) -> None:
@@ -156,8 +165,11 @@ def _check_token_ids(data, vocab_size: int, where) -> None:
             )
 
 
-def collate(records: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str, Tensor]:
-    """Stack records into the batch of DESIGN.md ("one batch, one forward pass").
+def collate(
+    records: Sequence[dict[str, Tensor]], pad_token_id: int, *, top_p: float | None = None
+) -> dict[str, Tensor]:
+    """Stack records into the batch of DESIGN.md ("one batch, one forward pass"), each record's
+    A_p(s) re-cut at ``top_p`` first (:func:`~tdrl.records.recut`; ``None``: as recorded).
 
     Sequences are right-padded to T = the longest prompt + response. Position t is the state
     ``input_ids[:, : t + 1]``; per-position fields describe the action ``input_ids[:, t + 1]``:
@@ -165,16 +177,23 @@ def collate(records: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str
     * ``input_ids``, ``attention_mask`` ``[B, T]``;
     * ``response_mask`` ``[B, T]`` True where the action at t is a response token;
     * ``cand_ids`` ``[B, T, K]`` (int64), ``cand_logprobs`` ``[B, T, K]`` (float32, ``-inf`` outside
-      A_p(s)), ``cand_mask`` ``[B, T, K]``;
-    * ``action_logprob``, ``reward`` ``[B, T]`` (0 off the response), ``action_in_cand`` ``[B, T]``;
-    * ``done`` ``[B, T]`` True at the last response position (its next state is terminal);
-    * ``terminated`` ``[B]`` the response ended with EOS (False: cut at the length limit);
+      A_p(s)), ``cand_mask`` ``[B, T, K]``: at every response state and at the final state s_T (the
+      position after the last response position), whose set a truncated response bootstraps from;
+    * ``action_logprob``, ``reward`` ``[B, T]`` (0 off the response);
+    * ``last`` ``[B, T]`` True at the last response position; ``terminal`` ``[B, T]`` True there only
+      if the response ended with EOS (its next state is terminal: V = 0; a response cut at the length
+      limit is not terminal and bootstraps V(s_T));
+    * ``terminated`` ``[B]`` the response ended with EOS;
     * ``behaviour_logprob``, ``student_logprob`` ``[B, T]`` only when every record is an online
       episode that carries them (:data:`tdrl.records.ONLINE_FIELDS`).
+
+    Whether the data token lies in A_p(s) is not a batch field: agents derive it from ``cand_ids``,
+    ``cand_mask`` and the next token (:func:`tdrl.actions.in_set`).
     """
     if not records:
         raise DataError("cannot collate an empty batch")
-    k = records[0]["cand_ids"].shape[-1]
+    records = [recut(r, top_p) for r in records]
+    k = torch.as_tensor(records[0]["cand_ids"]).shape[-1]
     lengths = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in records]
     b, t = len(records), max(lengths)
     batch = {
@@ -185,9 +204,9 @@ def collate(records: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str
         "cand_logprobs": torch.full((b, t, k), float("-inf")),
         "cand_mask": torch.zeros((b, t, k), dtype=torch.bool),
         "action_logprob": torch.zeros((b, t)),
-        "action_in_cand": torch.zeros((b, t), dtype=torch.bool),
         "reward": torch.zeros((b, t)),
-        "done": torch.zeros((b, t), dtype=torch.bool),
+        "last": torch.zeros((b, t), dtype=torch.bool),
+        "terminal": torch.zeros((b, t), dtype=torch.bool),
         "terminated": torch.zeros(b, dtype=torch.bool),
     }
     for i, r in enumerate(records):
@@ -196,15 +215,20 @@ def collate(records: Sequence[dict[str, Tensor]], pad_token_id: int) -> dict[str
         batch["input_ids"][i, n_prompt : n_prompt + n] = torch.as_tensor(r["response_ids"])
         batch["attention_mask"][i, : n_prompt + n] = 1
         lo, hi = n_prompt - 1, n_prompt - 1 + n
-        mask = torch.as_tensor(r["cand_mask"], dtype=torch.bool)
         batch["response_mask"][i, lo:hi] = True
-        batch["cand_ids"][i, lo:hi] = torch.as_tensor(r["cand_ids"]).long()
-        batch["cand_logprobs"][i, lo:hi] = torch.as_tensor(r["cand_logprobs"]).float().masked_fill(~mask, float("-inf"))
-        batch["cand_mask"][i, lo:hi] = mask
+        states = (  # the response states lo..hi-1, then the final state hi
+            (slice(lo, hi), r["cand_ids"], r["cand_logprobs"], r["cand_mask"]),
+            (hi, r["final_cand_ids"], r["final_cand_logprobs"], r["final_cand_mask"]),
+        )
+        for where, ids, logprobs, mask in states:
+            mask = torch.as_tensor(mask, dtype=torch.bool)
+            batch["cand_ids"][i, where] = torch.as_tensor(ids).long()
+            batch["cand_logprobs"][i, where] = torch.as_tensor(logprobs).float().masked_fill(~mask, float("-inf"))
+            batch["cand_mask"][i, where] = mask
         batch["action_logprob"][i, lo:hi] = torch.as_tensor(r["action_logprob"]).float()
-        batch["action_in_cand"][i, lo:hi] = torch.as_tensor(r["action_in_cand"], dtype=torch.bool)
         batch["reward"][i, lo:hi] = torch.as_tensor(r["reward"]).float()
-        batch["done"][i, hi - 1] = True
+        batch["last"][i, hi - 1] = True
+        batch["terminal"][i, hi - 1] = bool(r["terminated"])
         batch["terminated"][i] = bool(r["terminated"])
     for key in ONLINE_FIELDS:
         if all(key in r for r in records):

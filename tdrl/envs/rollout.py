@@ -59,11 +59,18 @@ class _Trajectory:
         self.reward.append(float(reward))
         self.action_logprob.append(float(teacher_logprob))
 
-    def record(self, tokenizer, terminated: bool) -> dict:
+    def record(self, tokenizer, terminated: bool, final_obs: dict[str, np.ndarray]) -> dict:
+        """The episode as a record; ``final_obs`` is the observation of the state after the last action
+        (its A_p(s_T), which a truncated episode bootstraps from)."""
         subset = ActionSubset(
             torch.as_tensor(np.stack(self.cand_ids)),
             torch.as_tensor(np.stack(self.cand_logprobs)),
             torch.as_tensor(np.stack(self.cand_mask)),
+        )
+        final = ActionSubset(
+            torch.as_tensor(final_obs["cand_ids"]),
+            torch.as_tensor(final_obs["cand_logprobs"]),
+            torch.as_tensor(final_obs["cand_mask"].astype(bool)),
         )
         rec = episode_record(
             prompt=self.prompt,
@@ -71,6 +78,7 @@ class _Trajectory:
             prompt_ids=self.prompt_ids,
             response_ids=self.actions,
             subset=subset,
+            final=final,
             action_logprob=torch.tensor(self.action_logprob),
             reward=torch.tensor(self.reward, dtype=torch.float64),
             terminated=terminated,
@@ -93,7 +101,7 @@ def _rollout_single(env, policy: Policy, n_episodes: int, seed: int | None) -> l
             traj.add(obs, action, reward, info["teacher_logprob"], {k: np.ravel(v)[0] for k, v in extras.items()})
             obs = next_obs
             if terminated or truncated:
-                records.append(traj.record(base.teacher.tokenizer, terminated))
+                records.append(traj.record(base.teacher.tokenizer, terminated, next_obs))
                 break
     return records
 
@@ -116,8 +124,9 @@ def _rollout_vector(env, base, policy: Policy, n_episodes: int, seed: int | None
             trajs[row].add({k: v[row] for k, v in obs.items()}, actions[row], reward[row], info["teacher_logprob"][row],
                            row_extras)  # fmt: skip
             if terminated[row] or truncated[row]:
-                if len(records) < n_episodes:
-                    records.append(trajs[row].record(base.teacher.tokenizer, bool(terminated[row])))
+                if len(records) < n_episodes:  # next-step autoreset: next_obs still shows this episode's final state
+                    final = {k: v[row] for k, v in next_obs.items()}
+                    records.append(trajs[row].record(base.teacher.tokenizer, bool(terminated[row]), final))
                 trajs[row] = None
         obs = next_obs
     return records

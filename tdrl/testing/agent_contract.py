@@ -105,11 +105,11 @@ def _contract_batch(num_records: int, max_new_tokens: int, top_k: int, top_p: fl
     records = rollout(env, TeacherPolicy(seed=seed, temperature=1.5), num_records, seed=seed)
     items = [record_tensors(r) for r in records]
     batch = collate(items, teacher.pad_token_id)
-    # make row 0's second action a token outside its A_p(s), so every agent meets that case
+    # make row 0's second action a token outside its A_p(s), so every agent meets that case (the agents
+    # derive membership from the sets and the next token: nothing else to change)
     pos = int(torch.nonzero(batch["response_mask"][0])[1])
     outside = next(a for a in range(teacher.vocab_size) if a not in set(batch["cand_ids"][0, pos].tolist()))
     batch["input_ids"][0, pos + 1] = outside
-    batch["action_in_cand"][0, pos] = False
     return batch
 
 

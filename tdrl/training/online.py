@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tdrl.actions import in_set
 from tdrl.errors import DataError
 
 __all__ = ["collect_episodes", "lm_chunks", "PretrainText"]
@@ -25,7 +26,9 @@ def collect_episodes(agent, teacher, prompts: list[str], *, num_envs: int, episo
     policy = StudentPolicy(agent, seed=seed, teacher_mix=getattr(agent.config, "teacher_mix", 0.0))
     records = rollout(env, policy, episodes, seed=seed)
     lengths = [len(r["response_ids"]) for r in records]
-    inside = sum(sum(r["action_in_cand"]) for r in records)
+    inside = sum(
+        int(in_set(*(torch.as_tensor(r[k]) for k in ("cand_ids", "cand_mask", "response_ids"))).sum()) for r in records
+    )
     tokens = max(sum(lengths), 1)
     return records, {
         "rollout/return": float(np.mean([r["return"] for r in records])),

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tdrl.actions import in_set
 from tdrl.agents.base import TRAINER_METRIC_GROUPS, Agent
 from tdrl.data import BucketBatchSampler, DistillDataset, collate
 from tdrl.errors import ConfigError
@@ -139,7 +140,13 @@ class Trainer:
             rng = np.random.default_rng([self.args.seed, self.step, micro, 1])
             picks = rng.choice(len(self.online), size=n_online, replace=n_online > len(self.online))
             items = items[: len(items) - n_online] + [record_tensors(self.online[i]) for i in picks]
-        return collate(items, self.teacher.pad_token_id)
+        return collate(items, self.teacher.pad_token_id, top_p=self.top_p)
+
+    @property
+    def top_p(self) -> float:
+        """The top-p MDP's p: the agent's re-cut, else the annotation's. Cached and online records are
+        both re-cut at it (:func:`tdrl.records.recut`), and online episodes are collected at it."""
+        return self.agent.config.top_p if self.agent.config.top_p is not None else self.args.annotation_top_p
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -260,7 +267,7 @@ class Trainer:
             self._prompts = list(dict.fromkeys(self.dataset.data["prompt"]))[:512]
         self.online, metrics = collect_episodes(
             self.agent, self.teacher, self._prompts, num_envs=args.online_envs, episodes=args.online_episodes,
-            max_new_tokens=args.online_max_new_tokens, top_k=args.annotation_top_k, top_p=args.annotation_top_p,
+            max_new_tokens=args.online_max_new_tokens, top_k=args.annotation_top_k, top_p=self.top_p,
             seed=args.seed * 1_000_003 + self.step,
         )  # fmt: skip
         return metrics
@@ -381,10 +388,13 @@ def _batch_metrics(batch: dict) -> dict[str, torch.Tensor]:
     sel = batch["response_mask"].bool()
     mask = batch["cand_mask"][sel]
     mass = torch.where(mask, batch["cand_logprobs"][sel].exp(), torch.zeros_like(mask, dtype=torch.float32))
+    actions = torch.zeros_like(batch["input_ids"])
+    actions[:, :-1] = batch["input_ids"][:, 1:]
+    inside = in_set(batch["cand_ids"][sel], mask, actions[sel])
     return {
         "batch/support_size": mask.sum(-1).float().mean(),
         "batch/support_mass": mass.sum(-1).mean(),
-        "batch/off_support_frac": 1.0 - batch["action_in_cand"][sel].float().mean(),
+        "batch/off_support_frac": 1.0 - inside.float().mean(),
     }
 
 
