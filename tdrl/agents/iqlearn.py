@@ -49,6 +49,20 @@ class IQLearnConfig(AgentConfig):
     pushing every logit of the set further below that outside max: the student's mass leaves the set.
     The max over A_p(s) keeps V(s) >= 0 and the same loss sharpens the set instead.
 
+    What runs over A_p(s): V(s) and V(s') (the soft maximum), the projection in the expert term, which
+    transitions the token form keeps (data token in A_p(s)), and the indicator of the released form;
+    the max in Q runs over V (``max_over="vocab"``) or A_p(s). V(s') = 0 after EOS; a response cut at
+    the length limit bootstraps V(s_T) on A_p(s_T) (the released code does too).
+
+    The released form's fixed point is teacher-blind (derived in
+    :func:`tdrl.testing.fixed_points.teacher_blind_target`, asserted by the kit): it never reads the
+    data token nor the teacher's probabilities inside A_p(s), and at stationarity every member of
+    A_p(s) other than the pinned maximum takes the same Q, so the decoded policy is uniform on A_p(s)
+    where the student's maximum lies outside the set; there the set's level is pulled down towards
+    ``gamma V(s') + 2 alpha (1 - |V| / |A_p(s)|)`` (far below 0) and the mass leaves the set, held up
+    only where the state is also a successor (its V is the predecessor's V(s'), which the predecessor's
+    chi^2 pulls to 0; :mod:`tdrl.testing.support`).
+
     States whose every Q on A_p(s) sits at q_min get no gradient; ``q/clipped_frac`` counts them.
     Decoding uses the LM head over the whole vocabulary; nothing in J looks at the logits outside
     A_p(s) except through the max, so the student's mass outside the set is only held by the max and by

@@ -19,6 +19,7 @@ from tdrl.data.dataset import (
     BucketBatchSampler,
     DistillDataset,
     annotation_statistics,
+    batch_statistics,
     check_same_vocabulary,
     collate,
     load_annotations,
@@ -28,6 +29,7 @@ from tdrl.data.sources import PRESETS, RESPONSES_META, SPLITS, load_source, reco
 
 __all__ = [
     "PRESETS", "SPLITS", "RESPONSES_META", "ANNOTATION_META", "SKIP_REASONS", "load_source", "records_fingerprint",
-    "generate_responses", "annotate", "load_annotations", "annotation_statistics", "check_same_vocabulary",
+    "generate_responses", "annotate", "load_annotations", "annotation_statistics", "batch_statistics",
+    "check_same_vocabulary",
     "DistillDataset", "BucketBatchSampler", "collate", "prepare_bundled_data",
 ]  # fmt: skip

@@ -20,7 +20,7 @@ from tdrl.models.lm import tokenizer_fingerprint
 from tdrl.records import ONLINE_FIELDS, TRAINING_FIELDS, recut
 
 __all__ = [
-    "ANNOTATION_META", "load_annotations", "annotation_statistics", "DistillDataset", "collate",
+    "ANNOTATION_META", "load_annotations", "annotation_statistics", "batch_statistics", "DistillDataset", "collate",
     "BucketBatchSampler", "check_same_vocabulary",
 ]  # fmt: skip
 
@@ -80,6 +80,23 @@ def annotation_statistics(data) -> dict[str, float]:
         "support_size": sizes / max(tokens, 1),
         "support_mass": masses / max(tokens, 1),
         "data_in_set": inside / max(tokens, 1),
+    }
+
+
+def batch_statistics(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Over the response positions of a collated batch: mean |A_p(s)| (``support_size``), teacher mass in
+    A_p(s) (``support_mass``) and the fraction of data tokens outside A_p(s) (``off_support_frac``,
+    derived from the batch's sets by :func:`tdrl.actions.in_set`). The trainer logs them as ``batch/*``."""
+    sel = batch["response_mask"].bool()
+    mask = batch["cand_mask"][sel]
+    mass = torch.where(mask, batch["cand_logprobs"][sel].exp(), torch.zeros_like(mask, dtype=torch.float32))
+    actions = torch.zeros_like(batch["input_ids"])
+    actions[:, :-1] = batch["input_ids"][:, 1:]
+    inside = in_set(batch["cand_ids"][sel], mask, actions[sel])
+    return {
+        "support_size": mask.sum(-1).float().mean(),
+        "support_mass": mass.sum(-1).mean(),
+        "off_support_frac": 1.0 - inside.float().mean(),
     }
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdrl.actions import in_set
 from tdrl.agents.base import TRAINER_METRIC_GROUPS, Agent
-from tdrl.data import BucketBatchSampler, DistillDataset, collate
+from tdrl.data import BucketBatchSampler, DistillDataset, batch_statistics, collate
 from tdrl.errors import ConfigError
 from tdrl.evaluation import EvalConfig, evaluate
 from tdrl.integrity import DirectoryLock, write_json_atomic
@@ -252,7 +251,8 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             if log:  # the caller reads the metrics on log steps only
-                for key, value in {"train/loss": loss.detach(), **metrics, **_batch_metrics(batch)}.items():
+                stats = {f"batch/{k}": v for k, v in batch_statistics(batch).items()}
+                for key, value in {"train/loss": loss.detach(), **metrics, **stats}.items():
                     value = torch.as_tensor(value, dtype=torch.float32).detach()
                     totals[key] = totals.get(key, 0.0) + value / args.grad_accum
             tokens += int(batch["response_mask"].sum())
@@ -381,21 +381,6 @@ class Trainer:
         self.history, self.best, self.online = state["history"], state["best"], state.get("online", [])
         self.train_time = state.get("train_time_s", 0.0)
         self.resumed = True
-
-
-def _batch_metrics(batch: dict) -> dict[str, torch.Tensor]:
-    """What the trainer logs about each batch (group ``batch/``; agents never use it)."""
-    sel = batch["response_mask"].bool()
-    mask = batch["cand_mask"][sel]
-    mass = torch.where(mask, batch["cand_logprobs"][sel].exp(), torch.zeros_like(mask, dtype=torch.float32))
-    actions = torch.zeros_like(batch["input_ids"])
-    actions[:, :-1] = batch["input_ids"][:, 1:]
-    inside = in_set(batch["cand_ids"][sel], mask, actions[sel])
-    return {
-        "batch/support_size": mask.sum(-1).float().mean(),
-        "batch/support_mass": mass.sum(-1).mean(),
-        "batch/off_support_frac": 1.0 - inside.float().mean(),
-    }
 
 
 def _check_metric_names(metrics: dict) -> None:
