@@ -683,3 +683,15 @@ def test_support_term_and_outside_mass_are_exact():
     assert "loss/support" not in metrics
     assert total.item() == pytest.approx(ablation.loss(ablation.transitions(batch), batch)[0].item())
     assert "policy/outside_mass" not in agent(batch)[1]  # diagnostics only when asked (the trainer's log steps)
+
+
+def test_rewards_derived_at_another_gamma_are_refused():
+    """inverse_soft_q rewards carry the annotation's gamma; an agent discounting with another is refused,
+    the same gamma (or a reward without gamma) passes."""
+    from tdrl.training.build import check_rewards_fit_agent
+
+    config = get_agent("sql").Config(gamma=0.9)
+    with pytest.raises(ConfigError, match="gamma 0.99.*--gamma 0.99"):
+        check_rewards_fit_agent({"reward": "inverse_soft_q", "gamma": 0.99}, config)
+    check_rewards_fit_agent({"reward": "inverse_soft_q", "gamma": 0.9}, config)
+    check_rewards_fit_agent({"reward": "logprob", "gamma": 0.99}, config)

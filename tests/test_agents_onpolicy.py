@@ -13,7 +13,7 @@ from tdrl.data import collate
 from tdrl.envs import StudentPolicy, TokenGenerationVectorEnv, rollout
 from tdrl.records import annotated_record, record_tensors
 from tdrl.testing import MarkovTeacher
-from tdrl.testing.agent_contract import CHECKS, TabularStudent, contract_batch
+from tdrl.testing.agent_contract import CHECKS, TabularStudent
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
@@ -29,47 +29,57 @@ def test_gkd_variants_pass_the_kit(divergence, restrict):
         check("gkd", divergence=divergence, restrict=restrict)
 
 
-def partition_by_hand(batch, logits, b, t, temperature=1.0):
-    """Teacher and student over {A_p(s)} + {outside} at one position, from full student logits."""
+def partition_by_hand(batch, logits, teacher_logits, b, t, temperature=1.0):
+    """Teacher and student over {A_p(s)} + {outside} at one position, each coarsened from its own full
+    distribution over V (the student's logits, the teacher's own forward pass: not the cache). At a
+    temperature other than 1 the cache cannot know the teacher's tail; the agent spreads it evenly
+    over the outside tokens (documented in ``partition_log_probs``), and so does this reference."""
     m = batch["cand_mask"][b, t]
     cand = batch["cand_ids"][b, t][m]
     logp_s = torch.log_softmax(logits[b, t] / temperature, 0)
     student = torch.cat([logp_s[cand], torch.log1p(-logp_s[cand].exp().sum()).reshape(1)])
-    teacher_lp = batch["cand_logprobs"][b, t][m].double()
+    logp_t = torch.log_softmax(teacher_logits[b, t], 0)
     vocab, n_out = logits.shape[-1], logits.shape[-1] - len(cand)
-    rest = 1 - teacher_lp.exp().sum()
-    tail = math.log(n_out) + (torch.log(rest) - math.log(n_out)) / temperature
-    teacher = torch.log_softmax(torch.cat([teacher_lp / temperature, tail.reshape(1)]), 0)
     assert vocab > len(cand)
-    return teacher, student
+    if temperature == 1.0:
+        return torch.cat([logp_t[cand], torch.log1p(-logp_t[cand].exp().sum()).reshape(1)]), student
+    rest = 1 - logp_t[cand].exp().sum()
+    tail = math.log(n_out) + (torch.log(rest) - math.log(n_out)) / temperature
+    return torch.log_softmax(torch.cat([logp_t[cand] / temperature, tail.reshape(1)]), 0), student
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_gkd_divergences_by_hand(temperature):
+def test_gkd_divergences_by_hand(temperature, tiny_teacher):
     """Forward KL, reverse KL and the generalised JSD (beta 0.3) between the full-vocabulary teacher
     and student coarsened to A_p(s) + one outside bucket, at a temperature dividing both; at
     temperature 1 the teacher's bucket is exactly 1 - pi_T(A_p(s))."""
+    from tdrl.envs import TeacherPolicy, TokenGenerationEnv
     from tdrl.models import load_student
 
-    batch = contract_batch()
+    env = TokenGenerationEnv(tiny_teacher, ["Name three colors.", "hi", "Define gravity."], top_k=16, top_p=0.8,
+                             max_new_tokens=6)  # fmt: skip
+    records = rollout(env, TeacherPolicy(seed=0, temperature=1.5), 4, seed=0)
+    batch = collate([record_tensors(r) for r in records], tiny_teacher.pad_token_id)
     torch.manual_seed(0)
     student = load_student("tiny")
     logits = student.full_logits(student.hidden_states(batch["input_ids"], batch["attention_mask"])).double()
+    with torch.no_grad():
+        teacher_logits = tiny_teacher.logits(batch["input_ids"], batch["attention_mask"]).double()
     results = {}
     for divergence in ("forward", "reverse", "jsd"):
         agent = make_agent("gkd", student, divergence=divergence, beta=0.3, temperature=temperature)
         results[divergence], _ = agent(batch)
     fwd, rev, jsd = [], [], []
     for b, t in torch.nonzero(batch["response_mask"]).tolist():
-        lt, ls = partition_by_hand(batch, logits, b, t, temperature)
+        lt, ls = partition_by_hand(batch, logits, teacher_logits, b, t, temperature)
         pt, ps = lt.exp(), ls.exp()
         lm = torch.log(0.3 * pt + 0.7 * ps)
         fwd.append((pt * (lt - ls)).sum().item())
         rev.append((ps * (ls - lt)).sum().item())
         jsd.append((0.3 * pt * (lt - lm) + 0.7 * ps * (ls - lm)).sum().item())
         if temperature == 1.0:
-            assert pt[-1].item() == pytest.approx(
-                1 - batch["cand_logprobs"][b, t].exp()[batch["cand_mask"][b, t]].sum().item()
+            assert pt[-1].item() == pytest.approx(  # the teacher's own tail = 1 - the cached mass on A_p(s)
+                1 - batch["cand_logprobs"][b, t].exp()[batch["cand_mask"][b, t]].sum().item(), abs=1e-5
             )
     for name, terms in (("forward", fwd), ("reverse", rev), ("jsd", jsd)):
         assert results[name].item() == pytest.approx(np.mean(terms), rel=1e-4), name

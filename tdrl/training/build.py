@@ -13,7 +13,7 @@ from accelerate import PartialState
 
 from tdrl.agents import get_agent, make_agent
 from tdrl.data import DistillDataset, check_same_vocabulary, prepare_bundled_data
-from tdrl.errors import DataError
+from tdrl.errors import ConfigError, DataError
 from tdrl.evaluation import reference_records
 from tdrl.integrity import read_json
 from tdrl.models import Teacher, load_student, load_teacher
@@ -22,13 +22,25 @@ from tdrl.training.callbacks import TrainerCallback
 from tdrl.training.checkpoints import find_checkpoint, run_directory
 from tdrl.training.trainer import Trainer
 
-__all__ = ["build_trainer", "resume_trainer", "set_seed"]
+__all__ = ["build_trainer", "resume_trainer", "set_seed", "check_rewards_fit_agent"]
 
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_rewards_fit_agent(settings: dict, config) -> None:
+    """The cached reward is derived at annotation time: with ``inverse_soft_q`` it is
+    ``z(s, a) - gamma V(s')`` at the annotation's gamma, which goes stale under an agent that discounts
+    with another gamma. Refuse that pairing (ConfigError naming both fixes)."""
+    cached = settings.get("gamma")
+    if settings.get("reward") == "inverse_soft_q" and cached is not None and cached != config.gamma:
+        raise ConfigError(
+            f"the annotation's rewards are inverse_soft_q, z(s, a) - gamma V(s') with gamma {cached}, but the agent "
+            f"discounts with gamma {config.gamma}: pass --gamma {cached} or re-annotate with --gamma {config.gamma}"
+        )
 
 
 def build_trainer(
@@ -63,6 +75,7 @@ def build_trainer(
         else:
             data_dir = args.data
         dataset = DistillDataset(data_dir, tokenizer=student.tokenizer, top_p=agent.config.top_p)
+        check_rewards_fit_agent(dataset.meta.get("settings", {}), agent.config)
         made_by = dataset.meta.get("settings", {}).get("weights")
         if made_by not in (None, teacher.weights_fingerprint()):
             raise DataError(
