@@ -81,7 +81,15 @@ def recut(record: dict, top_p: float | None) -> dict:
         return record
     out = dict(record)
     for logprobs, mask in (("cand_logprobs", "cand_mask"), ("final_cand_logprobs", "final_cand_mask")):
-        out[mask] = nucleus_mask(torch.as_tensor(record[logprobs]).float(), top_p)
+        values = torch.as_tensor(record[logprobs]).float()
+        known = torch.isfinite(values)
+        short = values.double().exp().sum(-1) < top_p  # the set would have to grow past the known log-probs
+        if bool((short & ~known.all(-1)).any()):
+            raise ValueError(
+                f"this record's teacher log-probs stop at its own A_p(s) (an env episode cut at a smaller p): it "
+                f"cannot be re-cut at the larger p = {top_p}; collect episodes at the p they train at"
+            )
+        out[mask] = nucleus_mask(values, top_p)
     return out
 
 

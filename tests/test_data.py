@@ -213,6 +213,20 @@ def test_data_token_membership_after_a_recut_is_brute_force_membership(cache, ti
     assert wide.all() and not t.action_in_set.all()  # at 0.8 the teacher's own samples were all inside
 
 
+def test_an_env_episode_is_not_grown_silently(tiny_teacher):
+    """Env episodes carry the teacher's log-probs on their own A_p(s) only: re-cutting one at a smaller
+    or equal p works, at a larger p it is refused (it could not grow the set); the cache re-cuts up."""
+    from tdrl.envs import TeacherPolicy, TokenGenerationEnv, rollout
+    from tdrl.records import record_tensors, recut
+
+    env = TokenGenerationEnv(tiny_teacher, ["Name three colors."], top_k=16, top_p=0.5, max_new_tokens=5)
+    record = record_tensors(rollout(env, TeacherPolicy(seed=0), 1, seed=0)[0])
+    assert torch.equal(recut(record, 0.5)["cand_mask"], record["cand_mask"])
+    assert (recut(record, 0.3)["cand_mask"] <= record["cand_mask"]).all()
+    with pytest.raises(ValueError, match="cannot be re-cut at the larger p = 0.9"):
+        recut(record, 0.9)
+
+
 def test_a_cache_without_the_final_states_is_refused_with_advice(cache):
     old = load_annotations(cache).remove_columns(["final_cand_ids", "final_cand_logprobs", "final_cand_mask"])
     with pytest.raises(DataError, match="final_cand_ids.*rebuild it with `tdrl annotate`"):

@@ -23,8 +23,9 @@ class Transitions:
     state s_T of each response included). ``cur`` and ``nxt`` index into it. Per-state fields
     (``cand_*``) are ``[M, ...]``; per-transition fields are ``[N]``:
 
-    * ``terminal``: s' is terminal (the response ended with EOS there): V(s') = 0. A response cut at
-      the length limit is not terminal: its last transition bootstraps V(s_T) on A_p(s_T);
+    * ``terminal``: s' is terminal (the response ended there: EOS, or an env episode ended by
+      ``off_support="terminate"``): V(s') = 0. A response cut at the length limit is not terminal: its
+      last transition bootstraps V(s_T) on A_p(s_T);
     * ``last``: the last transition of its sequence (terminal or truncated);
     * ``action_in_set``: the data token lies in A_p(s), derived from ``cand_ids`` / ``cand_mask`` at s
       (never read from the data: the sets may have been re-cut).

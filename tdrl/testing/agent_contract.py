@@ -260,8 +260,10 @@ def _decoded_table(agent: Agent) -> Tensor:
 
 
 def projected_kl(agent: Agent, target: dict[int, dict[int, float]], rows) -> float:
-    """E_s KL(target(.|s) || proj_p pi_S(.|s)) over the transitions' states (a data-weighted average)."""
+    """E_s KL(target(.|s) || proj_p pi_S(.|s)) over the transitions' states (a data-weighted average)
+    that the target covers (IQL's covers only states with data inside A_p(s))."""
     table = _decoded_table(agent)
+    rows = [row for row in rows if row["s"] in target]
     total = 0.0
     for row in rows:
         A = row["set"]

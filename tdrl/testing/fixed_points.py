@@ -17,6 +17,7 @@ from tdrl.agents.base import Agent
 
 __all__ = [
     "markov_transitions",
+    "check_closed",
     "teacher_target",
     "soft_optimal_target",
     "awr_target",
@@ -43,6 +44,15 @@ def _soft_lse(values: list[float], alpha: float) -> float:
     return top + alpha * math.log(sum(math.exp((v - top) / alpha) for v in values))
 
 
+def check_closed(rows) -> None:
+    """The value-iteration oracles run over the data's states only (V = 0 elsewhere, where an agent's
+    value head would stay at its start): every successor of a non-terminal transition must be a data
+    state whose data include a token inside A_p(s), so no bootstrapped value comes from outside."""
+    covered = {row["s"] for row in rows if row["inside"]}
+    open_ends = {row["a"] for row in rows if not row["terminal"]} - covered
+    assert not open_ends, f"the Markov problem bootstraps from states without in-set data: {sorted(open_ends)}"
+
+
 def teacher_target(agent: Agent, teacher, rows) -> dict[int, dict[int, float]]:
     """The teacher projected on A_p(s): the fixed point of every loss whose target is the teacher on
     the top-p MDP (KD, SFT on teacher samples, GKD, MiniLLM, IQ-Learn's equation form)."""
@@ -59,6 +69,7 @@ def soft_optimal_target(agent: Agent, teacher, rows, iters: int = 3000) -> dict[
     operator Q(s, a) = r(s, a) + gamma V(a), V(s) = alpha lse_{A_p(s)} Q(s, .) / alpha (0 after EOS), on
     the data's (s, a) pairs inside A_p(s), and pi(a|s) = exp((Q(s, a) - V(s)) / alpha) on A_p(s).
     Every a of A_p(s) is an action of the top-p MDP; its reward is the teacher's log-prob."""
+    check_closed(rows)
     alpha, gamma, eos = agent.config.alpha, agent.config.gamma, teacher.eos_token_id
     sets = {row["s"]: row["set"] for row in rows}
     logp = teacher.logprobs
@@ -84,6 +95,7 @@ def awr_target(agent: Agent, teacher, rows, iters: int = 500) -> dict[int, dict[
     inside A_p(s) (all of them for ``restrict="none"``), V(s) the tau-expectile of Q(s, .) under the
     data's action counts n(s, a), and advantage-weighted regression's policy
     pi(a|s) proportional to n(s, a) min(exp(beta (Q(s, a) - V(s))), max_weight)."""
+    check_closed(rows)
     cfg = agent.config
     used = [row for row in rows if row["inside"] or cfg.restrict == "none"]
     counts: dict[int, dict[int, float]] = {}
@@ -118,8 +130,12 @@ def teacher_blind_target(agent: Agent, teacher, rows) -> dict[int, dict[int, flo
     grows with Q_b, the right side falls, so every free member of A_p(s) takes the same Q. The teacher
     enters only through A_p(s). So: equiprobable on A_p(s) where the student's max lies outside the
     set (the released objective then sinks the whole set towards q_min: the collapse), and the pinned
-    maximum plus equiprobable others where it lies inside. Returned for the student's current maximum
-    (over V, or over A_p(s) for ``max_over="set"``), with the pinned token at the student's own value."""
+    maximum plus equiprobable others where it lies inside. Two conditions (a reviewer's): the argument
+    needs 1 - c > 0, i.e. V(s) above about -(2 alpha / gamma^2) n_s / n'_s (n_s visits, n'_s arrivals;
+    below it both sides fall with Q_b and two roots are possible); and members clipped at q_min get no
+    gradient, so they keep whatever probability they had. Returned for the student's current maximum
+    (over V, or over A_p(s) for ``max_over="set"``): the pinned token and the clipped members at the
+    student's own probabilities, the free members sharing the rest equally."""
     from tdrl.testing.agent_contract import _decoded_table
 
     table = _decoded_table(agent)
@@ -129,11 +145,10 @@ def teacher_blind_target(agent: Agent, teacher, rows) -> dict[int, dict[int, flo
         logits = table[s]
         top = int(logits.argmax()) if agent.config.max_over == "vocab" else max(A, key=lambda a: float(logits[a]))
         proj = torch.softmax(logits[A], 0)
-        if top in A:
-            pinned = float(proj[A.index(top)])
-            out[s] = {a: pinned if a == top else (1.0 - pinned) / max(len(A) - 1, 1) for a in A}
-        else:
-            out[s] = dict.fromkeys(A, 1.0 / len(A))
+        fixed = {a for a in A if a == top or float(logits[a] - logits[top]) <= agent.config.q_min}
+        kept = sum(float(proj[A.index(a)]) for a in fixed)
+        free = max(len(A) - len(fixed), 1)
+        out[s] = {a: float(proj[A.index(a)]) if a in fixed else (1.0 - kept) / free for a in A}
     return out
 
 

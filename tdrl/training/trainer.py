@@ -139,13 +139,16 @@ class Trainer:
             rng = np.random.default_rng([self.args.seed, self.step, micro, 1])
             picks = rng.choice(len(self.online), size=n_online, replace=n_online > len(self.online))
             items = items[: len(items) - n_online] + [record_tensors(self.online[i]) for i in picks]
-        return collate(items, self.teacher.pad_token_id, top_p=self.top_p)
+        return collate(items, self.teacher.pad_token_id, top_p=self.agent.config.top_p)
 
     @property
     def top_p(self) -> float:
-        """The top-p MDP's p: the agent's re-cut, else the annotation's. Cached and online records are
-        both re-cut at it (:func:`tdrl.records.recut`), and online episodes are collected at it."""
-        return self.agent.config.top_p if self.agent.config.top_p is not None else self.args.annotation_top_p
+        """The top-p MDP's p: the agent's re-cut (``top_p``), else the cache's own. Cached and online
+        records are both re-cut at the agent's p (:func:`tdrl.records.recut`; no re-cut without one, so
+        a float16 cache keeps its own sets), and online episodes are collected at this p."""
+        if self.agent.config.top_p is not None:
+            return self.agent.config.top_p
+        return self.dataset.meta.get("settings", {}).get("top_p", self.args.annotation_top_p)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -267,7 +270,8 @@ class Trainer:
             self._prompts = list(dict.fromkeys(self.dataset.data["prompt"]))[:512]
         self.online, metrics = collect_episodes(
             self.agent, self.teacher, self._prompts, num_envs=args.online_envs, episodes=args.online_episodes,
-            max_new_tokens=args.online_max_new_tokens, top_k=args.annotation_top_k, top_p=self.top_p,
+            max_new_tokens=args.online_max_new_tokens, top_p=self.top_p,
+            top_k=self.dataset.meta.get("settings", {}).get("top_k", args.annotation_top_k),  # the cache's K
             seed=args.seed * 1_000_003 + self.step,
         )  # fmt: skip
         return metrics
