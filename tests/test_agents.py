@@ -385,6 +385,39 @@ def test_soft_bellman_target_by_hand():
         assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5), restrict
 
 
+@pytest.mark.parametrize("name", ["sql", "cql"])
+def test_sql_and_cql_on_episodes_by_hand(name):
+    """SQL's TD loss (and CQL's gap) on multi-step episodes, by hand: Q = alpha (z_a / alpha - lse_{A_p(s)}
+    z / alpha) + V_psi(s), y = r + gamma V_psi(s') with V_psi(s_T) for the truncated response and 0 after
+    EOS, averaged over the transitions whose data token lies in A_p(s) only (the top-p MDP's); CQL's gap
+    -alpha log pi_S(a|s) over V averaged over the same transitions."""
+    teacher, batch, student = bd_problem()
+    student.enable_value_head()
+    with torch.no_grad():
+        student.value_head.weight.copy_(torch.linspace(-1.0, 1.5, 6).unsqueeze(0))
+        student.value_head.bias.fill_(0.2)
+    alpha, gamma = 0.5, 0.9
+    extra = {"cql_alpha": 0.7} if name == "cql" else {}
+    agent = make_agent(name, student, gamma=gamma, alpha=alpha, target="none", top_p=None, **extra)
+    loss, metrics = agent.loss(agent.transitions(batch), batch)
+    vw, vb = student.value_head.weight.detach().double()[0], student.value_head.bias.item()
+    td, gaps = [], []
+    rows = transitions_by_hand(batch)
+    assert any(r["a"] not in r["set"] for r in rows) and sum(r["next"] is None for r in rows) == 2
+    for r in rows:
+        if r["a"] not in r["set"]:
+            continue
+        z = logits_of(student, r["s"])
+        q = alpha * (z[r["a"]].item() / alpha - lse(z[r["set"]] / alpha)) + vw[r["s"]].item() + vb
+        v_next = 0.0 if r["next"] is None else vw[r["next"]].item() + vb
+        td.append(0.5 * (q - r["r"] - gamma * v_next) ** 2)
+        gaps.append(-alpha * (z[r["a"]].item() / alpha - lse(z / alpha)))
+    assert metrics["loss/q"].item() == pytest.approx(np.mean(td), rel=1e-5)
+    if name == "cql":
+        assert metrics["cql/gap"].item() == pytest.approx(np.mean(gaps), rel=1e-5)
+        assert loss.item() == pytest.approx(np.mean(td) + 0.7 * np.mean(gaps), rel=1e-5)
+
+
 def test_cql_gap_by_hand():
     """mdp: the CQL(H) bracket alpha lse_V(Q/alpha) - Q(s, a) with the duelling Q is -alpha log pi_S(a|s)
     over the whole vocabulary; set: lse over A_p(s) of raw logits minus the data logit."""
