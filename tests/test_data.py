@@ -213,6 +213,25 @@ def test_data_token_membership_after_a_recut_is_brute_force_membership(cache, ti
     assert wide.all() and not t.action_in_set.all()  # at 0.8 the teacher's own samples were all inside
 
 
+def test_recut_cuts_the_final_state_too(tiny_teacher):
+    """recut re-cuts A_p at the final state s_T as well (V(s_T) of a truncated response reads it), and
+    collate puts the re-cut set at the position after the last response token."""
+    from tdrl.envs import TeacherPolicy, TokenGenerationEnv, rollout
+    from tdrl.records import record_tensors, recut
+
+    env = TokenGenerationEnv(tiny_teacher, ["Name three colors.", "hi"], top_k=16, top_p=0.8, max_new_tokens=6)
+    records = [record_tensors(r) for r in rollout(env, TeacherPolicy(seed=0, temperature=2.0), 4, seed=0)]
+    batch = collate(records, tiny_teacher.pad_token_id, top_p=0.3)
+    shrunk = 0
+    for i, r in enumerate(records):
+        expected = nucleus_mask(r["final_cand_logprobs"].float(), 0.3)
+        assert torch.equal(recut(r, 0.3)["final_cand_mask"], expected)
+        final = len(r["prompt_ids"]) + len(r["response_ids"]) - 1
+        assert torch.equal(batch["cand_mask"][i, final], expected)
+        shrunk += int(expected.sum() < r["final_cand_mask"].sum())
+    assert shrunk > 0  # the re-cut changed at least one final set (not vacuous)
+
+
 def test_an_env_episode_is_not_grown_silently(tiny_teacher):
     """Env episodes carry the teacher's log-probs on their own A_p(s) only: re-cutting one at a smaller
     or equal p works, at a larger p it is refused (it could not grow the set); the cache re-cuts up."""
