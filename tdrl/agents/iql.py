@@ -40,7 +40,10 @@ class IQLConfig(AgentConfig):
     What runs over A_p(s): which transitions exist, hence the expectile (V(s) is the tau-expectile of
     Q over the data actions inside A_p(s): IQL's in-sample maximum over the MDP's actions), the TD
     targets and the regression; Implicit Q-Learning has no sum or max over actions to restrict. V(s')
-    = 0 after EOS; a response cut at the length limit bootstraps V(s_T). With beta -> 0 every weight
+    = 0 after EOS; a response cut at the length limit bootstraps V(s_T). A state whose data token lies
+    outside A_p(s) (and a final state s_T) gets no V target of its own, yet its predecessor bootstraps
+    from its V: the value head's generalisation from other states fills it in (as for sql and cql's
+    V(s_T)); ``data/off_support_frac`` says how many such transitions a batch has. With beta -> 0 every weight
     is 1 and L_pi is SFT on the data tokens inside A_p(s). Its fixed point is not the teacher: AWR
     gives pi(a|s) proportional to pi_data(a|s) min(exp(beta A(s, a)), max_weight) (the kit asserts
     this one, by brute force on a Markov teacher).

@@ -22,6 +22,7 @@ started from a teacher-like table keeps its mass on A_p(s) while it trains (V >>
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -155,20 +156,33 @@ def _trainable(agent: Agent):
     return [p for p in agent.parameters() if p.requires_grad]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """The kit's problems are tiny tensors: intra-op threads only cost, and on a busy machine they cost
+    a lot (a 1 s run took 60 s with 2 threads beside another process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train(agent: Agent, batch, steps: int, lr: float, collect=None) -> list[float]:
-    """Adam on ``agent(batch)``; for an on-policy agent, ``collect()`` replaces the batch with fresh
-    student episodes every 10 steps."""
+    """Adam on ``agent(batch)``, on one thread; for an on-policy agent, ``collect()`` replaces the batch
+    with fresh student episodes every 10 steps."""
     optimiser = torch.optim.Adam(_trainable(agent), lr=lr)
     losses = []
-    for step in range(steps):
-        if collect is not None and step % 10 == 0:
-            batch = collect(step)
-        loss, _ = agent(batch)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        agent.after_update()
-        losses.append(loss.item())
+    with one_thread():
+        for step in range(steps):
+            if collect is not None and step % 10 == 0:
+                batch = collect(step)
+            loss, _ = agent(batch)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            agent.after_update()
+            losses.append(loss.item())
     return losses
 
 

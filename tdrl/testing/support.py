@@ -50,7 +50,7 @@ from tdrl.actions import in_set
 from tdrl.agents.base import Agent
 from tdrl.agents.registry import make_agent
 from tdrl.models import Student
-from tdrl.testing.agent_contract import _train, markov_batch
+from tdrl.testing.agent_contract import _train, markov_batch, one_thread
 
 __all__ = [
     "NetworkStudent",
@@ -324,7 +324,8 @@ def network_support_run(
     :func:`support_batch` (V = 64 >> K = 8, p = 0.8). Returns the decoding policy's mass on A_p(s)
     per data state before and after, and where the start's argmax lay outside A_p(s)."""
     batch, teacher = support_batch()
-    state, stats = _fitted_start(seed, boost, flag_first)
+    with one_thread():
+        state, stats = _fitted_start(seed, boost, flag_first)
     student = NetworkStudent(teacher.vocab_size, teacher.tokenizer)
     student.load_state_dict(state)
     torch.manual_seed(seed)
