@@ -3,9 +3,12 @@
     python scripts/make_bundled_prompts.py
 
 Nine task families (factual, definition, list, rewrite, summary, code, classification, arithmetic,
-how-to), written from templates and word lists with a fixed seed; duplicates removed;
-a fixed split (80/10/10) decided by a hash of the prompt text, so adding prompts never moves old ones.
-Some families carry a short ``reference`` answer (arithmetic, capitals, classification labels).
+how-to), written from templates and word lists with a fixed seed; duplicates removed; split about
+80/10/10 by :func:`assign_splits` so that no (family, answer) or (family, subject) group and no
+near-duplicate pair (word-set Jaccard >= 0.8) crosses splits. Some families carry a short ``reference``
+answer (arithmetic, capitals, classification labels). These splits still share templates: the test of
+generalisation is the separate held-out split (``tdrl/resources/heldout_prompts.jsonl``, written by hand,
+following no template here).
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "tdrl" / "resources" / "bundled_prompts.jsonl"
 rng = random.Random(20250526)
+#: Word-set Jaccard at or above which two prompts are near-duplicates (never in two splits).
+NEAR_DUPLICATE = 0.8
 
 CAPITALS = {
     "France": "Paris",
@@ -508,7 +514,7 @@ def arithmetic(n: int) -> list[tuple[str, str]]:
 
 
 def build() -> list[dict]:
-    items: list[tuple[str, str, str | None]] = []  # (family, prompt, reference)
+    items: list[tuple[str, str, str | None, str]] = []  # (family, prompt, reference, subject)
     for country, capital in CAPITALS.items():
         for t in (
             "What is the capital of {c}?",
@@ -516,10 +522,10 @@ def build() -> list[dict]:
             "Which city is the capital of {c}?",
             "Tell me the capital of {c} in one word.",
         ):
-            items.append(("factual", t.format(c=country), capital))
+            items.append(("factual", t.format(c=country), capital, country))
     for q, a in FACT_QUESTIONS:
-        items.append(("factual", q, a))
-        items.append(("factual", f"Answer briefly: {q}", a))
+        items.append(("factual", q, a, q))
+        items.append(("factual", f"Answer briefly: {q}", a, q))
     for w in WORDS:
         for t in (
             "Define the word '{w}'.",
@@ -527,66 +533,125 @@ def build() -> list[dict]:
             "Explain '{w}' to a ten-year-old.",
             "Give a short definition of {w}.",
         ):
-            items.append(("definition", t.format(w=w), None))
+            items.append(("definition", t.format(w=w), None, w))
     for cat in CATEGORIES:
         for n in NUMBERS:
             for t in ("Name {n} {c}.", "List {n} {c}.", "Give me a list of {n} {c}, separated by commas."):
-                items.append(("list", t.format(n=n, c=cat), None))
+                items.append(("list", t.format(n=n, c=cat), None, cat))
     for template, pool in REWRITE_KINDS:
         for s in pool:
-            items.append(("rewrite", template.format(s=s), None))
+            items.append(("rewrite", template.format(s=s), None, s))
     for t in SUMMARY_TEMPLATES:
         for s in SUMMARY_SENTENCES:
-            items.append(("summary", t.format(s=s), None))
+            items.append(("summary", t.format(s=s), None, s))
     for t in CODE_TEMPLATES:
         for c in CODE_SNIPPETS:
-            items.append(("code", t.format(c=c), None))
+            items.append(("code", t.format(c=c), None, c))
     for review, label in REVIEWS:
         for t in (
             'Is this review positive or negative? "{r}"',
             'Classify the sentiment of: "{r}"',
             "Sentiment (positive or negative): {r}",
         ):
-            items.append(("classification", t.format(r=review), label))
+            items.append(("classification", t.format(r=review), label, review))
     for animal, cls in ANIMALS:
         for t in (
             "Is a {a} a mammal, bird, fish, reptile or amphibian?",
             "Classify the animal: {a}.",
             "Which animal class does the {a} belong to?",
         ):
-            items.append(("classification", t.format(a=animal), cls))
+            items.append(("classification", t.format(a=animal), cls, animal))
     for text, topic in TOPICS:
-        items.append(("classification", f'What is the topic of this headline: "{text}"', topic))
+        items.append(("classification", f'What is the topic of this headline: "{text}"', topic, text))
         items.append(
             (
                 "classification",
                 f"Classify this sentence as sports, economy, technology, politics, health or music: {text}",
                 topic,
+                text,
             )
         )
     for group in ODD_ONE_OUT:
         for _ in range(3):
             shuffled = group[:]
             rng.shuffle(shuffled)
-            items.append(("classification", f"Which word does not belong: {', '.join(shuffled)}?", None))
+            items.append(("classification", f"Which word does not belong: {', '.join(shuffled)}?", None, group[-1]))
     for task in HOW_TO:
         for t in ("How do I {t}?", "Give three short steps to {t}.", "What is the easiest way to {t}?"):
-            items.append(("how-to", t.format(t=task), None))
+            items.append(("how-to", t.format(t=task), None, task))
     for prompt, answer in arithmetic(560):
-        items.append(("arithmetic", prompt, answer))
-    seen, records = set(), []
-    for family, prompt, reference in items:
-        if prompt in seen:
+        items.append(("arithmetic", prompt, answer, prompt))
+    return assign_splits(items)
+
+
+def words(text: str) -> frozenset[str]:
+    """The word set near-duplicates are measured on (lower case, letters, digits and apostrophes)."""
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def _bucket(key: str) -> str:
+    bucket = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def assign_splits(items: list[tuple[str, str, str | None, str]]) -> list[dict]:
+    """Records with splits that test generalisation, from (family, prompt, reference, subject) items.
+
+    1. Groups: prompts that share a (family, reference answer) pair or a (family, subject) pair (the
+       slot filler: the country, the word, the sentence, ...) are joined (union-find); a group's split is
+       decided by a hash of its smallest member, so whole groups land in one split.
+    2. Near-duplicates: a prompt outside train whose word set has Jaccard >= NEAR_DUPLICATE with a prompt
+       of another split is dropped (templates differing by one slot: "Tell me the capital of Peru in one
+       word." / "... of Chile ..."); dropping never creates a new crossing.
+    Result: no group and no near-duplicate pair crosses splits (checked by tests/test_splits.py).
+    """
+    seen, unique = set(), []
+    for item in items:
+        if item[1] not in seen:
+            seen.add(item[1])
+            unique.append(item)
+    parent = list(range(len(unique)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple, int] = {}
+    for i, (family, _, reference, subject) in enumerate(unique):
+        for key in ((family, "answer", reference), (family, "subject", subject)):
+            if key[2] is None:
+                continue
+            if key in first:
+                parent[find(i)] = find(first[key])
+            else:
+                first[key] = i
+    members: dict[int, list[int]] = {}
+    for i in range(len(unique)):
+        members.setdefault(find(i), []).append(i)
+    split = {}
+    for group in members.values():
+        name = _bucket(min(unique[i][1] for i in group))
+        split.update({i: name for i in group})
+    sets = [words(item[1]) for item in unique]
+    dropped = set()
+    order = {"train": 0, "validation": 1, "test": 2}
+    for i in range(len(unique)):
+        for j in range(i + 1, len(unique)):
+            if split[i] != split[j] and jaccard(sets[i], sets[j]) >= NEAR_DUPLICATE:
+                dropped.add(max((i, j), key=lambda k: order[split[k]]))  # keep the train side
+    records = []
+    for i, (family, prompt, reference, _) in enumerate(unique):
+        if i in dropped:
             continue
-        seen.add(prompt)
-        bucket = int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 10
-        split = "test" if bucket == 0 else "validation" if bucket == 1 else "train"
-        record = {
-            "id": f"{family}-{hashlib.sha256(prompt.encode()).hexdigest()[:10]}",
-            "family": family,
-            "split": split,
-            "prompt": prompt,
-        }
+        digest = hashlib.sha256(prompt.encode()).hexdigest()
+        record = {"id": f"{family}-{digest[:10]}", "family": family, "split": split[i], "prompt": prompt,
+                  "group": f"{family}-{hashlib.sha256(unique[find(i)][1].encode()).hexdigest()[:8]}"}  # fmt: skip
         if reference is not None:
             record["reference"] = reference
         records.append(record)

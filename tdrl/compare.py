@@ -45,11 +45,14 @@ COLUMNS = (
     ("Rouge-L best-val model", _test("best", "eval/rougeL")),
     ("Rouge-L vs human, last", _test("last", "eval/rougeL_reference")),
     ("greedy Rouge-L", _test("last", "eval/rougeL_greedy")),
+    ("greedy best-val", _test("best", "eval/rougeL_greedy")),
     ("teacher NLL", _test("last", "eval/teacher_nll")),
     ("coverage", _test("last", "eval/coverage")),
     ("entropy", _test("last", "eval/entropy")),
-    ("outside mass", lambda s: s.get("outside_mass", float("nan"))),
-    ("mode outside", lambda s: s.get("mode_outside", float("nan"))),
+    ("outside mass", _test("last", "eval/outside_mass")),
+    ("mode outside", _test("last", "eval/mode_outside")),
+    ("outside mass, train states", lambda s: s.get("outside_mass", float("nan"))),
+    ("mode outside, train states", lambda s: s.get("mode_outside", float("nan"))),
 )
 
 
@@ -205,10 +208,11 @@ def results_table(summaries: list[dict]) -> str:
         "All figures on the test prompts, mean ± std over seeds. Rouge-L: F1 x 100 against the teacher's greedy "
         "response (vs human: against the data's reference answers, where it has them); 'best-val model' = the "
         "checkpoint with the best validation Rouge-L, scored on the test prompts. greedy Rouge-L: greedy decoding of "
-        "the last model; teacher NLL: per token of the student's samples; coverage: fraction of sampled tokens "
-        "inside the teacher's A_p(s); entropy: of the student's full-vocabulary sampling distribution (nats); "
-        "outside mass: the decoding policy's mass outside A_p(s) on 64 training records' states (the probe); mode "
-        "outside: how often its most likely token lies outside A_p(s) there. "
+        "the last (best-val: the best-validation) model; teacher NLL: per token of the student's samples; coverage: "
+        "fraction of sampled tokens inside the teacher's A_p(s); entropy: of the student's full-vocabulary sampling "
+        "distribution (nats); outside mass: the decoding policy's mass outside the teacher's A_p(s) at the states "
+        "of its own test samples; mode outside: how often its most likely token lies outside A_p(s) there; the "
+        "same two on 64 training records' states (the probe), 'train states'. "
         "The first row is the student before any training, sampled once per seed (its spread is the test "
         "sampling's noise alone).",
     ]

@@ -16,6 +16,10 @@ Metrics (mean and std over sampling seeds; the paper samples with top-p 0.8 and 
 * ``eval/entropy``: the entropy (nats) of the student's sampling distribution over the whole vocabulary
   (before the nucleus cut), averaged over the tokens it generated: a method that wins Rouge-L by
   sharpening towards the teacher's mode shows here;
+* ``eval/outside_mass``: the student's full-vocabulary mass outside the teacher's A_p(s) (k = 64,
+  p = 0.8) at the states of its own samples (the states it decodes at), and ``eval/mode_outside``:
+  how often its most likely token lies outside A_p(s) there (a student whose mode is outside A_p(s)
+  writes what the teacher would not);
 * ``eval/rougeL_greedy`` (with ``also_greedy``): Rouge-L of greedy decoding, one pass.
 """
 
@@ -48,7 +52,8 @@ def reference_records(
     context_column: str | None = None,
 ) -> list[dict]:
     """Evaluation records: the first ``n`` prompts of ``source`` (anything
-    :func:`tdrl.data.load_source` reads: ``bundled`` (default split: validation), JSONL / JSON / CSV,
+    :func:`tdrl.data.load_source` reads: ``bundled`` (default split: validation; ``heldout``: the
+    hand-written prompts, whose references are human answers), JSONL / JSON / CSV,
     a ``save_to_disk`` directory, a hub id, the ``dolly`` preset) with the teacher's greedy response
     (``reference_response``, for ``eval/rougeL``), the human reference where the source has one
     (``human_reference``: ``reference_column``, or the preset's response column, for
@@ -70,9 +75,10 @@ def reference_records(
         if n < 1:
             raise DataError(f"the number of evaluation prompts must be >= 1, got {n}")
         ds = ds.select(range(min(n, len(ds))))
+    heldout = bundled and split == "heldout"  # its references are human answers, not one-word labels
     rows = [
-        {"prompt": r["prompt"], "answer": r.get("reference") if bundled else None,
-         "human_reference": None if bundled else r.get("response")}
+        {"prompt": r["prompt"], "answer": r.get("reference") if bundled and not heldout else None,
+         "human_reference": r.get("reference") if heldout else None if bundled else r.get("response")}
         for r in ds.to_list()
     ]  # fmt: skip
     key = json.dumps([teacher.weights_fingerprint(), records_fingerprint(ds), max_new_tokens])
@@ -150,7 +156,8 @@ def generate_texts(
 
 
 def _teacher_scores(teacher: Teacher, prompt_ids: list[list[int]], responses: list[list[int]], config: EvalConfig):
-    """Per response: summed teacher log-likelihood, tokens inside A_p(s), and length."""
+    """Per response: summed teacher log-likelihood, tokens inside A_p(s), length, and the teacher's
+    A_p(s) at the states that chose each token (``(ids, mask)``, ``[len, K]``)."""
     results = []
     for start in range(0, len(responses), 16):
         rows = [p + r for p, r in zip(prompt_ids[start : start + 16], responses[start : start + 16])]
@@ -166,28 +173,40 @@ def _teacher_scores(teacher: Teacher, prompt_ids: list[list[int]], responses: li
             lo, hi = n_prompt - 1, n_prompt - 1 + len(response)
             tokens = torch.tensor(response, dtype=torch.long)
             loglik = ann.token_logprob[i, lo:hi].sum().item()
-            inside = ann.subset[i, lo:hi].contains(tokens).sum().item() if response else 0
-            results.append((loglik, inside, len(response)))
+            subset = ann.subset[i, lo:hi]
+            inside = subset.contains(tokens).sum().item() if response else 0
+            results.append((loglik, inside, len(response), (subset.ids.cpu(), subset.mask.cpu())))
     return results
 
 
-def _student_entropy(model, prompt_ids, responses, scale: float) -> tuple[float, int]:
-    """Summed full-vocabulary entropy of ``softmax(scale * logits)`` at the states that chose each
-    response token, and the token count (chunked: no ``[T, V]`` tensor)."""
+def _student_states(model, prompt_ids, responses, scale: float, subsets) -> dict[str, float]:
+    """Sums over the states that chose each response token: the student's full-vocabulary entropy of
+    ``softmax(scale * logits)``, its mass outside the teacher's A_p(s) (``subsets``: per response
+    ``(ids, mask)``), whether its mode lies outside A_p(s), and the state count (chunked: no ``[T, V]``
+    tensor)."""
+    from tdrl.actions import in_set
     from tdrl.models.student import Student, vocab_summary
 
     student = Student(model)
-    total, count = 0.0, 0
+    weight, bias = student.output_weight(), student.output_bias()
+    totals = {"entropy": 0.0, "outside_mass": 0.0, "mode_outside": 0.0, "states": 0}
     with torch.no_grad():
-        for prompt, response in zip(prompt_ids, responses):
+        for prompt, response, (cand, mask) in zip(prompt_ids, responses, subsets):
             if not response:
                 continue
             ids = torch.tensor([prompt + response[:-1]], device=student.device)
             hidden = student.hidden_states(ids)[0, len(prompt) - 1 :]
-            summary = vocab_summary(hidden, student.output_weight(), student.output_bias(), scale=scale)
-            total += summary.entropy.sum().item()
-            count += len(response)
-    return total, count
+            summary = vocab_summary(hidden, weight, bias, scale=scale)
+            cand, mask = cand.to(hidden.device), mask.to(hidden.device)
+            logits = torch.einsum("td,tkd->tk", hidden.float(), weight[cand].float())
+            if bias is not None:
+                logits = logits + bias[cand].float()
+            inside = ((scale * logits - summary.log_z.unsqueeze(-1)).exp() * mask).sum(-1)
+            totals["entropy"] += summary.entropy.sum().item()
+            totals["outside_mass"] += (1.0 - inside).clamp(min=0.0).sum().item()
+            totals["mode_outside"] += (~in_set(cand, mask, summary.argmax)).sum().item()
+            totals["states"] += len(response)
+    return totals
 
 
 def evaluate(
@@ -222,10 +241,12 @@ def evaluate(
                 for rec, text in zip(records, texts)
             ]
             scores = _teacher_scores(teacher, prompt_ids, responses, config)
-            tokens = sum(n for _, _, n in scores)
-            entropy, counted = _student_entropy(
-                student_model, prompt_ids, responses, 1.0 / (config.temperature * decode_temperature)
-            )
+            tokens = sum(n for _, _, n, _ in scores)
+            states = _student_states(
+                student_model, prompt_ids, responses, 1.0 / (config.temperature * decode_temperature),
+                [subset for *_, subset in scores],
+            )  # fmt: skip
+            counted = max(states["states"], 1)
             matches = [rec["answer"].lower() in text.lower() for rec, text in zip(records, texts) if rec.get("answer")]
             human = [
                 scorer.score(rec["human_reference"], text)["rougeL"].fmeasure * 100
@@ -234,11 +255,13 @@ def evaluate(
             ]
             seed_metrics = {
                 "eval/rougeL": float(np.mean(rouge)),
-                "eval/teacher_nll": -sum(ll for ll, _, _ in scores) / max(tokens, 1),
-                "eval/coverage": sum(c for _, c, _ in scores) / max(tokens, 1),
+                "eval/teacher_nll": -sum(ll for ll, *_ in scores) / max(tokens, 1),
+                "eval/coverage": sum(c for _, c, *_ in scores) / max(tokens, 1),
                 "eval/length": tokens / len(responses),
                 "eval/terminated": float(np.mean([bool(r) and r[-1] == eos for r in responses])),
-                "eval/entropy": entropy / max(counted, 1),
+                "eval/entropy": states["entropy"] / counted,
+                "eval/outside_mass": states["outside_mass"] / counted,
+                "eval/mode_outside": states["mode_outside"] / counted,
             }
             if matches:
                 seed_metrics["eval/answer_match"] = float(np.mean(matches))

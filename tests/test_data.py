@@ -10,6 +10,7 @@ import torch
 
 from tdrl.actions import nucleus_mask, top_p_subset
 from tdrl.data import (
+    SPLITS,
     BucketBatchSampler,
     DistillDataset,
     annotate,
@@ -49,9 +50,11 @@ def cache(small_source, tmp_path_factory):
 def test_bundled_set_size_families_and_splits():
     everything = load_source("bundled")
     assert len(everything) >= 2000
-    assert len(Counter(everything["family"])) >= 8 and min(Counter(everything["family"]).values()) >= 100
-    splits = {s: set(load_source("bundled", split=s)["prompt"]) for s in ("train", "validation", "test")}
+    splits = {s: set(load_source("bundled", split=s)["prompt"]) for s in SPLITS}
     assert sum(len(v) for v in splits.values()) == len(everything) == len(set(everything["prompt"]))
+    families = Counter(load_source("bundled", split="train")["family"])
+    assert len(families) >= 8 and min(families.values()) >= 80
+    assert not splits["heldout"] & (splits["train"] | splits["validation"] | splits["test"])
     assert not (splits["train"] & splits["validation"]) and not (splits["train"] & splits["test"])
     assert not (splits["validation"] & splits["test"])
     assert len(splits["validation"]) > 150 and len(splits["test"]) > 150

@@ -31,7 +31,7 @@ def prepare_bundled_data(
     top_p: float = 0.8,
     progress: bool = True,
 ) -> Path:
-    """The annotation cache of ``train_prompts`` bundled training prompts (0: all 1,732), one teacher
+    """The annotation cache of ``train_prompts`` bundled training prompts (0: all 1,810), one teacher
     response each (``response_tokens`` long, sampled at top-p ``top_p``), annotated with K = ``top_k``
     and p = ``top_p``; built on first use, reused afterwards."""
     root = bundled_data_dir(teacher, train_prompts, response_tokens, top_k, top_p)
@@ -40,7 +40,7 @@ def prepare_bundled_data(
         prompts = prompts.select(range(min(train_prompts, len(prompts))))
     responses = generate_responses(
         teacher, prompts, root / "responses", max_new_tokens=response_tokens, top_k=top_k, top_p=top_p, seed=0,
-        batch_size=16, shard_size=128, progress=progress,
+        batch_size=64, shard_size=128, progress=progress,
     )  # fmt: skip
     return annotate(
         teacher, load_source(responses), root / "annotated", top_k=top_k, top_p=top_p, shard_size=256, progress=progress

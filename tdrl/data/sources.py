@@ -19,11 +19,16 @@ from tdrl.models.hub import resolve_name
 
 __all__ = ["PRESETS", "SPLITS", "Preset", "load_source", "records_fingerprint", "RESPONSES_META"]
 
-SPLITS = ("train", "validation", "test")
+#: The bundled splits. train / validation / test come from templates (scripts/make_bundled_prompts.py),
+#: grouped so that no template group or near-duplicate crosses them; ``heldout`` is written by hand and
+#: follows none of those templates (its ``reference`` is a short human answer, where one exists): the
+#: default test set of ``tdrl demo`` and the reproduction.
+SPLITS = ("train", "validation", "test", "heldout")
 
 RESPONSES_META = "tdrl-responses.json"
 
 BUNDLED_FILE = "bundled_prompts.jsonl"
+HELDOUT_FILE = "heldout_prompts.jsonl"
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,11 @@ PRESETS = {
 
 
 def _bundled_records(split: str | None) -> list[dict]:
-    text = resources.files("tdrl").joinpath("resources", BUNDLED_FILE).read_text(encoding="utf-8")
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = []
+    names = {None: (BUNDLED_FILE, HELDOUT_FILE), "heldout": (HELDOUT_FILE,)}.get(split, (BUNDLED_FILE,))
+    for name in names:
+        text = resources.files("tdrl").joinpath("resources", name).read_text(encoding="utf-8")
+        records += [json.loads(line) for line in text.splitlines() if line.strip()]
     return [r for r in records if split is None or r["split"] == split]
 
 
@@ -121,7 +129,7 @@ def load_source(
     """Load (prompt, response) records as a ``datasets.Dataset`` with columns ``id``, ``prompt`` and,
     when present, ``response``, ``response_ids``, ``reference``, ``family``.
 
-    ``source`` is ``"bundled"`` (the shipped instruction set; ``split`` in train/validation/test), a
+    ``source`` is ``"bundled"`` (the shipped instruction set; ``split`` in :data:`SPLITS`, None: all), a
     preset name (``"dolly"``), a ``.jsonl``/``.json``/``.csv`` file, a directory written by
     :func:`generate_responses` or ``Dataset.save_to_disk``, a ``datasets.Dataset``, or a hub id (passed
     to ``datasets.load_dataset`` untouched). Columns are renamed from ``prompt_column`` /

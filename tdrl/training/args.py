@@ -64,17 +64,24 @@ class TrainConfig:
         "validation prompts (model selection): 'bundled', 'dolly', a .jsonl/.json/.csv file or HF data "
         "set with a prompt column and an optional reference column (human references: eval/rougeL_reference)",
     )
-    eval_split: str = _f("validation", "split of --eval-data (bundled: validation or test; files have none)")
+    eval_split: str = _f(
+        "validation", "split of --eval-data (bundled: train, validation, test or heldout; files have none)"
+    )
     eval_prompts: int = _f(32, "prompts per evaluation (the first N of --eval-data)")
     eval_reference_column: str = _f("reference", "column of --eval-data / --test-data holding human references")
     test_data: str = _f("bundled", "test prompts, evaluated once at the end (last and best-validation model)")
-    test_split: str = _f("test", "split of --test-data")
+    test_split: str = _f(
+        "heldout",
+        "split of --test-data (bundled: 'heldout', hand-written prompts no training template produced; 'test' "
+        "shares the training templates)",
+    )
     test_prompts: int = _f(32, "test prompts (0: no test evaluation)")
     eval_max_new_tokens: int = _f(48, "response length limit at evaluation")
     eval_seeds: str = _f("0", "comma-separated sampling seeds (the paper: 5 seeds)")
     eval_top_p: float = _f(0.8, "student sampling nucleus at evaluation (the paper: 0.8; MiniLLM: 1.0)")
     eval_temperature: float = _f(1.0, "student sampling temperature at evaluation")
     eval_greedy: bool = _f(False, "greedy decoding at evaluation")
+    eval_also_greedy: bool = _f(False, "also decode greedily at every validation (eval/rougeL_greedy); tests always do")
     metric_for_best_model: str = _f("eval/rougeL", "validation metric that selects best/ (any eval/* metric)")
     greater_is_better: bool = _f(True, "a larger --metric-for-best-model is better (False: e.g. eval/teacher_nll)")
     checkpoint_every: int = _f(50, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
@@ -100,7 +107,7 @@ class TrainConfig:
     lm_corpus: str = _f("pydoc", "plain-text corpus of J_PT: 'pydoc' (the stdlib's pydoc_data text) or a .txt file")
     lm_seq_len: int = _f(64, "tokens per J_PT sequence")
     lm_batch_size: int = _f(4, "J_PT sequences per step")
-    train_prompts: int = _f(256, "bundled data: training prompts to prepare (0: all 1,732)")
+    train_prompts: int = _f(256, "bundled data: training prompts to prepare (0: all 1,810)")
     response_tokens: int = _f(48, "bundled data: teacher response length")
     annotation_top_k: int = _f(64, "bundled data: candidate cap K of the annotation")
     annotation_top_p: float = _f(
@@ -110,6 +117,7 @@ class TrainConfig:
 
     def __post_init__(self):
         from tdrl.actions import validate_top_k, validate_top_p
+        from tdrl.data.sources import SPLITS
 
         check_field_types(self)
         for name in (
@@ -133,8 +141,8 @@ class TrainConfig:
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         for name, data, split in (("eval", self.eval_data, self.eval_split), ("test", self.test_data, self.test_split)):
-            if data == "bundled" and split not in ("train", "validation", "test"):
-                raise ConfigError(f"{name}_split of the bundled set must be train, validation or test, got {split!r}")
+            if data == "bundled" and split not in SPLITS:
+                raise ConfigError(f"{name}_split of the bundled set must be one of {', '.join(SPLITS)}, got {split!r}")
         if self.test_prompts < 0:
             raise ConfigError(f"test_prompts must be >= 0, got {self.test_prompts}")
         check_device(self.device)

@@ -93,7 +93,7 @@ class Trainer:
             agent.attach_teacher(teacher)
         self.eval_config = EvalConfig(
             max_new_tokens=args.eval_max_new_tokens, seeds=args.seed_list(), top_p=args.eval_top_p,
-            temperature=args.eval_temperature, greedy=args.eval_greedy,
+            temperature=args.eval_temperature, greedy=args.eval_greedy, also_greedy=args.eval_also_greedy,
         )  # fmt: skip
         self.sampler = BucketBatchSampler(train_dataset.lengths, args.batch_size, seed=args.seed)
         loader = DataLoader(train_dataset, batch_sampler=self.sampler, collate_fn=list)

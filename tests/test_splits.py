@@ -1,0 +1,103 @@
+"""The bundled splits test generalisation: no template group and no near-duplicate crosses them, and
+the held-out split follows no bundled template. Everything is recomputed here from the prompts (brute
+force over every cross-split pair), not read from the stored ``group`` field."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+
+import pytest
+
+from tdrl.data import SPLITS, load_source
+
+TEMPLATE_SPLITS = ("train", "validation", "test")
+
+
+def words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return {s: load_source("bundled", split=s).to_list() for s in SPLITS}
+
+
+def test_no_family_answer_group_crosses_splits(bundled):
+    where = defaultdict(set)
+    for split in TEMPLATE_SPLITS:
+        for r in bundled[split]:
+            if r.get("reference"):
+                where[(r["family"], r["reference"])].add(split)
+    assert len(where) > 100  # the check is not vacuous: many answer groups
+    crossing = {k: v for k, v in where.items() if len(v) > 1}
+    assert not crossing, f"{len(crossing)} (family, answer) groups cross splits, e.g. {list(crossing.items())[:3]}"
+
+
+def test_no_stored_group_crosses_splits():
+    """The generator's own groups (slot fillers joined with answers) stay whole too."""
+    import json
+    from importlib import resources
+
+    text = resources.files("tdrl").joinpath("resources", "bundled_prompts.jsonl").read_text(encoding="utf-8")
+    where = defaultdict(set)
+    for record in map(json.loads, text.splitlines()):
+        where[record["group"]].add(record["split"])
+    assert len(where) > 300 and all(len(v) == 1 for v in where.values())
+
+
+def test_no_near_duplicate_prompt_crosses_splits(bundled):
+    """Brute force over every pair of prompts in two different template splits: word-set Jaccard < 0.8."""
+    sets = {s: [words(r["prompt"]) for r in bundled[s]] for s in TEMPLATE_SPLITS}
+    worst = 0.0
+    for i, a in enumerate(TEMPLATE_SPLITS):
+        for b in TEMPLATE_SPLITS[i + 1 :]:
+            for x in sets[a]:
+                for y in sets[b]:
+                    worst = max(worst, jaccard(x, y))
+    assert 0.5 < worst < 0.8, worst  # > 0.5: the splits do share templates (what heldout is for)
+
+
+def test_template_splits_are_usable(bundled):
+    sizes = Counter({s: len(bundled[s]) for s in TEMPLATE_SPLITS})
+    total = sum(sizes.values())
+    assert total >= 2000 and sizes["train"] >= 0.8 * total
+    assert sizes["validation"] > 150 and sizes["test"] > 150
+    for split in ("validation", "test"):  # every family is still represented
+        assert len({r["family"] for r in bundled[split]}) == len({r["family"] for r in bundled["train"]})
+
+
+def test_heldout_prompts_follow_no_bundled_template(bundled):
+    heldout = bundled["heldout"]
+    assert len(heldout) >= 300
+    assert len({r["prompt"] for r in heldout}) == len(heldout) == len({r["id"] for r in heldout})
+    assert sum(1 for r in heldout if r.get("reference")) >= 150
+    assert len({r["family"] for r in heldout}) >= 8
+    assert not {r["family"] for r in heldout} & {r["family"] for r in bundled["train"]}
+    template = [words(r["prompt"]) for s in TEMPLATE_SPLITS for r in bundled[s]]
+    worst = max(max(jaccard(words(r["prompt"]), t) for t in template) for r in heldout)
+    assert worst < 0.5, worst
+
+
+def test_heldout_references_are_human_references(tiny_teacher):
+    """The held-out split's references score eval/rougeL_reference (sentences, not one-word labels
+    matched as substrings); the template splits' short answers stay answer_match."""
+    from tdrl.evaluation import reference_records
+
+    heldout = reference_records(tiny_teacher, "bundled", split="heldout", n=40, max_new_tokens=2)
+    assert any("human_reference" in r for r in heldout) and not any("answer" in r for r in heldout)
+    test = reference_records(tiny_teacher, "bundled", split="test", n=40, max_new_tokens=2)
+    assert any("answer" in r for r in test) and not any("human_reference" in r for r in test)
+
+
+def test_config_accepts_heldout_and_refuses_unknown_split():
+    from tdrl.errors import ConfigError
+    from tdrl.training import TrainConfig
+
+    assert TrainConfig().test_split == "heldout"
+    with pytest.raises(ConfigError, match="heldout"):
+        TrainConfig(test_split="dev")
