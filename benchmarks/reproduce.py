@@ -45,7 +45,7 @@ from tdrl.data import annotate, load_source, prepare_bundled_data
 from tdrl.integrity import write_json_atomic
 from tdrl.models import load_teacher
 from tdrl.training import TrainConfig, build_trainer
-from tdrl.training.warmstart import warm_start
+from tdrl.training.warmstart import RECIPE, warm_start
 
 MAIN = [
     ("SFT / SeqKD", "bc:mode=sft"),
@@ -68,10 +68,25 @@ ABLATIONS = [
     ("BD + support term (support_coef = 1)", "bd:support_coef=1.0"),
     ("BD, max over A_p(s) (restrict = set)", "bd:restrict=set"),
 ]
+#: The paper's table under its protocol (budget ``paper``): the methods it compares and BD's main ablations.
+#: The bundled responses are the teacher's, so SFT on them is SeqKD (the paper's SFT reads Dolly's human
+#: responses, which the bundled set has not).
+PAPER_MAIN = [
+    ("SFT / SeqKD", "bc:mode=sft"),
+    ("KD", "bc:mode=kd"),
+    ("MiniLLM", "minillm"),
+    ("BD (released: max over V)", "bd"),
+]
+PAPER_ABLATIONS = [
+    ("BD, max over A_p(s)", "bd:max_over=set"),
+    ("BD without chi^2", "bd:chi2=false"),
+    ("BD p = 1.0", "bd:top_p=1.0"),
+]
 BC = ("bc:mode=sft", "bc:mode=kd")
 TD = ("sql", "iql", "iqlearn", "cql", "bd")
 ONLINE = ("KD, teacher online, full V", "kd-online")
 
+_WARM = {k: v for k, v in RECIPE.items() if k != "student"}  # the warm start's recipe (the student is its output)
 BUDGETS = {
     "smoke": dict(
         teacher="tiny", student="tiny", train_prompts=64, response_tokens=12, steps=24, batch_size=8, lr=1e-3,
@@ -82,6 +97,18 @@ BUDGETS = {
         teacher="bundled", student="layers:0,10,20,29", train_prompts=192, response_tokens=40, steps=32,
         batch_size=8, lr=2e-5, eval_every=8, eval_prompts=10, eval_max_new_tokens=24, test_prompts=24, seeds=3,
         curve_seeds=1, warm_start_steps=64, warm_start_lr=1e-4,
+    ),
+    # The paper's protocol: AdamW (0.9, 0.95), lr 5e-6, effective batch 64 (8 x 8 accumulated), 10% warm-up
+    # then cosine, about one pass over the training responses (1,810 / 64 = 29 steps), best-validation
+    # selection (bundled validation prompts), 5 test sampling seeds on the held-out prompts; from the
+    # recipe's warm start (RECIPE: 16-layer cut, 256 steps).
+    "paper": dict(
+        teacher="bundled", teacher_dtype="bfloat16", mixed_precision="bf16", student=RECIPE["student"],
+        train_prompts=0, response_tokens=40, steps=29, batch_size=8, grad_accum=8, lr=5e-6, adam_beta1=0.9,
+        adam_beta2=0.95, schedule="cosine", warmup_steps=3, eval_every=7, eval_prompts=32, eval_split="validation",
+        eval_max_new_tokens=32, test_prompts=64, test_split="heldout", test_seeds="0,1,2,3,4", seeds=3,
+        curve_seeds=1, warm_start_steps=256, warm_start_lr=RECIPE["lr"], warm_start=_WARM,
+        main=PAPER_MAIN, ablations=PAPER_ABLATIONS,
     ),
     "gpu": dict(
         teacher="bundled", student="layers:0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,29", train_prompts=0,
@@ -95,10 +122,10 @@ BUDGETS = {
 def base_config(budget: dict, device: str, out: Path) -> TrainConfig:
     keys = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in budget.items() if k in keys}
+    values.setdefault("warmup_steps", max(1, budget["steps"] // 10))
     return TrainConfig(
-        **values, device=device, data="bundled", warmup_steps=max(1, budget["steps"] // 10), log_every=4,
-        checkpoint_every=budget["steps"], keep_last=1, annotation_top_k=64, annotation_top_p=0.8, out=str(out),
-        overwrite=True,
+        **values, device=device, data="bundled", log_every=4, checkpoint_every=budget["steps"], keep_last=1,
+        annotation_top_k=64, annotation_top_p=0.8, out=str(out), overwrite=True,
     )  # fmt: skip
 
 
@@ -164,7 +191,7 @@ def verdict(by_spec: dict[str, list[dict]], labels: dict[str, str]) -> str:
     lines = []
     for which, name in (("last", "last model"), ("best", "best-validation model")):
         parts = []
-        for spec in TD:
+        for spec in (spec for spec in TD if spec in by_spec):
             parts.append(
                 f"{labels[spec]} {_stats(by_spec[spec], which)[0]:.2f} ("
                 + "; ".join(
@@ -299,30 +326,43 @@ def main(argv=None) -> str:
     raw_student = base.student
     warm = None
     if budget["warm_start_steps"]:
+        recipe = budget.get("warm_start") or {"warmup_steps": max(1, budget["warm_start_steps"] // 10)}
         warm_config = dataclasses.replace(
-            base, steps=budget["warm_start_steps"], lr=budget["warm_start_lr"], seed=0,
-            warmup_steps=max(1, budget["warm_start_steps"] // 10),
+            base, **recipe, steps=budget["warm_start_steps"], lr=budget["warm_start_lr"], seed=0, grad_accum=1,
+            adam_beta1=0.9, adam_beta2=0.95,
         )  # fmt: skip
         path, warm = warm_start(warm_config, out / "warm-start", teacher=teacher, progress=False)
         base = dataclasses.replace(base, student=str(path))
     seeds = list(range(budget["seeds"]))
     run = lambda label, spec, seed: run_one(label, spec, seed, base, teacher, store, out, args.keep_checkpoints)  # noqa: E731
 
-    if args.only:
-        return "\n".join(json.dumps(run(spec, spec, s)["test"]["last"]) for spec in args.only for s in seeds)
-    key = f"start-{run_key(base)}-seeds{len(seeds)}"  # the start sampled once per seed: its own spread
-    if key not in store:
-        store[key] = start_row(dataclasses.replace(base, out=str(out)), teacher, seeds=seeds)
-        write_json_atomic(out / "records.json", store)
-    start = [("warm start (no further training)" if warm else "start (no training)", store[key])]
-    by_spec: dict[str, list[dict]] = {}
+    main_rows, ablation_rows = budget.get("main", MAIN), budget.get("ablations", ABLATIONS)
     labels = {}
-    for label, spec in MAIN + ABLATIONS:
+    for label, spec in main_rows + ablation_rows:
         labels.setdefault(spec, label)
-    for label, spec in MAIN:
+    key = f"start-{run_key(base)}-seeds{len(seeds)}"  # the start sampled once per seed: its own spread
+
+    def start():
+        if key not in store:
+            store[key] = start_row(dataclasses.replace(base, out=str(out)), teacher, seeds=seeds)
+            write_json_atomic(out / "records.json", store)
+        return [("warm start (no further training)" if warm else "start (no training)", store[key])]
+
+    if args.only:  # these specs (seed by seed, so a partial call leaves every finished seed recorded)
+        rows = {spec: [] for spec in args.only}
+        for s in seeds:
+            for spec in args.only:
+                rows[spec].append(run(labels.get(spec, spec), spec, s))
+        text = table(start() + [(labels.get(spec, spec), records) for spec, records in rows.items()])
+        (out / "results-only.md").write_text(text + "\n")
+        print(text)
+        return text
+    start = start()
+    by_spec: dict[str, list[dict]] = {}
+    for label, spec in main_rows:
         by_spec[spec] = [run(label, spec, s) for s in seeds]
     if not args.no_ablations:
-        for label, spec in ABLATIONS:
+        for label, spec in ablation_rows:
             by_spec.setdefault(spec, [run(label, spec, s) for s in seeds])
     origin = (
         f"`{raw_student}` warm-started with full-vocabulary KD (bc:mode=kd) on the cached annotation for "
@@ -334,17 +374,19 @@ def main(argv=None) -> str:
     sections = [
         f"Budget `{args.budget}` on {args.device}: teacher {base.teacher}, student {origin}, "
         f"{base.train_prompts or 'all'} bundled training prompts x 1 teacher response of up to {base.response_tokens} "
-        f"tokens (K = 64, p = 0.8), {base.steps} steps x batch {base.batch_size}, lr {base.lr:g} (cosine, "
+        f"tokens (K = 64, p = 0.8), {base.steps} steps x batch {base.batch_size} x {base.grad_accum} accumulated, "
+        f"lr {base.lr:g}, AdamW ({base.adam_beta1:g}, {base.adam_beta2:g}) ({base.schedule}, "
         f"{base.warmup_steps} warm-up), seeds {', '.join(map(str, seeds))}. Validation: {base.eval_prompts} prompts "
-        f"every {base.eval_every} steps; test: {base.test_prompts} prompts, last and best-validation model, "
+        f"every {base.eval_every} steps; test: {base.test_prompts} {base.test_split} prompts, sampling seeds "
+        f"{','.join(map(str, base.test_seed_list()))}, last and best-validation model, "
         f"sampling top-p 0.8 / T = 1 (no top-k cap), {base.eval_max_new_tokens} new tokens.",
         "",
-        table(start + [(label, by_spec[spec]) for label, spec in MAIN]),
+        table(start + [(label, by_spec[spec]) for label, spec in main_rows]),
         verdict(by_spec, labels),
     ]
     if not args.no_ablations:
         sections += ["", "**Ablations of BD** (same budget and seeds):", "",
-                     table(start + [(label, by_spec[spec]) for label, spec in ABLATIONS])]  # fmt: skip
+                     table(start + [(label, by_spec[spec]) for label, spec in ablation_rows])]  # fmt: skip
     if not args.no_curve:
         online = [run(ONLINE[0], ONLINE[1], s) for s in range(budget["curve_seeds"])]
         key = f"annotation-{run_key(base)}"

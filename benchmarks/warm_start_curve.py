@@ -5,7 +5,8 @@
 
 One warm start (:data:`tdrl.training.warmstart.RECIPE`: a constant learning rate after a fixed warm-up,
 so the model at step S of this run *is* the S-step warm start) evaluated every ``--eval-every`` steps on
-the bundled ``heldout`` split: Rouge-L against the teacher's greedy answer (sampled, top-p 0.8 / T = 1,
+the last ``--eval-prompts`` prompts of the bundled ``heldout`` split (the demo and the reproduction
+test on its first ones): Rouge-L against the teacher's greedy answer (sampled, top-p 0.8 / T = 1,
 and greedy), against the human references, the student's entropy, and at the states of its own samples
 its mass outside the teacher's A_p(s) and how often its mode lies outside A_p(s). Step 0 is the raw
 layer cut. The issue's targets: mode inside A_p(s) at >= 80% of states (mode outside <= 0.20), outside
@@ -15,7 +16,6 @@ mass <= 0.45, greedy Rouge-L >= 2x that of the old demo warm start, samples that
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,14 +26,30 @@ from tdrl.models import load_student, load_teacher
 from tdrl.training import TrainConfig
 from tdrl.training.warmstart import RECIPE, warm_start
 
-KEYS = (("sampled", "eval/rougeL"), ("greedy", "eval/rougeL_greedy"), ("vs human", "eval/rougeL_reference"),
-        ("entropy", "eval/entropy"), ("outside mass", "eval/outside_mass"), ("mode outside", "eval/mode_outside"))  # fmt: skip
+KEYS = (
+    ("sampled", "eval/rougeL"), ("greedy", "eval/rougeL_greedy"), ("vs human", "eval/rougeL_reference"),
+    ("entropy", "eval/entropy"), ("outside mass", "eval/outside_mass"), ("mode outside", "eval/mode_outside"),
+)  # fmt: skip
+
+
+def curve_prompts(out: Path, n: int) -> Path:
+    """The LAST ``n`` held-out prompts as a JSONL file: the demo and the reproduction test on the first
+    ones, so the warm start's recipe is not chosen on the prompts it is tested on."""
+    from tdrl.data import load_source
+
+    rows = load_source("bundled", split="heldout").to_list()[-n:]
+    path = out / f"heldout-last{n}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "reference") if r.get(k)}) + "\n"
+                            for r in rows))  # fmt: skip
+    return path
 
 
 def curve_config(steps: int, out: Path, eval_prompts: int, student: str | None = None) -> TrainConfig:
     values = dict(RECIPE, student=student or RECIPE["student"])
+    prompts = curve_prompts(out.parent, eval_prompts)
     return TrainConfig(
-        **values, teacher="bundled", data="bundled", steps=steps, eval_data="bundled", eval_split="heldout",
+        **values, teacher="bundled", data="bundled", steps=steps, eval_data=str(prompts), eval_split="",
         eval_prompts=eval_prompts, eval_max_new_tokens=32, eval_seeds="0", eval_also_greedy=True,
         checkpoint_every=max(steps // 4, 1), log_every=16, out=str(out),
     )  # fmt: skip
@@ -41,7 +57,7 @@ def curve_config(steps: int, out: Path, eval_prompts: int, student: str | None =
 
 def score(model_dir: str, teacher, config: TrainConfig) -> tuple[dict, list]:
     student = load_student(model_dir, teacher=teacher)
-    records = reference_records(teacher, "bundled", split="heldout", n=config.eval_prompts, max_new_tokens=32)
+    records = reference_records(teacher, config.eval_data, n=config.eval_prompts, max_new_tokens=32)
     eval_config = EvalConfig(max_new_tokens=32, seeds=[0], also_greedy=True)
     return evaluate(student.model, student.tokenizer, teacher, records, eval_config)
 
@@ -70,21 +86,25 @@ def main(argv=None) -> str:
     rows = []
     for spec in args.baseline:
         label, _, where = spec.partition("=")
-        rows.append({"label": label, "step": "-", "train_time_s": float("nan"), "metrics": score(where, teacher, config)[0]})
+        rows.append(
+            {"label": label, "step": "-", "train_time_s": float("nan"), "metrics": score(where, teacher, config)[0]}
+        )
     raw, samples = score_raw(teacher, config)
     rows.append({"label": f"raw `{config.student}`", "step": 0, "train_time_s": 0.0, "metrics": raw})
     started = time.perf_counter()
     path, record = warm_start(config, out / "warm-start", teacher=teacher, eval_every=args.eval_every, overwrite=True)
     wall = time.perf_counter() - started
     for h in record["history"]:
-        rows.append({"label": "warm start", "step": h["step"], "train_time_s": h["train_time_s"], "metrics": h["metrics"]})
+        rows.append(
+            {"label": "warm start", "step": h["step"], "train_time_s": h["train_time_s"], "metrics": h["metrics"]}
+        )
     text = table(rows) + f"\n\nWall time of the warm start (training, evaluation, export): {wall:.0f} s."
     write_json_atomic(out / "curve.json", {"rows": rows, "record": record})
     (out / "curve.md").write_text(text + "\n")
     print(text)
     final = load_student(str(path), teacher=teacher)
     _, samples = evaluate(final.model, final.tokenizer, teacher,
-                          reference_records(teacher, "bundled", split="heldout", n=6, max_new_tokens=32),
+                          reference_records(teacher, config.eval_data, n=6, max_new_tokens=32),
                           EvalConfig(max_new_tokens=32, seeds=[0], samples=6))  # fmt: skip
     print(json.dumps(samples, indent=1))
     (out / "samples.json").write_text(json.dumps(samples, indent=1))

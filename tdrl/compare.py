@@ -85,17 +85,19 @@ def start_row(
     base: TrainConfig, teacher, progress: bool = False, label: str = "start", seeds: list[int] | tuple[int, ...] = (0,)
 ) -> list[dict]:
     """The starting student itself (``base.student``, untrained) under the same test protocol and
-    outside-mass probe as every run: the reference rows of a comparison, one per sampling seed in
-    ``seeds`` (a comparison passes its training seeds), so the start has a spread too: the test
-    prompts' sampling noise alone, which a single evaluation would hide."""
+    outside-mass probe as every run: the reference rows of a comparison, one per entry of ``seeds``
+    (a comparison passes its training seeds), each sampled with as many test seeds as a run but
+    disjoint ones (row i: the test seeds + 1000 i), so the start has a spread too: the test prompts'
+    sampling noise alone, which a single evaluation would hide."""
     from tdrl.training.build import build_trainer
 
     config = dataclasses.replace(base, agent="bc", agent_args="", out=str(Path(base.out) / "runs" / "start"))
     trainer = build_trainer(config, teacher=teacher, progress=progress)
     probe = trainer.probe()
     rows = []
+    sampling = list(trainer.test_seeds)
     for i, seed in enumerate(seeds):
-        trainer.eval_config = dataclasses.replace(trainer.eval_config, seeds=[seed])
+        trainer.test_seeds = [s + 1000 * i for s in sampling]  # as many sampling seeds as a run, disjoint per row
         test = trainer.test(greedy=i == 0) if base.test_prompts else {}
         if i and test:  # greedy decoding does not depend on the seed: one pass serves every row
             greedy = {k: v for k, v in rows[0]["test"]["last"].items() if k.startswith("eval/rougeL_greedy")}

@@ -101,3 +101,15 @@ def test_config_accepts_heldout_and_refuses_unknown_split():
     assert TrainConfig().test_split == "heldout"
     with pytest.raises(ConfigError, match="heldout"):
         TrainConfig(test_split="dev")
+
+
+def test_a_column_only_later_records_have_is_kept(tmp_path):
+    """datasets.Dataset.from_list reads its columns off the first record; a reference present from the
+    second record on must survive (it did not: the held-out references vanished from a file source)."""
+    import json
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "reference": "B"}) + "\n")
+    ds = load_source(path, response_column="reference")
+    assert ds["response"] == [None, "B"]
+    assert any(r.get("reference") for r in load_source("bundled", split="test").to_list())

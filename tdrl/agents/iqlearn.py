@@ -43,11 +43,22 @@ class IQLearnConfig(AgentConfig):
       applies phi inside the average, ``mean_V x - mean_V x^2 / (4 alpha)``: chi^2 of the mean of
       squares (dominated by |V \\ A_p(s)| (gamma V(s'))^2), not of the square of the mean.
 
-    ``max_over``: ``"vocab"`` (the paper's code, default) or ``"set"`` (the max over A_p(s)). Measured
-    (RESULTS.md): from a warm start whose most likely token lies outside A_p(s) at many states, the max
-    over V makes V(s) = lse_{A_p(s)} Q negative there, and the value term E[V(s)] is then lowered by
-    pushing every logit of the set further below that outside max: the student's mass leaves the set.
-    The max over A_p(s) keeps V(s) >= 0 and the same loss sharpens the set instead.
+    ``max_over``: ``"vocab"`` (the paper's code, default) or ``"set"`` (the max over A_p(s)).
+
+    **The collapse condition** (derived in :mod:`tdrl.testing.support`, checked by
+    :func:`~tdrl.testing.support.check_keeps_support_network` and tests/test_support_network.py). Per
+    state, with the released expert term, d = gamma V(s') and pi_a = softmax_{A_p(s)}(Q)_a, the own-state
+    gradient of J in an in-set Q is ``dJ/dQ_a = (1 - (Q_a - d) / (2 alpha)) / |V| - pi_a``: about
+    ``-pi_a`` since ``|V| >> |A_p(s)|``. If the student's argmax over V lies inside A_p(s), its Q is pinned
+    at 0 (raising it raises the max), so the loss only lowers the other members: it sharpens the set and
+    V(s) >= 0. If the argmax lies outside A_p(s) (where V(s) = log pi_S(A_p(s)|s) - log pi_S(o|s) < 0, o
+    the outside argmax), every Q on A_p(s) is free and below 0 and the same gradient lowers them all
+    against the outside maximum: the mass leaves A_p(s), down to a level where the own-state balance
+    ``q = gamma V(s') + 2 alpha (1 - |V| / |A_p(s)|)`` meets the pull of the predecessor's chi^2 on V(s)
+    (about V = -0.2 at a state reached as often as it is visited). So the released objective collapses
+    exactly where the starting student disagrees with the teacher's mode; the max over A_p(s) never has
+    an outside argmax and only sharpens. Which one ``bd`` uses by default is decided by measurement from
+    a warm start that writes (RESULTS.md "BD decided").
 
     What runs over A_p(s): V(s) and V(s') (the soft maximum), the projection in the expert term, which
     transitions the token form keeps (data token in A_p(s)), and the indicator of the released form;

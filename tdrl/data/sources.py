@@ -163,7 +163,10 @@ def load_source(
         else:
             rows = _hub_or_disk(str(path), split)
     records = _normalise(rows, label, prompt_column, response_column, context_column, require_response)
-    return datasets.Dataset.from_list(records)
+    # from_list takes its columns from the first record: a key only some records have (a reference on
+    # half of them) is kept for all, None where absent
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    return datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in records])
 
 
 def _normalise(rows, label, prompt_column, response_column, context_column, require_response) -> list[dict]:

@@ -77,7 +77,8 @@ class TrainConfig:
     )
     test_prompts: int = _f(32, "test prompts (0: no test evaluation)")
     eval_max_new_tokens: int = _f(48, "response length limit at evaluation")
-    eval_seeds: str = _f("0", "comma-separated sampling seeds (the paper: 5 seeds)")
+    eval_seeds: str = _f("0", "comma-separated sampling seeds of validation (and of the test, unless --test-seeds)")
+    test_seeds: str = _f("", "comma-separated sampling seeds of the test (the paper: 5 seeds); empty: --eval-seeds")
     eval_top_p: float = _f(0.8, "student sampling nucleus at evaluation (the paper: 0.8; MiniLLM: 1.0)")
     eval_temperature: float = _f(1.0, "student sampling temperature at evaluation")
     eval_greedy: bool = _f(False, "greedy decoding at evaluation")
@@ -159,12 +160,14 @@ class TrainConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.seed_list()
+        self.test_seed_list()
 
     def seed_list(self) -> list[int]:
-        try:
-            return [int(s) for s in str(self.eval_seeds).split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"eval_seeds must be comma-separated integers, got {self.eval_seeds!r}") from None
+        return _seeds("eval_seeds", self.eval_seeds)
+
+    def test_seed_list(self) -> list[int]:
+        """The test's sampling seeds: ``test_seeds``, else ``eval_seeds``."""
+        return _seeds("test_seeds", self.test_seeds) if str(self.test_seeds).strip() else self.seed_list()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,6 +180,16 @@ class TrainConfig:
             if getattr(self, name) is None:
                 values[name] = trainer_defaults.get(name, default)
         return dataclasses.replace(self, **values)
+
+
+def _seeds(name: str, text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError(f"{name} must name at least one seed, got {text!r}")
+    return seeds
 
 
 #: What an unset trainer field means when the agent has no preset for it.

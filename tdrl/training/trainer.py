@@ -95,6 +95,7 @@ class Trainer:
             max_new_tokens=args.eval_max_new_tokens, seeds=args.seed_list(), top_p=args.eval_top_p,
             temperature=args.eval_temperature, greedy=args.eval_greedy, also_greedy=args.eval_also_greedy,
         )  # fmt: skip
+        self.test_seeds = args.test_seed_list()  # the test's sampling seeds (start rows shift them)
         self.sampler = BucketBatchSampler(train_dataset.lengths, args.batch_size, seed=args.seed)
         loader = DataLoader(train_dataset, batch_sampler=self.sampler, collate_fn=list)
         optimizer = torch.optim.AdamW(
@@ -313,7 +314,7 @@ class Trainer:
         This, not the validation score that selected the best model, is what a comparison reports."""
         from transformers import AutoModelForCausalLM
 
-        config = dataclasses.replace(self.eval_config, also_greedy=greedy)
+        config = dataclasses.replace(self.eval_config, seeds=self.test_seeds, also_greedy=greedy)
 
         def run(model):
             return evaluate(model, self.student.tokenizer, self.teacher, self.test_records, config,
