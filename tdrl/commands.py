@@ -44,7 +44,7 @@ DEMO_DEFAULTS = {
     "checkpoint_every": 32, "log_every": 4, "out": "runs/demo",
     "overwrite": True,  # a second demo replaces the first one's runs (the warm start is reused)
 }  # fmt: skip
-DEMO_AGENTS = "sft,bd,bd:max_over=set"
+DEMO_AGENTS = "sft,bd,bd-released"
 DEMO_SEEDS = 2
 
 

@@ -1,6 +1,7 @@
 """The benchmark helpers measure what they say (no timings asserted), and reproduce.py's plumbing runs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +54,32 @@ def test_reproduce_smoke_plumbing(tmp_path, monkeypatch):
     assert again.split("Reproduction wall time")[0] == text.split("Reproduction wall time")[0]
     assert f"{len(runs)} runs were recorded by an earlier call and reused" in again
     assert (tmp_path / "r" / "records.json").stat().st_mtime_ns == mtime
+
+
+def test_paper_budget_is_the_papers_protocol():
+    """The ``paper`` budget: AdamW (0.9, 0.95), lr 5e-6, effective batch 64, warm-up then cosine, about one
+    pass over the 1,810 training responses, 5 test sampling seeds on the held-out prompts, from the
+    recipe's warm start."""
+    from tdrl.data import load_source
+    from tdrl.training.warmstart import RECIPE
+
+    budget = reproduce.BUDGETS["paper"]
+    config = reproduce.base_config(budget, "cpu", Path("/tmp/unused"))
+    assert (config.lr, config.adam_beta1, config.adam_beta2, config.schedule) == (5e-6, 0.9, 0.95, "cosine")
+    assert config.batch_size * config.grad_accum == 64 and 0 < config.warmup_steps < config.steps // 5
+    responses = len(load_source("bundled", split="train"))
+    assert config.train_prompts == 0 and abs(config.steps * 64 - responses) < 64  # one pass
+    assert config.test_split == "heldout" and config.test_seed_list() == [0, 1, 2, 3, 4]
+    assert config.eval_split == "validation" and config.student == RECIPE["student"]
+    assert budget["warm_start"]["schedule"] == RECIPE["schedule"] and "lr" not in budget["warm_start"]
+    specs = [spec for _, spec in budget["main"] + budget["ablations"]]
+    released = {"bd:max_over=vocab", "bd:max_over=vocab,chi2=false", "bd:max_over=vocab,top_p=1.0"}
+    assert {"bc:mode=sft", "bc:mode=kd", "minillm", "bd:max_over=set"} | released <= set(specs)
+
+
+def test_reproduce_only_prints_the_table_of_those_specs(tmp_path, monkeypatch):
+    monkeypatch.setenv("TDRL_CACHE", str(tmp_path / "cache"))
+    argv = ["--budget", "smoke", "--seeds", "1", "--steps", "2", "--out", str(tmp_path / "r"), "--only", "bc:mode=sft"]
+    text = reproduce.main(argv)
+    assert "| SFT / SeqKD | 1 |" in text and "| warm start (no further training) | 1 |" in text
+    assert (tmp_path / "r" / "results-only.md").read_text().strip() == text.strip()

@@ -23,7 +23,7 @@ KEEPS_SUPPORT = [
     ("iql", {}),
     ("iqlearn", {}),  # the paper's equation: token expert term, max over V, chi^2
     ("gkd", {}),
-    ("bd", {"max_over": "set"}),
+    ("bd", {}),  # max over A_p(s): bd's default
 ]
 
 
@@ -116,7 +116,7 @@ def test_bd_released_objective_pushes_the_mass_out_where_the_argmax_is_outside()
     state, visited 32 times and reached once: 0.546 -> 0.136); inside 0.830 -> 0.830.
     """
     batch, _ = support_batch()
-    run = network_support_run("bd")
+    run = network_support_run("bd-released")
     assert run.before_outside - run.after_outside > 0.1, run.summary()
     assert run.after_inside > run.before_inside - 0.02, run.summary()
     first = run.first & run.mode_outside
@@ -127,8 +127,8 @@ def test_bd_released_objective_pushes_the_mass_out_where_the_argmax_is_outside()
         assert abs(value - predicted) < 0.02 and spread < 0.01, (s, value, predicted, spread)
         assert value < 0, (s, value)
     assert levels[0][0] < -1.0  # the first state: far below the others
-    with pytest.raises(AssertionError, match="bd: mass on A_p"):
-        check_keeps_support_network("bd")
+    with pytest.raises(AssertionError, match="bd-released: mass on A_p"):
+        check_keeps_support_network("bd-released")
 
 
 def test_bd_level_is_reached_from_below_too():
@@ -139,7 +139,7 @@ def test_bd_level_is_reached_from_below_too():
     catches BD from starts whose set holds more than the level (``boost=0.25``, the default), not
     from every start. Measured: successors 0.349 -> 0.466, first state 0.310 -> 0.137."""
     batch, _ = support_batch()
-    run = network_support_run("bd", boost=1.0)
+    run = network_support_run("bd-released", boost=1.0)
     later = run.mode_outside & ~run.first
     first = run.mode_outside & run.first
     assert run.mass_after[later].mean() > run.mass_before[later].mean() + 0.05, run.summary()
