@@ -94,7 +94,7 @@ def main(argv=None) -> str:
     started = time.perf_counter()
     path, record = warm_start(config, out / "warm-start", teacher=teacher, eval_every=args.eval_every, overwrite=True)
     wall = time.perf_counter() - started
-    for h in record["history"]:
+    for h in record.get("history", []):  # a warm start reused from before histories were recorded has none
         rows.append(
             {"label": "warm start", "step": h["step"], "train_time_s": h["train_time_s"], "metrics": h["metrics"]}
         )

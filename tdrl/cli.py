@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="'bundled', 'dolly', a .jsonl/.json/.csv file, a generate-responses directory, "
             "a save_to_disk directory or a hub data set id",
         )
-        p.add_argument("--split", default=None, help="split to read (bundled: train, validation or test)")
+        p.add_argument(
+            "--split",
+            default=None,
+            help="split to read (bundled: train, validation, test or heldout; default: the template splits)",
+        )
         p.add_argument("--prompt-column", default="prompt")
         p.add_argument("--response-column", default="response")
         p.add_argument("--context-column", default=None, help="joined into the prompt after a blank line")
@@ -122,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompts: 'bundled', 'dolly', a .jsonl/.json/.csv file or HF data set with a prompt column and an "
         "optional reference column (human references: eval/rougeL_reference)",
     )  # fmt: skip
-    evaluate.add_argument("--split", default=None, help="split of --data (bundled: default test)")
+    evaluate.add_argument("--split", default=None, help="split of --data (bundled: default heldout)")
     evaluate.add_argument("--prompt-column", default="prompt")
     evaluate.add_argument("--reference-column", default="reference", help="column of human reference answers")
     evaluate.add_argument("--context-column", default=None, help="joined into the prompt after a blank line")

@@ -188,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     teacher_name = args.teacher or info.get("teacher") or "bundled"  # the run's own teacher unless told otherwise
     teacher = load_teacher(teacher_name, dtype=info.get("teacher_dtype", "float32"), device=args.device)
     student = load_student(str(model_dir)).to(args.device)
-    split = args.split or ("test" if args.data == "bundled" else None)
+    split = args.split or ("heldout" if args.data == "bundled" else None)
     records = reference_records(
         teacher, args.data, split=split, n=args.prompts, max_new_tokens=args.max_new_tokens,
         prompt_column=args.prompt_column, reference_column=args.reference_column, context_column=args.context_column,

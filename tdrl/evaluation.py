@@ -53,7 +53,8 @@ def reference_records(
 ) -> list[dict]:
     """Evaluation records: the first ``n`` prompts of ``source`` (anything
     :func:`tdrl.data.load_source` reads: ``bundled`` (default split: validation; ``heldout``: the
-    hand-written prompts, whose references are human answers), JSONL / JSON / CSV,
+    hand-written prompts, whose references are human answers: scored by Rouge-L, and by
+    ``answer_match`` too when at most 3 words long), JSONL / JSON / CSV,
     a ``save_to_disk`` directory, a hub id, the ``dolly`` preset) with the teacher's greedy response
     (``reference_response``, for ``eval/rougeL``), the human reference where the source has one
     (``human_reference``: ``reference_column``, or the preset's response column, for
@@ -75,9 +76,14 @@ def reference_records(
         if n < 1:
             raise DataError(f"the number of evaluation prompts must be >= 1, got {n}")
         ds = ds.select(range(min(n, len(ds))))
-    heldout = bundled and split == "heldout"  # its references are human answers, not one-word labels
+    heldout = bundled and split == "heldout"  # human references: Rouge-L, and answer_match when short
+
+    def answer(r):
+        short = r.get("reference") and len(r["reference"].split()) <= 3
+        return r.get("reference") if bundled and (not heldout or short) else None
+
     rows = [
-        {"prompt": r["prompt"], "answer": r.get("reference") if bundled and not heldout else None,
+        {"prompt": r["prompt"], "answer": answer(r),
          "human_reference": r.get("reference") if heldout else None if bundled else r.get("response")}
         for r in ds.to_list()
     ]  # fmt: skip
@@ -185,7 +191,7 @@ def _student_states(model, prompt_ids, responses, scale: float, subsets) -> dict
     ``(ids, mask)``), whether its mode lies outside A_p(s), and the state count (chunked: no ``[T, V]``
     tensor)."""
     from tdrl.actions import in_set
-    from tdrl.models.student import Student, vocab_summary
+    from tdrl.models.student import Student, gather_logits, vocab_summary
 
     student = Student(model)
     weight, bias = student.output_weight(), student.output_bias()
@@ -198,12 +204,10 @@ def _student_states(model, prompt_ids, responses, scale: float, subsets) -> dict
             hidden = student.hidden_states(ids)[0, len(prompt) - 1 :]
             summary = vocab_summary(hidden, weight, bias, scale=scale)
             cand, mask = cand.to(hidden.device), mask.to(hidden.device)
-            logits = torch.einsum("td,tkd->tk", hidden.float(), weight[cand].float())
-            if bias is not None:
-                logits = logits + bias[cand].float()
+            logits = gather_logits(hidden, weight, bias, cand).float()  # the normaliser's precision
             inside = ((scale * logits - summary.log_z.unsqueeze(-1)).exp() * mask).sum(-1)
             totals["entropy"] += summary.entropy.sum().item()
-            totals["outside_mass"] += (1.0 - inside).clamp(min=0.0).sum().item()
+            totals["outside_mass"] += (1.0 - inside).sum().item()
             totals["mode_outside"] += (~in_set(cand, mask, summary.argmax)).sum().item()
             totals["states"] += len(response)
     return totals

@@ -84,12 +84,15 @@ def test_heldout_prompts_follow_no_bundled_template(bundled):
 
 
 def test_heldout_references_are_human_references(tiny_teacher):
-    """The held-out split's references score eval/rougeL_reference (sentences, not one-word labels
-    matched as substrings); the template splits' short answers stay answer_match."""
+    """The held-out split's references score eval/rougeL_reference, and answer_match as well when they
+    are at most 3 words long; the template splits' short answers are answer_match only."""
     from tdrl.evaluation import reference_records
 
-    heldout = reference_records(tiny_teacher, "bundled", split="heldout", n=40, max_new_tokens=2)
-    assert any("human_reference" in r for r in heldout) and not any("answer" in r for r in heldout)
+    heldout = reference_records(tiny_teacher, "bundled", split="heldout", n=60, max_new_tokens=2)
+    with_reference = [r for r in heldout if "human_reference" in r]
+    assert with_reference and all(r.get("answer") in (None, r.get("human_reference")) for r in heldout)
+    assert {len(r["human_reference"].split()) <= 3 for r in with_reference} == {True, False}
+    assert all(("answer" in r) == (len(r["human_reference"].split()) <= 3) for r in with_reference)
     test = reference_records(tiny_teacher, "bundled", split="test", n=40, max_new_tokens=2)
     assert any("answer" in r for r in test) and not any("human_reference" in r for r in test)
 
@@ -113,3 +116,38 @@ def test_a_column_only_later_records_have_is_kept(tmp_path):
     ds = load_source(path, response_column="reference")
     assert ds["response"] == [None, "B"]
     assert any(r.get("reference") for r in load_source("bundled", split="test").to_list())
+
+
+def test_outside_mass_and_mode_outside_at_the_students_own_states_by_brute_force(tiny_teacher):
+    """eval/outside_mass and eval/mode_outside against a full softmax of the student's own forward pass
+    at the states that chose each sampled token, and the teacher's A_p(s) taken from its full logits."""
+    import torch
+
+    from tdrl.actions import top_p_subset
+    from tdrl.evaluation import EvalConfig, _student_states, _teacher_scores, generate_texts
+    from tdrl.testing import tiny_student_model
+
+    model, tokenizer = tiny_student_model()
+    prompts = ["name a colour", "what is two plus two", "say hello"]
+    config = EvalConfig(max_new_tokens=6, seeds=[0], temperature=0.7)
+    prompt_ids = [tiny_teacher.encode_prompt(p) for p in prompts]
+    responses = generate_texts(model, tokenizer, prompts, config, seed=0)
+    scale = 1 / 0.7
+    got = _student_states(model, prompt_ids, responses, scale, [s for *_, s in _teacher_scores(
+        tiny_teacher, prompt_ids, responses, config)])  # fmt: skip
+    outside, mode_out, states = 0.0, 0, 0
+    with torch.no_grad():
+        for prompt, response in zip(prompt_ids, responses):
+            ids = torch.tensor([prompt + response])
+            lo, hi = len(prompt) - 1, len(prompt) - 1 + len(response)
+            probs = torch.softmax(scale * model(ids).logits[0, lo:hi].double(), -1)
+            subset = top_p_subset(tiny_teacher.logits(ids)[0, lo:hi], top_k=config.coverage_top_k,
+                                  top_p=config.coverage_top_p)  # fmt: skip
+            for t in range(len(response)):
+                members = subset.ids[t][subset.mask[t]].tolist()
+                outside += 1.0 - float(probs[t, members].sum())
+                mode_out += int(int(probs[t].argmax()) not in members)
+                states += 1
+    assert states == got["states"] > 10 and 0 < mode_out < states  # both cases occur
+    assert got["outside_mass"] == pytest.approx(outside, abs=1e-4)
+    assert got["mode_outside"] == mode_out

@@ -185,7 +185,9 @@ class BDConfig(IQLearnConfig):
     decided"): the max in Q = logit - max runs over A_p(s) (``max_over="set"``), not over the whole
     vocabulary as in the released code. From a warm start that writes, the released max over V pushes
     the student's mass out of A_p(s) at the states whose argmax lies outside it (the collapse condition,
-    :class:`IQLearnConfig`); the max over A_p(s) keeps the support and decodes better. The released
+    :class:`IQLearnConfig`); the max over A_p(s) keeps the support and samples better (sampled Rouge-L
+    19.3 against 14.9, 2 seeds x 48 held-out prompts), by sharpening: its greedy Rouge-L is lower than the
+    warm start's (17.6 against 21.5), so read both. The released
     objective is the named preset ``bd-released``. No support term: the paper has none. The paper also
     trains BD with MiniLLM's pre-training loss J_PT; bd's preset sets the trainer's ``lm_coef`` to 1.0
     (the released trainer's ``loss = bellman_loss + args.lm_coef * pt_loss``, with ``--lm-coef``'s

@@ -3,7 +3,7 @@
 Offline agents never need the teacher in memory: the teacher annotates the data once
 (:func:`annotate`) and training reads the annotation from disk (:class:`DistillDataset`)::
 
-    load_source("bundled", split="train")          # prompts (2,191 bundled, or JSONL/JSON/CSV/HF)
+    load_source("bundled", split="train")          # prompts (1,810 bundled training prompts, or JSONL/JSON/CSV/HF)
       -> generate_responses(teacher, ..., out)     # N teacher samples per prompt (SeqKD-style data)
       -> annotate(teacher, load_source(out), ...)  # Arrow cache of sparse teacher targets
       -> DistillDataset(cache) + BucketBatchSampler + collate   # the batch of DESIGN.md

@@ -16,9 +16,13 @@ from tdrl.models.teacher import Teacher
 
 __all__ = ["prepare_bundled_data", "bundled_data_dir"]
 
+#: Prompts per generation batch (64: 2x the throughput of 16 on 2 CPU cores).
+BATCH = 64
+
 
 def bundled_data_dir(teacher: Teacher, train_prompts: int, response_tokens: int, top_k: int, top_p: float) -> Path:
-    key = json.dumps([teacher.weights_fingerprint(), train_prompts, response_tokens, top_k, top_p, SCHEMA])
+    # the sampled responses depend on how prompts are batched (the seed is per batch): its size is in the key
+    key = json.dumps([teacher.weights_fingerprint(), train_prompts, response_tokens, top_k, top_p, SCHEMA, BATCH])
     return tdrl_cache_dir() / "data" / f"bundled-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -40,7 +44,7 @@ def prepare_bundled_data(
         prompts = prompts.select(range(min(train_prompts, len(prompts))))
     responses = generate_responses(
         teacher, prompts, root / "responses", max_new_tokens=response_tokens, top_k=top_k, top_p=top_p, seed=0,
-        batch_size=64, shard_size=128, progress=progress,
+        batch_size=BATCH, shard_size=128, progress=progress,
     )  # fmt: skip
     return annotate(
         teacher, load_source(responses), root / "annotated", top_k=top_k, top_p=top_p, shard_size=256, progress=progress

@@ -48,7 +48,7 @@ PRESETS = {
 
 def _bundled_records(split: str | None) -> list[dict]:
     records = []
-    names = {None: (BUNDLED_FILE, HELDOUT_FILE), "heldout": (HELDOUT_FILE,)}.get(split, (BUNDLED_FILE,))
+    names = (HELDOUT_FILE,) if split == "heldout" else (BUNDLED_FILE,)  # heldout only when asked for
     for name in names:
         text = resources.files("tdrl").joinpath("resources", name).read_text(encoding="utf-8")
         records += [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -129,7 +129,8 @@ def load_source(
     """Load (prompt, response) records as a ``datasets.Dataset`` with columns ``id``, ``prompt`` and,
     when present, ``response``, ``response_ids``, ``reference``, ``family``.
 
-    ``source`` is ``"bundled"`` (the shipped instruction set; ``split`` in :data:`SPLITS`, None: all), a
+    ``source`` is ``"bundled"`` (the shipped instruction set; ``split`` in :data:`SPLITS`; None: the
+    three template splits, never ``heldout``, so no held-out prompt reaches training data by default), a
     preset name (``"dolly"``), a ``.jsonl``/``.json``/``.csv`` file, a directory written by
     :func:`generate_responses` or ``Dataset.save_to_disk``, a ``datasets.Dataset``, or a hub id (passed
     to ``datasets.load_dataset`` untouched). Columns are renamed from ``prompt_column`` /

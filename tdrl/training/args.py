@@ -73,7 +73,7 @@ class TrainConfig:
     test_split: str = _f(
         "heldout",
         "split of --test-data (bundled: 'heldout', hand-written prompts no training template produced; 'test' "
-        "shares the training templates)",
+        "shares the training templates; with other --test-data the default means the data's own split)",
     )
     test_prompts: int = _f(32, "test prompts (0: no test evaluation)")
     eval_max_new_tokens: int = _f(48, "response length limit at evaluation")

@@ -88,7 +88,9 @@ def build_trainer(
         )
         test_records = None
         if args.test_prompts:
-            test_records = reference_records(teacher, args.test_data, split=args.test_split, n=args.test_prompts,
+            # "heldout" (the default) names the bundled split; other test data keep their own default split
+            split = None if args.test_data != "bundled" and args.test_split == "heldout" else args.test_split
+            test_records = reference_records(teacher, args.test_data, split=split, n=args.test_prompts,
                                              **references)  # fmt: skip
     return Trainer(
         agent, teacher, dataset, eval_records, args, test_records=test_records, callbacks=callbacks, progress=progress
