@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="the main job: a warm start that writes, then the paper's agents, tested on held-out prompts "
-        "(43 min cold on 2 cores, 22 min once cached)",
+        "(43 min cold on 2 cores, 23 min once cached)",
         add_help=False,
     )  # fmt: skip
     _demo_flags(demo)
