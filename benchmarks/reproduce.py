@@ -47,7 +47,7 @@ from tdrl.data import annotate, load_source, prepare_bundled_data
 from tdrl.integrity import write_json_atomic
 from tdrl.models import load_teacher
 from tdrl.training import TrainConfig, build_trainer
-from tdrl.training.warmstart import RECIPE, warm_start
+from tdrl.training.warmstart import RECIPE, warm_start, warm_start_config
 
 MAIN = [
     ("SFT / SeqKD", "bc:mode=sft"),
@@ -89,7 +89,6 @@ BC = ("bc:mode=sft", "bc:mode=kd")
 TD = ("sql", "iql", "iqlearn", "cql", "bd")
 ONLINE = ("KD, teacher online, full V", "kd-online")
 
-_WARM = {k: v for k, v in RECIPE.items() if k not in ("student", "lr")}  # the recipe but its lr (warm_start_lr)
 BUDGETS = {
     "smoke": dict(
         teacher="tiny", student="tiny", train_prompts=64, response_tokens=12, steps=24, batch_size=8, lr=1e-3,
@@ -110,7 +109,7 @@ BUDGETS = {
         train_prompts=0, response_tokens=40, steps=29, batch_size=8, grad_accum=8, lr=5e-6, adam_beta1=0.9,
         adam_beta2=0.95, schedule="cosine", warmup_steps=3, eval_every=10, eval_prompts=24, eval_split="validation",
         eval_max_new_tokens=32, test_prompts=64, test_split="heldout", test_seeds="0,1,2,3,4", seeds=3,
-        curve_seeds=1, warm_start_steps=256, warm_start_lr=RECIPE["lr"], warm_start=_WARM,
+        curve_seeds=1, warm_start_steps=256, warm_start_lr=RECIPE["lr"], warm_start=RECIPE,
         main=PAPER_MAIN, ablations=PAPER_ABLATIONS, curve_bd="bd:max_over=set",
     ),
     "gpu": dict(
@@ -330,10 +329,7 @@ def main(argv=None) -> str:
     warm = None
     if budget["warm_start_steps"]:
         recipe = budget.get("warm_start") or {"warmup_steps": max(1, budget["warm_start_steps"] // 10)}
-        warm_config = dataclasses.replace(
-            base, **recipe, steps=budget["warm_start_steps"], lr=budget["warm_start_lr"], seed=0, grad_accum=1,
-            adam_beta1=0.9, adam_beta2=0.95,
-        )  # fmt: skip
+        warm_config = warm_start_config(base, budget["warm_start_steps"], budget["warm_start_lr"], recipe)
         path, warm = warm_start(warm_config, out / "warm-start", teacher=teacher, progress=False)
         base = dataclasses.replace(base, student=str(path))
     seeds = list(range(budget["seeds"]))

@@ -32,24 +32,13 @@ KEYS = (
 )  # fmt: skip
 
 
-def curve_prompts(out: Path, n: int) -> Path:
-    """The LAST ``n`` held-out prompts as a JSONL file: the demo and the reproduction test on the first
-    ones, so the warm start's recipe is not chosen on the prompts it is tested on."""
-    from tdrl.data import load_source
-
-    rows = load_source("bundled", split="heldout").to_list()[-n:]
-    path = out / f"heldout-last{n}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "reference") if r.get(k)}) + "\n"
-                            for r in rows))  # fmt: skip
-    return path
-
-
 def curve_config(steps: int, out: Path, eval_prompts: int, student: str | None = None) -> TrainConfig:
+    """The recipe, scored on the LAST ``eval_prompts`` held-out prompts: the demo and the reproduction
+    test on the first ones, so the recipe is not chosen on the prompts it is tested on."""
     values = dict(RECIPE, student=student or RECIPE["student"])
-    prompts = curve_prompts(out.parent, eval_prompts)
     return TrainConfig(
-        **values, teacher="bundled", data="bundled", steps=steps, eval_data=str(prompts), eval_split="",
+        **values, teacher="bundled", data="bundled", steps=steps, eval_data="bundled",
+        eval_split=f"heldout[-{eval_prompts}:]",
         eval_prompts=eval_prompts, eval_max_new_tokens=32, eval_seeds="0", eval_also_greedy=True,
         checkpoint_every=max(steps // 4, 1), log_every=16, out=str(out),
     )  # fmt: skip
@@ -57,7 +46,9 @@ def curve_config(steps: int, out: Path, eval_prompts: int, student: str | None =
 
 def score(model_dir: str, teacher, config: TrainConfig) -> tuple[dict, list]:
     student = load_student(model_dir, teacher=teacher)
-    records = reference_records(teacher, config.eval_data, n=config.eval_prompts, max_new_tokens=32)
+    records = reference_records(
+        teacher, config.eval_data, split=config.eval_split, n=config.eval_prompts, max_new_tokens=32
+    )
     eval_config = EvalConfig(max_new_tokens=32, seeds=[0], also_greedy=True)
     return evaluate(student.model, student.tokenizer, teacher, records, eval_config)
 
@@ -104,7 +95,7 @@ def main(argv=None) -> str:
     print(text)
     final = load_student(str(path), teacher=teacher)
     _, samples = evaluate(final.model, final.tokenizer, teacher,
-                          reference_records(teacher, config.eval_data, n=6, max_new_tokens=32),
+                          reference_records(teacher, config.eval_data, split=config.eval_split, n=6, max_new_tokens=32),
                           EvalConfig(max_new_tokens=32, seeds=[0], samples=6))  # fmt: skip
     print(json.dumps(samples, indent=1))
     (out / "samples.json").write_text(json.dumps(samples, indent=1))

@@ -280,18 +280,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from tdrl.models import load_teacher
     from tdrl.training.args import parse_train_args, resolve_device
-    from tdrl.training.warmstart import warm_start
+    from tdrl.training.warmstart import warm_start, warm_start_config
 
     start = time.perf_counter()
     config, rest = parse_train_args(args.rest, defaults=DEMO_DEFAULTS, agent_flags=False, prog="tdrl demo")
     if rest:
         raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl demo --help`)")
     steps = args.warm_start_steps
-    recipe = warm_start_defaults()
-    warm = dataclasses.replace(
-        config, steps=steps, lr=args.warm_start_lr, seed=0, batch_size=recipe["batch_size"], grad_accum=1,
-        schedule=recipe["schedule"], warmup_steps=min(recipe["warmup_steps"], steps),
-    )  # fmt: skip
+    warm = warm_start_config(config, steps, args.warm_start_lr)
     print(f"warm start: {steps} steps of full-vocabulary KD of {config.student} (reused when cached) ...", flush=True)
     # one teacher (and one hash of its weights) for the warm start and the comparison
     teacher = load_teacher(config.teacher, dtype=config.teacher_dtype, device=resolve_device(config.device))

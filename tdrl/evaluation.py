@@ -63,6 +63,7 @@ def reference_records(
     The teacher's responses are cached under ``$TDRL_CACHE/data``, keyed by a hash of the teacher's
     weights (not its name), the records, ``n`` and ``max_new_tokens``."""
     from tdrl.data import load_source, records_fingerprint
+    from tdrl.data.sources import parse_split
     from tdrl.errors import DataError
     from tdrl.integrity import read_json, write_json_atomic
     from tdrl.models.hub import tdrl_cache_dir
@@ -76,7 +77,8 @@ def reference_records(
         if n < 1:
             raise DataError(f"the number of evaluation prompts must be >= 1, got {n}")
         ds = ds.select(range(min(n, len(ds))))
-    heldout = bundled and split == "heldout"  # human references: Rouge-L, and answer_match when short
+    # human references: Rouge-L, and answer_match when short
+    heldout = bundled and split is not None and parse_split(split)[0] == "heldout"
 
     def answer(r):
         short = r.get("reference") and len(r["reference"].split()) <= 3
@@ -190,8 +192,7 @@ def _student_states(model, prompt_ids, responses, scale: float, subsets) -> dict
     ``softmax(scale * logits)``, its mass outside the teacher's A_p(s) (``subsets``: per response
     ``(ids, mask)``), whether its mode lies outside A_p(s), and the state count (chunked: no ``[T, V]``
     tensor)."""
-    from tdrl.actions import in_set
-    from tdrl.models.student import Student, gather_logits, vocab_summary
+    from tdrl.models.student import Student, support_summary
 
     student = Student(model)
     weight, bias = student.output_weight(), student.output_bias()
@@ -202,13 +203,10 @@ def _student_states(model, prompt_ids, responses, scale: float, subsets) -> dict
                 continue
             ids = torch.tensor([prompt + response[:-1]], device=student.device)
             hidden = student.hidden_states(ids)[0, len(prompt) - 1 :]
-            summary = vocab_summary(hidden, weight, bias, scale=scale)
-            cand, mask = cand.to(hidden.device), mask.to(hidden.device)
-            logits = gather_logits(hidden, weight, bias, cand).float()  # the normaliser's precision
-            inside = ((scale * logits - summary.log_z.unsqueeze(-1)).exp() * mask).sum(-1)
+            summary = support_summary(hidden, weight, bias, cand.to(hidden.device), mask.to(hidden.device), scale=scale)
             totals["entropy"] += summary.entropy.sum().item()
-            totals["outside_mass"] += (1.0 - inside).sum().item()
-            totals["mode_outside"] += (~in_set(cand, mask, summary.argmax)).sum().item()
+            totals["outside_mass"] += summary.outside_mass.sum().item()
+            totals["mode_outside"] += summary.mode_outside.sum().item()
             totals["states"] += len(response)
     return totals
 

@@ -60,6 +60,7 @@ def test_paper_budget_is_the_papers_protocol():
     """The ``paper`` budget: AdamW (0.9, 0.95), lr 5e-6, effective batch 64, warm-up then cosine, about one
     pass over the 1,810 training responses, 5 test sampling seeds on the held-out prompts, from the
     recipe's warm start."""
+    from tdrl.commands import WARM_START_STEPS
     from tdrl.data import load_source
     from tdrl.training.warmstart import RECIPE
 
@@ -71,10 +72,28 @@ def test_paper_budget_is_the_papers_protocol():
     assert config.train_prompts == 0 and abs(config.steps * 64 - responses) < 64  # one pass
     assert config.test_split == "heldout" and config.test_seed_list() == [0, 1, 2, 3, 4]
     assert config.eval_split == "validation" and config.student == RECIPE["student"]
-    assert budget["warm_start"]["schedule"] == RECIPE["schedule"] and "lr" not in budget["warm_start"]
+    assert budget["warm_start_lr"] == RECIPE["lr"] and budget["warm_start_steps"] == WARM_START_STEPS
     specs = [spec for _, spec in budget["main"] + budget["ablations"]]
     released = {"bd:max_over=vocab", "bd:max_over=vocab,chi2=false", "bd:max_over=vocab,top_p=1.0"}
     assert {"bc:mode=sft", "bc:mode=kd", "minillm", "bd:max_over=set"} | released <= set(specs)
+
+
+def test_demo_and_paper_budget_share_one_warm_start():
+    """``tdrl demo`` and ``--budget paper`` build their warm starts with one helper from one recipe: every
+    setting that shapes the weights agrees, so one cached warm start (one fingerprint) serves both."""
+    from tdrl.commands import DEMO_DEFAULTS, WARM_START_STEPS
+    from tdrl.training.args import parse_train_args
+    from tdrl.training.warmstart import _SHAPING, RECIPE, warm_start_config
+
+    budget = reproduce.BUDGETS["paper"]
+    paper = reproduce.base_config(budget, "cpu", Path("/tmp/unused"))
+    paper = warm_start_config(paper, budget["warm_start_steps"], budget["warm_start_lr"], budget["warm_start"])
+    demo, _ = parse_train_args([], defaults=DEMO_DEFAULTS, agent_flags=False, prog="tdrl demo")
+    demo = warm_start_config(demo, WARM_START_STEPS, RECIPE["lr"])
+    assert {k: getattr(demo, k) for k in _SHAPING} == {k: getattr(paper, k) for k in _SHAPING}
+    assert (demo.steps, demo.lr, demo.batch_size, demo.schedule) == (256, RECIPE["lr"], 8, "constant")
+    assert demo.warmup_steps == RECIPE["warmup_steps"] and demo.grad_accum == 1 and demo.seed == 0
+    assert warm_start_config(demo, 4, 1e-3).warmup_steps == 4  # the warm-up never outlasts the run
 
 
 def test_reproduce_only_prints_the_table_of_those_specs(tmp_path, monkeypatch):

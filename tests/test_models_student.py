@@ -100,6 +100,30 @@ def test_vocab_summary_by_brute_force():
     assert torch.allclose(got.entropy, -(p * p.log()).sum(-1), atol=1e-5)
 
 
+def test_support_summary_by_brute_force():
+    """Entropy, mass outside A_p(s) and mode outside A_p(s), against the full softmax and a Python loop
+    over the set; a row with an empty set has all its mass outside."""
+    from tdrl.models import support_summary
+
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight, bias = torch.randn(7, 12, generator=gen), torch.randn(50, 12, generator=gen), torch.randn(50)
+    z = 0.8 * (hidden @ weight.T + bias)
+    p = z.softmax(-1)
+    # distinct ids per row (a top-K list), the mode first in rows 0 and 1: in the set at row 0, masked out at row 1
+    cand = torch.stack([torch.cat([z[r].argmax().view(1), torch.randperm(50, generator=gen)]) for r in range(7)])
+    cand = torch.stack([torch.cat([row[:1], row[1:][row[1:] != row[0]][:4]]) for row in cand])
+    mask = torch.rand(7, 5, generator=gen) > 0.3
+    mask[0, 0], mask[1, 0], mask[2] = True, False, False
+    got = support_summary(hidden, weight, bias, cand, mask, scale=0.8, chunk=16)
+    for row in range(7):
+        members = {int(c) for c, m in zip(cand[row], mask[row]) if m}
+        inside = sum(float(p[row, c]) for c in members)
+        assert abs(float(got.outside_mass[row]) - (1.0 - inside)) < 1e-5
+        assert bool(got.mode_outside[row]) == (int(z[row].argmax()) not in members)
+    assert not got.mode_outside[0] and got.mode_outside[1] and abs(float(got.outside_mass[2]) - 1.0) < 1e-6
+    assert torch.allclose(got.entropy, -(p * p.log()).sum(-1), atol=1e-5)
+
+
 def test_layers_student_copies_teacher_layers(tiny_teacher):
     student = load_student("layers:1", teacher=tiny_teacher)
     assert student.model.config.num_hidden_layers == 1

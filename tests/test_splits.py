@@ -106,6 +106,27 @@ def test_config_accepts_heldout_and_refuses_unknown_split():
         TrainConfig(test_split="dev")
 
 
+def test_a_slice_of_a_bundled_split(tiny_teacher):
+    """``heldout[-8:]`` is the last 8 held-out prompts (the datasets slicing syntax, in records), and its
+    references are still human references; a slice of an unknown split is refused."""
+    from tdrl.errors import ConfigError
+    from tdrl.evaluation import reference_records
+    from tdrl.training import TrainConfig
+
+    heldout = load_source("bundled", split="heldout")["prompt"]
+    assert load_source("bundled", split="heldout[-8:]")["prompt"] == heldout[-8:]
+    assert load_source("bundled", split="heldout[3:5]")["prompt"] == heldout[3:5]
+    assert load_source("bundled", split="test[:4]")["prompt"] == load_source("bundled", split="test")["prompt"][:4]
+    last = reference_records(tiny_teacher, "bundled", split="heldout[-40:]", n=40, max_new_tokens=2)
+    assert [r["prompt"] for r in last] == heldout[-40:] and any("human_reference" in r for r in last)
+    assert TrainConfig(eval_split="heldout[-64:]").eval_split == "heldout[-64:]"
+    for bad in ("dev[:3]", "heldout[a:]", "heldout[-8]"):
+        with pytest.raises(ConfigError, match="slice"):
+            TrainConfig(test_split=bad)
+    with pytest.raises(ConfigError, match="slice"):
+        load_source("bundled", split="dev[:3]")
+
+
 def test_a_column_only_later_records_have_is_kept(tmp_path):
     """datasets.Dataset.from_list reads its columns off the first record; a reference present from the
     second record on must survive (it did not: the held-out references vanished from a file source)."""

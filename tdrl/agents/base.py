@@ -42,7 +42,7 @@ from tdrl.actions import in_set
 from tdrl.agents.ops import masked_log_softmax, masked_logsumexp, pretrain_loss
 from tdrl.agents.transitions import Policy, Transitions
 from tdrl.errors import ConfigError, check_field_types
-from tdrl.models.student import VOCAB_CHUNK, Student, gather_logits, vocab_logsumexp, vocab_summary
+from tdrl.models.student import VOCAB_CHUNK, Student, gather_logits, support_summary, vocab_logsumexp
 
 __all__ = ["Agent", "AgentConfig", "Transitions", "Policy", "RESTRICT_MODES", "TRAINER_METRIC_GROUPS", "hp"]
 
@@ -197,18 +197,20 @@ class Agent(nn.Module):
         """``policy/outside_mass`` = E_s[1 - pi_S(A_p(s)|s)], ``policy/entropy`` = E_s[H(pi_S(.|s))] and
         ``policy/mode_outside`` = P_s[argmax pi_S(.|s) not in A_p(s)] of the decoding policy (full
         vocabulary, at ``decode_temperature``) over the transition states."""
-        student, scale = self.student, 1.0 / self.decode_temperature
-        hidden = t.hidden[t.cur]
-        summary = vocab_summary(
-            hidden, student.output_weight(), student.output_bias(), scale=scale, chunk=self.config.vocab_chunk
+        student = self.student
+        summary = support_summary(
+            t.hidden[t.cur],
+            student.output_weight(),
+            student.output_bias(),
+            t.cand_ids[t.cur],
+            t.cand_mask[t.cur],
+            scale=1.0 / self.decode_temperature,
+            chunk=self.config.vocab_chunk,
         )
-        cand = gather_logits(hidden, student.output_weight(), student.output_bias(), t.cand_ids[t.cur]).float()
-        log_mass_in = masked_logsumexp(cand * scale, t.cand_mask[t.cur]) - summary.log_z
-        mode_in_set = in_set(t.cand_ids[t.cur], t.cand_mask[t.cur], summary.argmax)
         return {
-            "policy/outside_mass": (1.0 - log_mass_in.exp()).mean(),
+            "policy/outside_mass": summary.outside_mass.mean(),
             "policy/entropy": summary.entropy.mean(),
-            "policy/mode_outside": 1.0 - mode_in_set.float().mean(),
+            "policy/mode_outside": summary.mode_outside.float().mean(),
         }
 
     def after_update(self) -> None:

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,7 @@ from tdrl.errors import ConfigError, DataError
 from tdrl.integrity import read_json
 from tdrl.models.hub import resolve_name
 
-__all__ = ["PRESETS", "SPLITS", "Preset", "load_source", "records_fingerprint", "RESPONSES_META"]
+__all__ = ["PRESETS", "SPLITS", "Preset", "load_source", "parse_split", "records_fingerprint", "RESPONSES_META"]
 
 #: The bundled splits. train / validation / test come from templates (scripts/make_bundled_prompts.py),
 #: grouped so that no template group or near-duplicate crosses them; ``heldout`` is written by hand and
@@ -44,6 +45,19 @@ class Preset:
 PRESETS = {
     "dolly": Preset("databricks/databricks-dolly-15k", "instruction", "response", "context"),
 }
+
+
+_SLICE = re.compile(r"^(?P<name>[A-Za-z_]+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def parse_split(split: str) -> tuple[str, slice | None]:
+    """``"heldout[-64:]"`` -> ``("heldout", slice(-64, None))``; a plain name has no slice. The bundled
+    set's splits take the ``datasets`` slicing syntax with record counts (no percentages)."""
+    match = _SLICE.match(split)
+    if match is None:
+        return split, None
+    start, stop = (int(match[k]) if match[k] else None for k in ("start", "stop"))
+    return match["name"], slice(start, stop)
 
 
 def _bundled_records(split: str | None) -> list[dict]:
@@ -143,9 +157,13 @@ def load_source(
     if isinstance(source, datasets.Dataset):
         rows, label = source.to_list(), "the given dataset"
     elif name == "bundled":
-        if split is not None and split not in SPLITS:
-            raise ConfigError(f"the bundled set has splits {', '.join(SPLITS)}; got split={split!r}")
-        rows, label = _bundled_records(split), "bundled"
+        part, window = parse_split(split) if split is not None else (None, None)
+        if split is not None and part not in SPLITS:
+            raise ConfigError(
+                f"the bundled set has splits {', '.join(SPLITS)} (or a slice of one, 'heldout[-64:]'); "
+                f"got split={split!r}"
+            )
+        rows, label = _bundled_records(part)[window or slice(None)], "bundled"
     else:
         label = name
         if name in PRESETS or name in {p.hub_id for p in PRESETS.values()}:

@@ -17,6 +17,7 @@ from tdrl.models.student import (
     Student,
     gather_logits,
     load_student,
+    support_summary,
     vocab_logsumexp,
     vocab_summary,
 )
@@ -26,5 +27,5 @@ __all__ = [
     "LM", "LMState", "Teacher", "Reward", "reward_value", "Annotation", "sparsity_statistics", "Student",
     "load_student", "load_teacher", "teacher_from_pretrained", "bundled_teacher", "bundled_teacher_dir",
     "resolve_name", "tdrl_cache_dir", "parse_dtype", "model_fingerprint", "tokenizer_fingerprint", "sample_tokens",
-    "gather_logits", "vocab_logsumexp", "vocab_summary", "VOCAB_CHUNK",
+    "gather_logits", "vocab_logsumexp", "vocab_summary", "support_summary", "VOCAB_CHUNK",
 ]  # fmt: skip

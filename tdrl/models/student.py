@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from tdrl.actions import in_set
 from tdrl.errors import ConfigError, ModelNotFoundError
 from tdrl.models.hub import resolve_name
 from tdrl.models.tiny import tiny_student_model
@@ -28,6 +29,8 @@ __all__ = [
     "vocab_logsumexp",
     "vocab_summary",
     "VocabSummary",
+    "support_summary",
+    "SupportSummary",
     "VOCAB_CHUNK",
     "load_student",
     "from_teacher_layers",
@@ -178,6 +181,35 @@ def vocab_summary(
     log_z = best + total.log()
     entropy = log_z - first / total
     return VocabSummary(*(x.reshape(lead) for x in (log_z, best, arg, entropy)))
+
+
+class SupportSummary(NamedTuple):
+    """Per-state facts about the decoding policy ``softmax(scale * logits)`` against the teacher's A_p(s)."""
+
+    entropy: Tensor  # full-vocabulary entropy, nats
+    outside_mass: Tensor  # 1 - pi(A_p(s) | s)
+    mode_outside: Tensor  # bool: argmax pi(. | s) not in A_p(s)
+
+
+@torch.no_grad()
+def support_summary(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    cand_ids: Tensor,
+    cand_mask: Tensor,
+    *,
+    scale: float = 1.0,
+    chunk: int = VOCAB_CHUNK,
+) -> SupportSummary:
+    """Entropy, mass outside A_p(s) (the ``cand_ids`` ``[..., K]`` where ``cand_mask``) and whether the mode
+    lies outside it, of the full-vocabulary softmax at every hidden state ``[..., H]``: the one computation
+    behind ``policy/*`` (training states) and ``eval/*`` (the student's own sampled states). The set's
+    logits are taken in the normaliser's float32, unclamped."""
+    summary = vocab_summary(hidden, weight, bias, scale=scale, chunk=chunk)
+    logits = gather_logits(hidden, weight, bias, cand_ids).float() * scale
+    log_inside = torch.logsumexp(logits.masked_fill(~cand_mask.bool(), float("-inf")), -1) - summary.log_z
+    return SupportSummary(summary.entropy, 1.0 - log_inside.exp(), ~in_set(cand_ids, cand_mask, summary.argmax))
 
 
 class Student(nn.Module):

@@ -65,7 +65,9 @@ class TrainConfig:
         "set with a prompt column and an optional reference column (human references: eval/rougeL_reference)",
     )
     eval_split: str = _f(
-        "validation", "split of --eval-data (bundled: train, validation, test or heldout; files have none)"
+        "validation",
+        "split of --eval-data (bundled: train, validation, test or heldout, or a slice of one such as "
+        "'heldout[-64:]'; files have none)",
     )
     eval_prompts: int = _f(32, "prompts per evaluation (the first N of --eval-data)")
     eval_reference_column: str = _f("reference", "column of --eval-data / --test-data holding human references")
@@ -118,7 +120,7 @@ class TrainConfig:
 
     def __post_init__(self):
         from tdrl.actions import validate_top_k, validate_top_p
-        from tdrl.data.sources import SPLITS
+        from tdrl.data.sources import SPLITS, parse_split
 
         check_field_types(self)
         for name in (
@@ -142,8 +144,11 @@ class TrainConfig:
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         for name, data, split in (("eval", self.eval_data, self.eval_split), ("test", self.test_data, self.test_split)):
-            if data == "bundled" and split not in SPLITS:
-                raise ConfigError(f"{name}_split of the bundled set must be one of {', '.join(SPLITS)}, got {split!r}")
+            if data == "bundled" and parse_split(split)[0] not in SPLITS:
+                raise ConfigError(
+                    f"{name}_split of the bundled set must be one of {', '.join(SPLITS)}, or a slice of one "
+                    f"('heldout[-64:]'), got {split!r}"
+                )
         if self.test_prompts < 0:
             raise ConfigError(f"test_prompts must be >= 0, got {self.test_prompts}")
         check_device(self.device)

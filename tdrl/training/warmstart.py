@@ -27,7 +27,14 @@ from tdrl.errors import CheckpointNotFoundError, DataError
 from tdrl.integrity import read_json
 from tdrl.training.args import TrainConfig, resolve_device
 
-__all__ = ["warm_start", "WARM_START_FILE", "WARM_START_AGENT", "warm_start_fingerprint", "RECIPE"]
+__all__ = [
+    "warm_start",
+    "warm_start_config",
+    "WARM_START_FILE",
+    "WARM_START_AGENT",
+    "warm_start_fingerprint",
+    "RECIPE",
+]
 
 WARM_START_FILE = "tdrl-warm-start.json"
 #: The warm start's method: word-level KD from the teacher on A_p(s) to the full-vocabulary student.
@@ -42,6 +49,23 @@ RECIPE = {
     "batch_size": 8, "lr": 1e-4, "schedule": "constant", "warmup_steps": 16, "mixed_precision": "bf16",
     "teacher_dtype": "bfloat16",
 }  # fmt: skip
+#: What a warm start takes from the recipe rather than from the run it starts: its optimisation.
+_RECIPE_OPTIMISATION = ("batch_size", "schedule", "warmup_steps")
+
+
+def warm_start_config(config: TrainConfig, steps: int, lr: float, recipe: dict = RECIPE) -> TrainConfig:
+    """The warm start of the runs ``config`` describes: their teacher, student, data and precision, with
+    the recipe's batch, schedule and warm-up (capped at ``steps``), ``steps`` steps at ``lr``, seed 0, no
+    accumulation and AdamW (0.9, 0.95). ``tdrl demo`` and the reproduction build theirs here, so the
+    same settings give the same fingerprint (and one cached warm start)."""
+    settings = {k: recipe[k] for k in _RECIPE_OPTIMISATION if k in recipe}
+    if "warmup_steps" in settings:
+        settings["warmup_steps"] = min(settings["warmup_steps"], steps)
+    return dataclasses.replace(
+        config, **settings, steps=steps, lr=lr, seed=0, grad_accum=1, adam_beta1=0.9, adam_beta2=0.95
+    )
+
+
 #: The settings that shape a warm start's weights (evaluation, logging and checkpoint cadence do not).
 _SHAPING = (
     "teacher", "teacher_dtype", "student", "data", "seed", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
