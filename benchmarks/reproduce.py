@@ -47,7 +47,7 @@ from tdrl.data import annotate, load_source, prepare_bundled_data
 from tdrl.integrity import write_json_atomic
 from tdrl.models import load_teacher
 from tdrl.training import TrainConfig, build_trainer
-from tdrl.training.warmstart import RECIPE, warm_start, warm_start_config
+from tdrl.training.warmstart import RECIPE, WARM_START_FILE, warm_start, warm_start_config
 
 MAIN = [
     ("SFT / SeqKD", "bc:mode=sft"),
@@ -138,7 +138,12 @@ def drop_checkpoints(run_dir: Path) -> None:
 
 
 def run_key(config: TrainConfig) -> str:
+    """The key of a run's record: every setting but where it is written, with a warm-started student named
+    by its fingerprint, not its path (``--out runs/x`` and ``--out /abs/runs/x`` reuse the same records)."""
     keep = {k: v for k, v in config.to_dict().items() if k != "out"}
+    marker = Path(config.student) / WARM_START_FILE
+    if marker.is_file():
+        keep["student"] = "warm-start:" + json.loads(marker.read_text())["fingerprint"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -102,3 +102,9 @@ def test_reproduce_only_prints_the_table_of_those_specs(tmp_path, monkeypatch):
     text = reproduce.main(argv)
     assert "| SFT / SeqKD | 1 |" in text and "| warm start (no further training) | 1 |" in text
     assert (tmp_path / "r" / "results-only.md").read_text().strip() == text.strip()
+    # the same runs named by a relative --out: the records are keyed by the warm start's fingerprint, not
+    # its path, so nothing is trained again
+    mtime = (tmp_path / "r" / "records.json").stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)
+    assert reproduce.main([*argv[:-3], "r", "--only", "bc:mode=sft"]) == text
+    assert (tmp_path / "r" / "records.json").stat().st_mtime_ns == mtime
