@@ -137,14 +137,19 @@ def drop_checkpoints(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "best", ignore_errors=True)
 
 
-def run_key(config: TrainConfig) -> str:
+def run_key(config: TrainConfig, store: dict | None = None, prefix: str = "", suffix: str = "") -> str:
     """The key of a run's record: every setting but where it is written, with a warm-started student named
-    by its fingerprint, not its path (``--out runs/x`` and ``--out /abs/runs/x`` reuse the same records)."""
+    by its fingerprint, not its path (``--out runs/x`` and ``--out /abs/runs/x`` reuse the same records).
+    With ``store``, a record filed under the path-based key of earlier versions is moved to this key."""
     keep = {k: v for k, v in config.to_dict().items() if k != "out"}
+    legacy = prefix + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16] + suffix
     marker = Path(config.student) / WARM_START_FILE
     if marker.is_file():
         keep["student"] = "warm-start:" + json.loads(marker.read_text())["fingerprint"]
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    key = prefix + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16] + suffix
+    if store is not None and key not in store and legacy in store:
+        store[key] = store.pop(legacy)
+    return key
 
 
 def run_one(label, spec, seed, base, teacher, store, out, keep_checkpoints=False, prefix="") -> dict:
@@ -155,7 +160,7 @@ def run_one(label, spec, seed, base, teacher, store, out, keep_checkpoints=False
     run_dir = out / "runs" / f"{prefix}{tag}-seed{seed}"
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in trainer_args.split(",") if kv)}
     config = dataclasses.replace(base, agent=name, agent_args=args, seed=seed, out=str(run_dir), **overrides)
-    key = run_key(config)
+    key = run_key(config, store)
     if key in store:
         return store[key]
     summary = build_trainer(config, teacher=teacher, progress=False).train()
@@ -323,7 +328,7 @@ def main(argv=None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     recorded = (out / "records.json").is_file() and not args.fresh
     store = json.loads((out / "records.json").read_text()) if recorded else {}
-    reused_keys = set(store)
+    recorded_before = {id(record) for record in store.values()}  # by identity: run_key may re-file a record
     if args.fresh:
         shutil.rmtree(out / "runs", ignore_errors=True)
     started = time.perf_counter()
@@ -344,7 +349,7 @@ def main(argv=None) -> str:
     labels = {}
     for label, spec in main_rows + ablation_rows:
         labels.setdefault(spec, label)
-    key = f"start-{run_key(base)}-seeds{len(seeds)}"  # the start sampled once per seed: its own spread
+    key = run_key(base, store, "start-", f"-seeds{len(seeds)}")  # the start sampled once per seed: its spread
 
     def start():
         if key not in store:
@@ -394,7 +399,7 @@ def main(argv=None) -> str:
                      table(start + [(label, by_spec[spec]) for label, spec in ablation_rows])]  # fmt: skip
     if not args.no_curve:
         online = [run(ONLINE[0], ONLINE[1], s) for s in range(budget["curve_seeds"])]
-        key = f"annotation-{run_key(base)}"
+        key = run_key(base, store, "annotation-")
         if key not in store:
             store[key] = annotation_seconds(teacher, base)
             write_json_atomic(out / "records.json", store)
@@ -415,7 +420,7 @@ def main(argv=None) -> str:
             + ". The top-p MDP can only shape a student that already decodes.",
         ]
     elapsed = time.perf_counter() - started
-    reused = [store[k] for k in reused_keys if isinstance(store[k], dict) and "spec" in store[k]]
+    reused = [r for r in store.values() if id(r) in recorded_before and isinstance(r, dict) and "spec" in r]
     line = f"Reproduction wall time: {elapsed:.0f} s"
     if reused:  # say what the table cost, not what this call cost
         line += (f"; {len(reused)} runs were recorded by an earlier call and reused (their training runs took "

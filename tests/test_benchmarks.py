@@ -1,5 +1,7 @@
 """The benchmark helpers measure what they say (no timings asserted), and reproduce.py's plumbing runs."""
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -94,6 +96,14 @@ def test_demo_and_paper_budget_share_one_warm_start():
     assert (demo.steps, demo.lr, demo.batch_size, demo.schedule) == (256, RECIPE["lr"], 8, "constant")
     assert demo.warmup_steps == RECIPE["warmup_steps"] and demo.grad_accum == 1 and demo.seed == 0
     assert warm_start_config(demo, 4, 1e-3).warmup_steps == 4  # the warm-up never outlasts the run
+    # the paper budget sets the recipe's data and precision itself (the helper takes only its optimisation)
+    assert all(getattr(paper, k) == RECIPE[k] for k in RECIPE if k != "lr")
+    # a budget whose recipe is only a warm-up keeps its own batch and schedule
+    cpu = reproduce.BUDGETS["cpu"]
+    base = reproduce.base_config(cpu, "cpu", Path("/tmp/unused"))
+    warm = warm_start_config(base, cpu["warm_start_steps"], cpu["warm_start_lr"], {"warmup_steps": 6})
+    assert (warm.batch_size, warm.schedule, warm.warmup_steps) == (base.batch_size, base.schedule, 6)
+    assert (warm.steps, warm.lr, warm.grad_accum, warm.seed) == (64, 1e-4, 1, 0) and base.schedule != "constant"
 
 
 def test_reproduce_only_prints_the_table_of_those_specs(tmp_path, monkeypatch):
@@ -104,7 +114,23 @@ def test_reproduce_only_prints_the_table_of_those_specs(tmp_path, monkeypatch):
     assert (tmp_path / "r" / "results-only.md").read_text().strip() == text.strip()
     # the same runs named by a relative --out: the records are keyed by the warm start's fingerprint, not
     # its path, so nothing is trained again
-    mtime = (tmp_path / "r" / "records.json").stat().st_mtime_ns
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(reproduce, "build_trainer", lambda *a, **k: pytest.fail("a recorded run was trained again"))
     assert reproduce.main([*argv[:-3], "r", "--only", "bc:mode=sft"]) == text
-    assert (tmp_path / "r" / "records.json").stat().st_mtime_ns == mtime
+    # a store written before (keyed by the warm start's path) is re-filed, not retrained
+    store = json.loads(Path("r/records.json").read_text())
+    warm = json.loads(Path("r/warm-start/tdrl-warm-start.json").read_text())["fingerprint"]
+    budget = {**reproduce.BUDGETS["smoke"], "steps": 2, "eval_every": 1}  # what --steps 2 makes of it
+    base = dataclasses.replace(reproduce.base_config(budget, "cpu", Path("r")), student="r/warm-start")
+    config = dataclasses.replace(base, agent="bc", agent_args="mode=sft", seed=0)
+
+    def digest(values):
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+    values = {k: v for k, v in config.to_dict().items() if k != "out"}
+    new, old = digest({**values, "student": f"warm-start:{warm}"}), digest(values)
+    assert reproduce.run_key(config) == new and new in store
+    legacy = {old: store[new], "other": 1}
+    assert reproduce.run_key(config, legacy) == new and legacy == {new: store[new], "other": 1}
+    plain = dataclasses.replace(config, student="tiny")  # not a warm start: the key is the settings' hash
+    assert reproduce.run_key(plain) == digest({k: v for k, v in plain.to_dict().items() if k != "out"})

@@ -122,6 +122,16 @@ def test_support_summary_by_brute_force():
         assert bool(got.mode_outside[row]) == (int(z[row].argmax()) not in members)
     assert not got.mode_outside[0] and got.mode_outside[1] and abs(float(got.outside_mass[2]) - 1.0) < 1e-6
     assert torch.allclose(got.entropy, -(p * p.log()).sum(-1), atol=1e-5)
+    # a bf16 head without bias: the set and the normaliser see the same rounded logits, so a set that
+    # holds the whole vocabulary has outside mass 0 to float32 precision
+    half = weight.bfloat16()
+    everything = torch.arange(50).expand(7, 50)
+    full = support_summary(hidden, half, None, everything, torch.ones(7, 50, dtype=torch.bool), chunk=16)
+    assert full.outside_mass.abs().max() < 1e-6 and not full.mode_outside.any()
+    z = hidden @ half.float().T
+    some = support_summary(hidden, half, None, cand, mask, chunk=16)
+    inside = (z.softmax(-1).gather(-1, cand) * mask).sum(-1)
+    assert torch.allclose(some.outside_mass, 1.0 - inside, atol=1e-5)
 
 
 def test_layers_student_copies_teacher_layers(tiny_teacher):

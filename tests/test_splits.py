@@ -109,7 +109,7 @@ def test_config_accepts_heldout_and_refuses_unknown_split():
 def test_a_slice_of_a_bundled_split(tiny_teacher):
     """``heldout[-8:]`` is the last 8 held-out prompts (the datasets slicing syntax, in records), and its
     references are still human references; a slice of an unknown split is refused."""
-    from tdrl.errors import ConfigError
+    from tdrl.errors import ConfigError, DataError
     from tdrl.evaluation import reference_records
     from tdrl.training import TrainConfig
 
@@ -125,6 +125,10 @@ def test_a_slice_of_a_bundled_split(tiny_teacher):
             TrainConfig(test_split=bad)
     with pytest.raises(ConfigError, match="slice"):
         load_source("bundled", split="dev[:3]")
+    assert load_source("bundled", split="heldout[:]")["prompt"] == heldout
+    assert load_source("bundled", split="heldout[:-2]")["prompt"] == heldout[:-2]
+    with pytest.raises(DataError, match="selects no records.*holds 320"):
+        load_source("bundled", split="heldout[500:]")
 
 
 def test_a_column_only_later_records_have_is_kept(tmp_path):

@@ -163,7 +163,14 @@ def load_source(
                 f"the bundled set has splits {', '.join(SPLITS)} (or a slice of one, 'heldout[-64:]'); "
                 f"got split={split!r}"
             )
-        rows, label = _bundled_records(part)[window or slice(None)], "bundled"
+        rows, label = _bundled_records(part), "bundled"
+        if window is not None:
+            rows = rows[window]
+            if not rows:
+                raise DataError(
+                    f"split {split!r} of the bundled set selects no records (the {part!r} split holds "
+                    f"{len(_bundled_records(part))}): widen the slice"
+                )
     else:
         label = name
         if name in PRESETS or name in {p.hub_id for p in PRESETS.values()}:

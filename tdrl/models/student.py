@@ -205,9 +205,18 @@ def support_summary(
     """Entropy, mass outside A_p(s) (the ``cand_ids`` ``[..., K]`` where ``cand_mask``) and whether the mode
     lies outside it, of the full-vocabulary softmax at every hidden state ``[..., H]``: the one computation
     behind ``policy/*`` (training states) and ``eval/*`` (the student's own sampled states). The set's
-    logits are taken in the normaliser's float32, unclamped."""
+    logits are computed as the normaliser's chunks are, unclamped."""
     summary = vocab_summary(hidden, weight, bias, scale=scale, chunk=chunk)
-    logits = gather_logits(hidden, weight, bias, cand_ids).float() * scale
+    # the set's logits exactly as the normaliser computes its chunks: the product in the compute dtype,
+    # the bias added in float32 (a bf16 head would otherwise round the set and log Z differently)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    h = h.to(_compute_dtype(h, weight))
+    ids = cand_ids.reshape(-1, cand_ids.shape[-1])
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    z = (h @ weight[unique].to(h.dtype).T).float()
+    if bias is not None:
+        z = z + bias[unique].float()
+    logits = z.gather(-1, inverse).reshape(cand_ids.shape) * scale
     log_inside = torch.logsumexp(logits.masked_fill(~cand_mask.bool(), float("-inf")), -1) - summary.log_z
     return SupportSummary(summary.entropy, 1.0 - log_inside.exp(), ~in_set(cand_ids, cand_mask, summary.argmax))
 

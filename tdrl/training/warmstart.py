@@ -54,16 +54,15 @@ _RECIPE_OPTIMISATION = ("batch_size", "schedule", "warmup_steps")
 
 
 def warm_start_config(config: TrainConfig, steps: int, lr: float, recipe: dict = RECIPE) -> TrainConfig:
-    """The warm start of the runs ``config`` describes: their teacher, student, data and precision, with
-    the recipe's batch, schedule and warm-up (capped at ``steps``), ``steps`` steps at ``lr``, seed 0, no
-    accumulation and AdamW (0.9, 0.95). ``tdrl demo`` and the reproduction build theirs here, so the
-    same settings give the same fingerprint (and one cached warm start)."""
+    """The warm start of the runs ``config`` describes: their teacher, student, data, precision and
+    optimiser, with the recipe's batch, schedule and warm-up (capped at ``steps``; a key the recipe lacks
+    stays ``config``'s), ``steps`` steps at ``lr``, seed 0 and no accumulation. ``tdrl demo`` and the
+    reproduction build theirs here, so the same settings give the same fingerprint (one cached warm
+    start)."""
     settings = {k: recipe[k] for k in _RECIPE_OPTIMISATION if k in recipe}
     if "warmup_steps" in settings:
         settings["warmup_steps"] = min(settings["warmup_steps"], steps)
-    return dataclasses.replace(
-        config, **settings, steps=steps, lr=lr, seed=0, grad_accum=1, adam_beta1=0.9, adam_beta2=0.95
-    )
+    return dataclasses.replace(config, **settings, steps=steps, lr=lr, seed=0, grad_accum=1)
 
 
 #: The settings that shape a warm start's weights (evaluation, logging and checkpoint cadence do not).
