@@ -50,7 +50,7 @@ from tdrl.actions import in_set
 from tdrl.agents.base import Agent
 from tdrl.agents.registry import make_agent
 from tdrl.models import Student
-from tdrl.testing.agent_contract import _train, markov_batch, one_thread
+from tdrl.testing.agent_contract import _train, markov_batch, one_thread, own_episodes
 
 __all__ = [
     "NetworkStudent",
@@ -320,7 +320,8 @@ def network_support_run(
 ) -> SupportRun:
     """Agent ``name`` (config ``overrides``) trains a :class:`NetworkStudent` from :func:`network_start`
     (argmax outside A_p(s) at about half of the data states; ``seed``, ``boost``, ``flag_first``) for
-    ``steps`` Adam steps at ``lr`` (the kit's ``_train``) on the Markov problem of
+    ``steps`` Adam steps at ``lr`` (the kit's ``_train``; an on-policy agent on its own episodes, collected
+    every 10 steps) on the Markov problem of
     :func:`support_batch` (V = 64 >> K = 8, p = 0.8). Returns the decoding policy's mass on A_p(s)
     per data state before and after, and where the start's argmax lay outside A_p(s)."""
     batch, teacher = support_batch()
@@ -331,7 +332,8 @@ def network_support_run(
     torch.manual_seed(seed)
     agent = make_agent(name, student, **overrides)
     before = decoded_mass_in_set(agent, batch)
-    _train(agent, batch, steps=steps, lr=lr)
+    # an on-policy agent learns from its own episodes (as in the trainer), not from the teacher's batch
+    _train(agent, batch, steps=steps, lr=lr, collect=own_episodes(agent, teacher, top_k=8, top_p=0.8, horizon=6))
     states, _, _, first = _transition_states(batch)
     return SupportRun(name, before, decoded_mass_in_set(agent, batch), stats.mode_outside, states, first, agent)
 
