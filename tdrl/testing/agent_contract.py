@@ -148,25 +148,6 @@ def _markov_batch(vocab_size, episodes, horizon, top_p, seed, top_k, scale):
     return collate(items, teacher.pad_token_id), teacher
 
 
-def own_episodes(agent: Agent, teacher, *, top_k: int, top_p: float, horizon: int, episodes: int = 64):
-    """For an on-policy agent, ``collect(step)`` for :func:`_train`: ``episodes`` fresh episodes of the
-    student's own policy on the Markov teacher's env (seeded by the step); ``None`` for an offline agent,
-    which trains on the given batch."""
-    if not agent.on_policy:
-        return None
-    from tdrl.data import collate
-    from tdrl.envs import StudentPolicy, TokenGenerationVectorEnv, rollout
-
-    env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=8, top_k=top_k, top_p=top_p, max_new_tokens=horizon)
-    mix = getattr(agent.config, "teacher_mix", 0.0)
-
-    def collect(step: int):
-        records = rollout(env, StudentPolicy(agent, seed=step, teacher_mix=mix), episodes, seed=step)
-        return collate([record_tensors(r) for r in records], teacher.pad_token_id)
-
-    return collect
-
-
 def _agent(name: str, student=None, **overrides) -> Agent:
     return make_agent(name, student if student is not None else _tiny_student(), **overrides)
 
@@ -322,6 +303,8 @@ def learn_on_markov(name: str, steps: int = 600, **overrides) -> tuple[float, fl
         student.model.weight.copy_(-teacher.model.table.T.float())
     agent = _agent(name, student, **overrides)
     oracle, description, tol = markov_fixed_point(agent)  # tdrl.testing.fixed_points
+    from tdrl.testing.support import own_episodes
+
     collect = own_episodes(agent, teacher, top_k=8, top_p=0.9, horizon=6)
     rows = markov_transitions(batch)
     start = copy.deepcopy(agent)

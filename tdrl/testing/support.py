@@ -50,7 +50,7 @@ from tdrl.actions import in_set
 from tdrl.agents.base import Agent
 from tdrl.agents.registry import make_agent
 from tdrl.models import Student
-from tdrl.testing.agent_contract import _train, markov_batch, one_thread, own_episodes
+from tdrl.testing.agent_contract import _train, markov_batch, one_thread
 
 __all__ = [
     "NetworkStudent",
@@ -306,6 +306,26 @@ class SupportRun:
             f"{self.before_outside:.3f} -> {self.after_outside:.3f}; inside: {self.before_inside:.3f} -> "
             f"{self.after_inside:.3f})"
         )
+
+
+def own_episodes(agent: Agent, teacher, *, top_k: int, top_p: float, horizon: int, episodes: int = 64):
+    """For an on-policy agent, ``collect(step)`` for the kit's ``_train``: ``episodes`` fresh episodes of the
+    student's own policy on the Markov teacher's env (seeded by the step); ``None`` for an offline agent,
+    which trains on the given batch."""
+    if not agent.on_policy:
+        return None
+    from tdrl.data import collate
+    from tdrl.envs import StudentPolicy, TokenGenerationVectorEnv, rollout
+    from tdrl.records import record_tensors
+
+    env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=8, top_k=top_k, top_p=top_p, max_new_tokens=horizon)
+    mix = getattr(agent.config, "teacher_mix", 0.0)
+
+    def collect(step: int):
+        records = rollout(env, StudentPolicy(agent, seed=step, teacher_mix=mix), episodes, seed=step)
+        return collate([record_tensors(r) for r in records], teacher.pad_token_id)
+
+    return collect
 
 
 def network_support_run(
