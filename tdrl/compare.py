@@ -174,12 +174,13 @@ def _cell(values: np.ndarray) -> str:
 
 def separations(summaries: list[dict], column: str = "Rouge-L last") -> list[str]:
     """Pairs of agents whose mean ``column`` differs by more than the sum of their standard deviations
-    over seeds (a run with one seed has none: it is compared by its value), largest gap first."""
+    over seeds, largest gap first. A group with fewer than two finite values has no spread and takes no
+    part: one seed's difference is no evidence of a separation."""
     get = dict(COLUMNS)[column]
     stats = {}
     for label, runs in _groups(summaries).items():
         values = np.array([get(r) for r in runs], dtype=float)
-        if np.isfinite(values).any():
+        if np.isfinite(values).sum() >= 2:
             stats[label] = (float(np.nanmean(values)), float(np.nanstd(values)))
     labels = list(stats)
     pairs = []
@@ -205,7 +206,7 @@ def results_table(summaries: list[dict]) -> str:
     lines += [
         "",
         "Beyond the seed spread (test Rouge-L of the last model; the difference of means exceeds the sum of the "
-        "standard deviations): " + ("; ".join(pairs) if pairs else "no pair") + ".",
+        "standard deviations; rows of one seed take no part): " + ("; ".join(pairs) if pairs else "no pair") + ".",
         "",
         "All figures on the test prompts, mean ± std over seeds. Rouge-L: F1 x 100 against the teacher's greedy "
         "response (vs human: against the data's reference answers, where it has them); 'best-val model' = the "
