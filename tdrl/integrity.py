@@ -13,15 +13,25 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tdrl.errors import ConfigError, DataError
 
 __all__ = [
-    "MANIFEST", "file_digest", "write_manifest", "verify_manifest", "read_json", "write_json_atomic", "DirectoryLock",
-]  # fmt: skip
+    "MANIFEST",
+    "file_digest",
+    "write_manifest",
+    "verify_manifest",
+    "read_json",
+    "write_json_atomic",
+    "atomic_dir",
+    "DirectoryLock",
+]
 
 MANIFEST = "tdrl-manifest.json"
 
@@ -86,6 +96,33 @@ def write_json_atomic(path: str | os.PathLike, value) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike, *, token: str | None = None) -> Iterator[Path]:
+    """Write a directory all at once: yields an empty temporary sibling of ``target``
+    (``.<name>.tmp-<token>``), and when the block ends without an error renames it to ``target``,
+    replacing what was there (the old directory is moved aside first, then deleted, so ``target`` is
+    at every moment either the old complete directory or the new one). On an error the temporary
+    directory is removed and ``target`` is left as it was. ``token`` names the temporary directory
+    (processes that write one directory together pass the same one); default: random."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{token or uuid.uuid4().hex[:8]}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class DirectoryLock:
