@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from tdrl.commands import (
+    COMPARE_AGENTS,
     DEMO_AGENTS,
     DEMO_DEFAULTS,
     DEMO_SEEDS,
@@ -26,67 +27,81 @@ from tdrl.commands import (
     cmd_warm_start,
     warm_start_defaults,
 )
-from tdrl.errors import TdrlError
+from tdrl.errors import ConfigError, TdrlError
+
+TRAINING_COMMANDS = ("train", "compare", "demo", "warm-start")
 
 
-def _add_teacher_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--teacher",
-        default="bundled",
-        help="'bundled' (SmolLM2-135M-Instruct, default), 'tiny', a local directory or a hub id",
+def _command_presets(command: str) -> dict:
+    """The presets a training command lays under the config file and flags."""
+    return {"warm-start": warm_start_defaults, "demo": lambda: dict(DEMO_DEFAULTS)}.get(command, dict)()
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The whole command line, each subparser built once: ``--help`` of every subcommand comes from the
+    parser that parses it. ``tdrl train``'s typed agent flags are those of the agent ``argv`` names
+    (``--agent``, its ``--config`` file's agent, else the default agent)."""
+    from tdrl.agents import get_agent
+    from tdrl.training.args import add_config_arguments, agent_from_argv
+
+    argv = list(argv)
+    parser = argparse.ArgumentParser(
+        prog="tdrl", description="LM distillation as offline RL on the top-p token MDP.", allow_abbrev=False
     )
-    parser.add_argument("--dtype", default="float32", help="teacher dtype: float32, bfloat16 or float16")
-    parser.add_argument("--device", default="cpu", help="torch device for the teacher, e.g. cpu or cuda")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow a hub model's own code to run (off by default)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tdrl", description="LM distillation as offline RL on the top-p token MDP.")
     parser.add_argument(
         "--debug", action="store_true", help="show the full traceback of an error (anywhere on the line)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add_stats_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--top-p", type=float, nargs="+", default=[0.5, 0.8, 0.95], help="nucleus masses p")
-        p.add_argument("--top-k", type=int, nargs="+", default=[64, 256], help="candidate caps k")
-        p.add_argument("--num-prompts", type=int, default=8, help=f"sample prompts to use (max {len(SAMPLE_PROMPTS)})")
-        p.add_argument("--max-new-tokens", type=int, default=48, help="teacher response length per prompt")
-        p.add_argument("--seed", type=int, default=0)
+    def command(name: str, help: str, *parents: argparse.ArgumentParser, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=list(parents), allow_abbrev=False, **kw)
+        p.error = _one_line(p)
+        return p
 
-    info = sub.add_parser("teacher-info", help="vocabulary, size and top-p sparsity of a teacher")
-    _add_teacher_args(info)
-    add_stats_args(info)
+    teacher_args = argparse.ArgumentParser(add_help=False)
+    teacher_args.add_argument(
+        "--teacher",
+        default="bundled",
+        help="'bundled' (SmolLM2-135M-Instruct, default), 'tiny', a local directory or a hub id",
+    )
+    teacher_args.add_argument("--dtype", default="float32", help="teacher dtype: float32, bfloat16 or float16")
+    teacher_args.add_argument("--device", default="cpu", help="torch device for the teacher, e.g. cpu or cuda")
+    teacher_args.add_argument(
+        "--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)"
+    )
+
+    info = command("teacher-info", "vocabulary, size and top-p sparsity of a teacher", teacher_args)
+    info.add_argument("--top-p", type=float, nargs="+", default=[0.5, 0.8, 0.95], help="nucleus masses p")
+    info.add_argument("--top-k", type=int, nargs="+", default=[64, 256], help="candidate caps k")
+    info.add_argument("--num-prompts", type=int, default=8, help=f"sample prompts to use (max {len(SAMPLE_PROMPTS)})")
+    info.add_argument("--max-new-tokens", type=int, default=48, help="teacher response length per prompt")
+    info.add_argument("--seed", type=int, default=0)
     info.set_defaults(func=cmd_teacher_info)
 
-    def add_source_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--source",
-            default="bundled",
-            help="'bundled', 'dolly', a .jsonl/.json/.csv file, a generate-responses directory, "
-            "a save_to_disk directory or a hub data set id",
-        )
-        p.add_argument(
-            "--split",
-            default=None,
-            help="split to read (bundled: train, validation, test or heldout; default: the template splits)",
-        )
-        p.add_argument("--prompt-column", default="prompt")
-        p.add_argument("--response-column", default="response")
-        p.add_argument("--context-column", default=None, help="joined into the prompt after a blank line")
-        p.add_argument("--limit", type=int, default=None, help="use only the first N records")
-        p.add_argument("--out", required=True, help="output directory (resumes if it holds the same job)")
-        p.add_argument("--batch-size", type=int, default=16)
-        p.add_argument("--top-k", type=int, default=64, help="cap K on the candidate set")
-        p.add_argument("--top-p", type=float, default=0.8, help="nucleus mass p of A_p(s)")
+    source_args = argparse.ArgumentParser(add_help=False)
+    source_args.add_argument(
+        "--source",
+        default="bundled",
+        help="'bundled', 'dolly', a .jsonl/.json/.csv file, a generate-responses directory, "
+        "a save_to_disk directory or a hub data set id",
+    )
+    source_args.add_argument(
+        "--split",
+        default=None,
+        help="split to read (bundled: train, validation, test or heldout; default: the template splits)",
+    )
+    source_args.add_argument("--prompt-column", default="prompt")
+    source_args.add_argument("--response-column", default="response")
+    source_args.add_argument("--context-column", default=None, help="joined into the prompt after a blank line")
+    source_args.add_argument("--limit", type=int, default=None, help="use only the first N records")
+    source_args.add_argument("--out", required=True, help="output directory (resumes if it holds the same job)")
+    source_args.add_argument("--top-k", type=int, default=64, help="cap K on the candidate set")
+    source_args.add_argument("--top-p", type=float, default=0.8, help="nucleus mass p of A_p(s)")
 
-    gen = sub.add_parser("generate-responses", help="sample teacher responses for a prompt source (SeqKD data)")
-    _add_teacher_args(gen)
-    add_source_args(gen)
+    gen = command(
+        "generate-responses", "sample teacher responses for a prompt source (SeqKD data)", teacher_args, source_args
+    )
+    gen.add_argument("--batch-size", type=int, default=16)
     gen.add_argument("--num-responses", type=int, default=1, help="samples per prompt (the paper: 8)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -94,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--shard-size", type=int, default=256, help="responses per atomically written shard")
     gen.set_defaults(func=cmd_generate_responses)
 
-    ann = sub.add_parser("annotate", help="run the teacher once over (prompt, response) data into an Arrow cache")
-    _add_teacher_args(ann)
-    add_source_args(ann)
+    ann = command(
+        "annotate", "run the teacher once over (prompt, response) data into an Arrow cache", teacher_args, source_args
+    )
+    ann.add_argument("--batch-size", type=int, default=8)
     ann.add_argument("--reward", default="logprob", help="logprob, logit or inverse_soft_q")
     ann.add_argument("--gamma", type=float, default=0.99, help="discount for the inverse_soft_q reward")
     ann.add_argument("--max-prompt-len", type=int, default=512, help="longer prompts are skipped (or --strict)")
@@ -104,17 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--logprob-dtype", default="float32", choices=["float32", "float16"])
     ann.add_argument("--shard-size", type=int, default=512, help="records per atomically written shard")
     ann.add_argument("--strict", action="store_true", help="error on a too-long prompt instead of skipping it")
-    ann.set_defaults(func=cmd_annotate, batch_size=8)
+    ann.set_defaults(func=cmd_annotate)
 
-    agents = sub.add_parser("agents", help="list the registered agents (built in and plug-ins)")
-    agents.set_defaults(func=cmd_agents)
+    command("agents", "list the registered agents (built in and plug-ins)").set_defaults(func=cmd_agents)
 
-    train_help = "train one agent (flags: every TrainConfig field, e.g. --agent --teacher --student --data --steps)"
-    train = sub.add_parser("train", help=train_help, add_help=False)
-    train.add_argument("--resume", default=None, help="continue the run in this directory (or checkpoint)")
+    agent = agent_from_argv(argv[1:]) if argv[:1] == ["train"] else None
+    train = command(
+        "train",
+        "train one agent (every TrainConfig setting is a flag; the chosen --agent's own settings too)",
+        epilog="`tdrl train --agent NAME --help` lists that agent's own settings (default agent: bd)",
+    )
+    train.add_argument(
+        "--resume", default=None, help="continue the run in this directory (or checkpoint); only --steps may change"
+    )
+    add_config_arguments(train, agent_config=get_agent(agent).Config if agent else None)
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint, a run directory or an exported model")
+    evaluate = command("eval", "evaluate a checkpoint, a run directory or an exported model")
     evaluate.add_argument(
         "--checkpoint", required=True, help="a run directory, one of its checkpoints, best/, or a model"
     )
@@ -122,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher", default=None, help="teacher for references, NLL and coverage (default: the run's)"
     )
     evaluate.add_argument(
-        "--data", default="bundled",
+        "--data",
+        default="bundled",
         help="prompts: 'bundled', 'dolly', a .jsonl/.json/.csv file or HF data set with a prompt column and an "
         "optional reference column (human references: eval/rougeL_reference)",
-    )  # fmt: skip
+    )
     evaluate.add_argument("--split", default=None, help="split of --data (bundled: default heldout)")
     evaluate.add_argument("--prompt-column", default="prompt")
     evaluate.add_argument("--reference-column", default="reference", help="column of human reference answers")
@@ -139,43 +162,53 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=cmd_eval)
 
-    warm = sub.add_parser(
-        "warm-start", help="train the shared starting student (full-vocabulary KD) and export it", add_help=False
-    )
-    warm.add_argument("--overwrite", action="store_true", help="replace a warm start made with other settings")
+    warm = command("warm-start", "train the shared starting student (full-vocabulary KD) and export it")
+    add_config_arguments(warm, presets=_command_presets("warm-start"))
     warm.set_defaults(func=cmd_warm_start)
 
-    comp = sub.add_parser("compare", help="train several agents on the same data, budget and seeds", add_help=False)
-    comp.add_argument(
-        "--agents",
-        default="bc,sql,iql,iqlearn,cql,bd",
-        help="comma-separated agent specs (name, name:key=value, or kd / sft / seqkd)",
-    )
-    comp.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. N-1)")
+    specs = "comma-separated agent specs (name, name:key=value, or kd / sft / seqkd)"
+    comp = command("compare", "train several agents on the same data, budget and seeds")
+    comp.add_argument("--agents", default=COMPARE_AGENTS, help=f"{specs} (default: {COMPARE_AGENTS})")
+    comp.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. N-1) (default: 1)")
+    add_config_arguments(comp)
     comp.set_defaults(func=cmd_compare)
 
-    board = sub.add_parser("tensorboard", help="serve TensorBoard for a run directory on 127.0.0.1")
+    board = command("tensorboard", "serve TensorBoard for a run directory on 127.0.0.1")
     board.add_argument("logdir")
     board.add_argument("--port", type=int, default=6006)
     board.set_defaults(func=cmd_tensorboard)
 
-    demo = sub.add_parser(
-        "demo", help="the main job: a warm start that writes, then the paper's agents, tested on held-out prompts "
+    from tdrl.training.warmstart import RECIPE
+
+    demo = command(
+        "demo",
+        "the main job: a warm start that writes, then the paper's agents, tested on held-out prompts "
         "(43 min cold on 2 cores, 23 min once cached)",
-        add_help=False,
-    )  # fmt: skip
-    _demo_flags(demo)
+    )
+    demo.add_argument("--agents", default=DEMO_AGENTS, help=f"{specs} (default: {DEMO_AGENTS})")
+    demo.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"number of seeds (default: {DEMO_SEEDS})")
+    demo.add_argument(
+        "--warm-start-steps",
+        type=int,
+        default=WARM_START_STEPS,
+        help=f"steps of the shared warm start (default: {WARM_START_STEPS})",
+    )
+    demo.add_argument(
+        "--warm-start-lr",
+        type=float,
+        default=RECIPE["lr"],
+        help=f"warm start's learning rate (default: {RECIPE['lr']})",
+    )
+    add_config_arguments(demo, presets=_command_presets("demo"))
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
-def _demo_flags(parser: argparse.ArgumentParser) -> None:
-    from tdrl.training.warmstart import RECIPE
+def _one_line(parser: argparse.ArgumentParser):
+    def error(message: str):  # a bad command line is a ConfigError: one line, status 2
+        raise ConfigError(f"{message} (see `{parser.prog} --help`)")
 
-    parser.add_argument("--agents", default=DEMO_AGENTS, help=f"comma-separated agent specs (default: {DEMO_AGENTS})")
-    parser.add_argument("--seeds", type=int, default=DEMO_SEEDS, help="number of seeds (0 .. N-1)")
-    parser.add_argument("--warm-start-steps", type=int, default=WARM_START_STEPS, help="steps of the shared warm start")
-    parser.add_argument("--warm-start-lr", type=float, default=RECIPE["lr"], help="learning rate of the warm start")
+    return error
 
 
 def _as_list(value) -> list:
@@ -185,32 +218,25 @@ def _as_list(value) -> list:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv[:1] in (["train"], ["compare"], ["demo"], ["warm-start"]) and any(a in ("-h", "--help") for a in argv):
-        try:
-            return _train_help(argv[0], argv)
-        except TdrlError as exc:
-            print(f"tdrl: error: {exc}", file=sys.stderr)
-            return 2
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("train", "compare", "demo", "warm-start"):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest
     try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if args.command in TRAINING_COMMANDS:
+            args.presets = _command_presets(args.command)
         from tdrl.actions import validate_top_k, validate_top_p
 
-        for p in _as_list(getattr(args, "top_p", None)):
-            validate_top_p(p)
-        for k in _as_list(getattr(args, "top_k", None)):
-            validate_top_k(k)
+        if args.command not in TRAINING_COMMANDS:
+            for p in _as_list(getattr(args, "top_p", None)):
+                validate_top_p(p)
+            for k in _as_list(getattr(args, "top_k", None)):
+                validate_top_k(k)
         _quiet_libraries()
         return args.func(args)
     except KeyboardInterrupt as exc:
         default = "interrupted: every complete checkpoint is intact (resume with tdrl train --resume RUN)"
-        print(f"tdrl: {str(exc) or default}",
-              file=sys.stderr)  # fmt: skip
+        print(f"tdrl: {str(exc) or default}", file=sys.stderr)
         return 130
     except Exception as exc:
         if debug or not _expected(exc):
@@ -242,38 +268,8 @@ def _expected(exc: BaseException) -> bool:
             SafetensorError,
             pickle.UnpicklingError,
             EOFError,
-        ),  # fmt: skip
+        ),
     ) or (isinstance(exc, RuntimeError) and ("torch" in type(exc).__module__ or "CUDA" in str(exc)))
-
-
-def _train_help(command: str, argv: list[str]) -> int:
-    """``tdrl train --help`` (and compare / warm-start / demo): every TrainConfig flag with its help; with
-    ``--agent NAME`` (train) also that agent's own typed flags."""
-    from tdrl.agents import get_agent
-    from tdrl.training.args import train_parser
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--agent")
-    agent = pre.parse_known_args(argv)[0].agent if command == "train" else None
-    parser = train_parser(get_agent(agent).Config if agent else None, prog=f"tdrl {command}")
-    if command == "train":
-        parser.add_argument("--resume", help="continue the run in this directory (or checkpoint)")
-        if not agent:
-            parser.epilog = "tdrl train --agent NAME --help also lists the agent's own settings (e.g. --expert-term)"
-    elif command == "warm-start":
-        parser.set_defaults(**warm_start_defaults())
-        parser.add_argument("--overwrite", action="store_true", help="replace a warm start made with other settings")
-    elif command == "demo":
-        parser.set_defaults(**DEMO_DEFAULTS)
-        _demo_flags(parser)
-    else:
-        parser.add_argument(
-            "--agents", default="bc,sql,iql,iqlearn,cql,bd",
-            help="comma-separated agent specs (name, name:key=value, kd, sft, seqkd)",
-        )  # fmt: skip
-        parser.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. N-1)")
-    parser.print_help()
-    return 0
 
 
 def _quiet_libraries() -> None:

@@ -37,23 +37,40 @@ def warm_start_defaults() -> dict:
 #: validated on bundled validation prompts and tested on the hand-written held-out prompts, which no
 #: training template produced. bf16 teacher and autocast: the CPU's fast path.
 DEMO_DEFAULTS = {
-    "teacher": "bundled", "teacher_dtype": "bfloat16", "mixed_precision": "bf16",
-    "student": "layers:0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,29", "data": "bundled", "train_prompts": 0,
-    "response_tokens": 40, "steps": 32, "lr": 2e-5, "warmup_steps": 3, "eval_every": 16, "eval_prompts": 16,
-    "eval_split": "validation", "eval_max_new_tokens": 32, "test_prompts": 48, "test_split": "heldout",
-    "checkpoint_every": 32, "log_every": 4, "out": "runs/demo",
+    "teacher": "bundled",
+    "teacher_dtype": "bfloat16",
+    "mixed_precision": "bf16",
+    "student": "layers:0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,29",
+    "data": "bundled",
+    "train_prompts": 0,
+    "response_tokens": 40,
+    "steps": 32,
+    "lr": 2e-5,
+    "warmup_steps": 3,
+    "eval_every": 16,
+    "eval_prompts": 16,
+    "eval_split": "validation",
+    "eval_max_new_tokens": 32,
+    "test_prompts": 48,
+    "test_split": "heldout",
+    "checkpoint_every": 32,
+    "log_every": 4,
+    "out": "runs/demo",
     "overwrite": True,  # a second demo replaces the first one's runs (the warm start is reused)
-}  # fmt: skip
+}
 DEMO_AGENTS = "sft,bd,bd-released"
 DEMO_SEEDS = 2
+#: ``tdrl compare``'s default agents: the six offline agents.
+COMPARE_AGENTS = "bc,sql,iql,iqlearn,cql,bd"
 
 
-def _print_summary(summary: dict) -> None:
-    last, best = (summary.get("last") or {}).get("metrics", {}), (summary.get("best") or {}).get("metrics", {})
-    print(f"{summary['agent']} seed {summary['seed']}: {summary['steps']} steps in {summary['wall_time_s']:.0f} s")
+def _print_summary(summary) -> None:
+    last = summary.last.metrics if summary.last else {}
+    best = summary.best.metrics if summary.best else {}
+    print(f"{summary.agent} seed {summary.seed}: {summary.steps} steps in {summary.wall_time_s:.0f} s")
     for key in sorted(k for k in last if not k.endswith("_std")):
         print(f"  {key:<20} last {last[key]:8.3f}   best {best.get(key, float('nan')):8.3f}")
-    print(f"  run directory: {summary['config']['out']}  (tdrl tensorboard {summary['config']['out']})")
+    print(f"  run directory: {summary.out}  (tdrl tensorboard {summary.out})")
 
 
 def cmd_teacher_info(args: argparse.Namespace) -> int:
@@ -103,10 +120,19 @@ def cmd_generate_responses(args: argparse.Namespace) -> int:
     source = _subset(_source(args), args.limit)
     teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     out = generate_responses(
-        teacher, source, args.out, num_responses=args.num_responses, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size,
-        seed=args.seed, shard_size=args.shard_size, progress=True,
-    )  # fmt: skip
+        teacher,
+        source,
+        args.out,
+        num_responses=args.num_responses,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        progress=True,
+    )
     print(f"wrote {len(source) * args.num_responses} teacher responses to {out}")
     return 0
 
@@ -119,11 +145,21 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     source = _subset(_source(args, require_response=True), args.limit)
     teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     out = annotate(
-        teacher, source, args.out, top_k=args.top_k, top_p=args.top_p, reward=args.reward, gamma=args.gamma,
-        max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
-        logprob_dtype=args.logprob_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
-        strict=args.strict, progress=True,
-    )  # fmt: skip
+        teacher,
+        source,
+        args.out,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        reward=args.reward,
+        gamma=args.gamma,
+        max_prompt_len=args.max_prompt_len,
+        max_response_len=args.max_response_len,
+        logprob_dtype=args.logprob_dtype,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        strict=args.strict,
+        progress=True,
+    )
     meta = read_json(out / ANNOTATION_META, "annotation metadata")
     stats = meta["statistics"]
     print(
@@ -146,20 +182,26 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace):
+    from tdrl.training.args import config_from_args
+
+    return config_from_args(args, args.presets)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tdrl.training import build_trainer, resume_trainer
-    from tdrl.training.args import parse_train_args
+    from tdrl.training.config import config_leaves
 
     if args.resume:
-        extra = argparse.ArgumentParser(prog="tdrl train --resume")
-        extra.add_argument("--steps", type=int, default=None, help="extend the run to this many steps")
-        steps = extra.parse_args(args.rest).steps
-        trainer = resume_trainer(args.resume, steps=steps)
+        given = sorted(k for k in vars(args) if k.startswith("agent.") or k in {f for *_, f in config_leaves()})
+        if args.config or set(given) - {"steps"}:
+            changed = ", ".join(["--config"] * bool(args.config) + [f"--{k.replace('_', '-')}" for k in given])
+            raise ConfigError(
+                f"--resume continues a run with its own settings; only --steps may change (given: {changed})"
+            )
+        trainer = resume_trainer(args.resume, steps=getattr(args, "steps", None))
     else:
-        config, rest = parse_train_args(args.rest)
-        if rest:
-            raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl train --help`)")
-        trainer = build_trainer(config)
+        trainer = build_trainer(_config(args))
     summary = trainer.train()
     if trainer.accelerator.is_main_process:
         _print_summary(summary)
@@ -173,7 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tdrl.evaluation import EvalConfig, evaluate, reference_records
     from tdrl.integrity import read_json
     from tdrl.models import load_student, load_teacher
-    from tdrl.training.checkpoints import RUN_FILE, find_checkpoint
+    from tdrl.training.checkpoints import find_checkpoint
+    from tdrl.training.state import RUN_FILE
 
     path = Path(args.checkpoint)
     if not path.exists():
@@ -190,13 +233,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     student = load_student(str(model_dir)).to(args.device)
     split = args.split or ("heldout" if args.data == "bundled" else None)
     records = reference_records(
-        teacher, args.data, split=split, n=args.prompts, max_new_tokens=args.max_new_tokens,
-        prompt_column=args.prompt_column, reference_column=args.reference_column, context_column=args.context_column,
-    )  # fmt: skip
+        teacher,
+        args.data,
+        split=split,
+        n=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        prompt_column=args.prompt_column,
+        reference_column=args.reference_column,
+        context_column=args.context_column,
+    )
     config = EvalConfig(
-        max_new_tokens=args.max_new_tokens, seeds=args.seeds, top_p=args.top_p, temperature=args.temperature,
-        greedy=args.greedy, also_greedy=not args.greedy,
-    )  # fmt: skip
+        max_new_tokens=args.max_new_tokens,
+        seeds=args.seeds,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        greedy=args.greedy,
+        also_greedy=not args.greedy,
+    )
     temperature = info.get("decode_temperature", 1.0)
     metrics, samples = evaluate(
         student.model, student.tokenizer, teacher, records, config, decode_temperature=temperature
@@ -215,28 +268,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_warm_start(args: argparse.Namespace) -> int:
-    from tdrl.training.args import parse_train_args
     from tdrl.training.warmstart import warm_start
 
-    config, rest = parse_train_args(args.rest, defaults=warm_start_defaults(), agent_flags=False,
-                                    prog="tdrl warm-start")  # fmt: skip
-    if rest:
-        raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl warm-start --help`)")
-    out, record = warm_start(config, config.out, overwrite=args.overwrite)
+    config = _config(args)
+    out, record = warm_start(config, config.out, overwrite=config.overwrite)
     validation = record["validation"]
     rouge = f", validation Rouge-L {validation['eval/rougeL']:.2f}" if "eval/rougeL" in validation else ""
-    print(f"warm start in {out} ({record['steps']} steps of full-vocabulary KD, {record['train_time_s']:.0f} s of "
-          f"training{rouge}; fingerprint {record['fingerprint']}); train from it with --student {out}")  # fmt: skip
+    print(
+        f"warm start in {out} ({record['steps']} steps of full-vocabulary KD, {record['train_time_s']:.0f} s of "
+        f"training{rouge}; fingerprint {record['fingerprint']}); train from it with --student {out}"
+    )
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tdrl.training.args import parse_train_args
-
-    config, rest = parse_train_args(args.rest, agent_flags=False, prog="tdrl compare")
-    if rest:
-        raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl compare --help`)")
-    return _compare(config, args.agents, args.seeds)
+    return _compare(_config(args), args.agents, args.seeds)
 
 
 def _compare(config, agents: str, seeds: int, start: str = "start", teacher=None) -> int:
@@ -274,18 +320,15 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import dataclasses
     import time
     from pathlib import Path
 
     from tdrl.models import load_teacher
-    from tdrl.training.args import parse_train_args, resolve_device
+    from tdrl.training.config import resolve_device
     from tdrl.training.warmstart import warm_start, warm_start_config
 
     start = time.perf_counter()
-    config, rest = parse_train_args(args.rest, defaults=DEMO_DEFAULTS, agent_flags=False, prog="tdrl demo")
-    if rest:
-        raise ConfigError(f"unknown argument(s): {' '.join(rest)} (see `tdrl demo --help`)")
+    config = _config(args)
     steps = args.warm_start_steps
     warm = warm_start_config(config, steps, args.warm_start_lr)
     print(f"warm start: {steps} steps of full-vocabulary KD of {config.student} (reused when cached) ...", flush=True)
@@ -293,7 +336,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     teacher = load_teacher(config.teacher, dtype=config.teacher_dtype, device=resolve_device(config.device))
     path, record = warm_start(warm, Path(config.out) / "warm-start", teacher=teacher)
     print(f"warm start ready in {path} ({record['train_time_s']:.0f} s of training)", flush=True)
-    status = _compare(dataclasses.replace(config, student=str(path)), args.agents or DEMO_AGENTS, args.seeds,
-                      start="warm start", teacher=teacher)  # fmt: skip
+    status = _compare(
+        config.replace(student=str(path)), args.agents or DEMO_AGENTS, args.seeds, start="warm start", teacher=teacher
+    )
     print(f"demo wall time: {time.perf_counter() - start:.0f} s")
     return status

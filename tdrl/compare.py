@@ -19,7 +19,6 @@ Agent specs: a registered name, ``name:key=value,...`` for settings, and the ali
 from __future__ import annotations
 
 import csv
-import dataclasses
 import re
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import numpy as np
 
 from tdrl.errors import ConfigError
 from tdrl.models import load_teacher
-from tdrl.training.args import TrainConfig, resolve_device
+from tdrl.training import RunSummary, TrainConfig
+from tdrl.training.config import resolve_device
 
 __all__ = ["parse_agent_spec", "split_agent_specs", "compare", "results_table", "separations", "start_row", "COLUMNS"]
 
@@ -35,7 +35,7 @@ ALIASES = {"kd": "bc:mode=kd", "sft": "bc:mode=sft", "seqkd": "bc:mode=sft"}
 
 
 def _test(which: str, key: str):
-    return lambda s: ((s.get("test") or {}).get(which) or {}).get(key, float("nan"))
+    return lambda s: s.test_metric(which, key)
 
 
 #: The table's columns: (header, getter over a run summary). Rouge-L of the last and of the
@@ -51,8 +51,8 @@ COLUMNS = (
     ("entropy", _test("last", "eval/entropy")),
     ("outside mass", _test("last", "eval/outside_mass")),
     ("mode outside", _test("last", "eval/mode_outside")),
-    ("outside mass, train states", lambda s: s.get("outside_mass", float("nan"))),
-    ("mode outside, train states", lambda s: s.get("mode_outside", float("nan"))),
+    ("outside mass, train states", lambda s: s.probe.get("outside_mass", float("nan"))),
+    ("mode outside, train states", lambda s: s.probe.get("mode_outside", float("nan"))),
 )
 
 
@@ -83,7 +83,7 @@ def parse_agent_spec(spec: str) -> tuple[str, str, str]:
 
 def start_row(
     base: TrainConfig, teacher, progress: bool = False, label: str = "start", seeds: list[int] | tuple[int, ...] = (0,)
-) -> list[dict]:
+) -> list[RunSummary]:
     """The starting student itself (``base.student``, untrained) under the same test protocol and
     outside-mass probe as every run: the reference rows of a comparison, one per entry of ``seeds``
     (a comparison passes its training seeds), each sampled with as many test seeds as a run but
@@ -91,21 +91,37 @@ def start_row(
     sampling noise alone, which a single evaluation would hide."""
     from tdrl.training.build import build_trainer
 
-    config = dataclasses.replace(base, agent="bc", agent_args="", out=str(Path(base.out) / "runs" / "start"))
+    config = base.replace(agent="bc", out=str(Path(base.out) / "runs" / "start"))
     trainer = build_trainer(config, teacher=teacher, progress=progress)
     probe = trainer.probe()
-    rows = []
-    sampling = list(trainer.test_seeds)
+    rows: list[RunSummary] = []
     for i, seed in enumerate(seeds):
-        trainer.test_seeds = [s + 1000 * i for s in sampling]  # as many sampling seeds as a run, disjoint per row
-        test = trainer.test(greedy=i == 0) if base.test_prompts else {}
-        if i and test:  # greedy decoding does not depend on the seed: one pass serves every row
-            greedy = {k: v for k, v in rows[0]["test"]["last"].items() if k.startswith("eval/rougeL_greedy")}
-            test["last"].update(greedy)
-            test["best"].update(greedy)
-        rows.append({"label": label, "seed": seed, "steps": 0, "wall_time_s": 0.0, "train_time_s": 0.0,
-                     "test": test, "history": [], **probe})  # fmt: skip
+        test = None
+        if base.test.prompts:
+            test = trainer.test(greedy=i == 0, seeds=[s + 1000 * i for s in config.test_seeds])
+            if i:  # greedy decoding does not depend on the seed: one pass serves every row
+                greedy = {k: v for k, v in rows[0].test.last.items() if k.startswith("eval/rougeL_greedy")}
+                test.last.update(greedy)
+                test.best.update(greedy)
+        rows.append(RunSummary(agent=label, label=label, seed=seed, steps=0, test=test, probe=dict(probe)))
     return rows
+
+
+def run_specs(base: TrainConfig, agents: list[str], seeds: list[int], out: Path) -> list[tuple[str, TrainConfig]]:
+    """(label, config) of every (agent spec, seed), all validated before anything trains: an unknown
+    agent or setting, or two specs with one label, is an error here, not after the first runs."""
+    runs, labels = [], set()
+    for spec in agents:
+        label, name, args = parse_agent_spec(spec)
+        if label in labels:
+            raise ConfigError(f"agent spec {spec!r} is given twice: each spec trains once per seed")
+        labels.add(label)
+        for seed in seeds:
+            config = base.replace(
+                agent=name, agent_config=args or None, seed=seed, out=str(out / "runs" / f"{label}-seed{seed}")
+            )
+            runs.append((label, config))
+    return runs
 
 
 def compare(
@@ -116,7 +132,7 @@ def compare(
     progress: bool = True,
     start: str | None = "start",
     teacher=None,
-) -> list[dict]:
+) -> list[RunSummary]:
     """Train every (agent, seed) with ``base``'s settings; write results.{csv,md} and the plot. Unless
     ``start`` is None, the starting student is evaluated as the reference row labelled ``start`` (sampled once
     per seed: :func:`start_row`). ``teacher``: an already loaded teacher (else ``base.teacher`` is loaded)."""
@@ -127,17 +143,13 @@ def compare(
         raise ConfigError("compare needs at least one agent")
     if not seeds:
         raise ConfigError("compare needs at least one seed (--seeds N with N >= 1)")
-    specs = [parse_agent_spec(a) for a in agents]  # all names checked before anything trains
+    runs = run_specs(base, agents, seeds, out)
     teacher = teacher or load_teacher(base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device))
-    summaries = start_row(dataclasses.replace(base, out=str(out)), teacher, progress, start, seeds) if start else []
-    for label, name, args in specs:
-        for seed in seeds:
-            config = dataclasses.replace(
-                base, agent=name, agent_args=args, seed=seed, out=str(out / "runs" / f"{label}-seed{seed}")
-            )
-            summary = build_trainer(config, teacher=teacher, progress=progress).train()
-            summary["label"] = label
-            summaries.append(summary)
+    summaries = start_row(base.replace(out=str(out)), teacher, progress, start, seeds) if start else []
+    for label, config in runs:
+        summary = build_trainer(config, teacher=teacher, progress=progress).train()
+        summary.label = label
+        summaries.append(summary)
     write_results(summaries, out)
     return summaries
 
@@ -149,11 +161,11 @@ def write_results(summaries: list[dict], out: Path) -> None:
         writer.writerow(["agent", "seed", "steps", "wall_time_s", "train_time_s", "best_step"]
                         + [name for name, _ in COLUMNS])  # fmt: skip
         for s in summaries:
+            best_step = s.test.best_step if s.test else None
             writer.writerow(
-                [s["label"], s["seed"], s["steps"], f"{s['wall_time_s']:.1f}", f"{s.get('train_time_s', 0.0):.1f}",
-                 (s.get("test") or {}).get("best_step")]
+                [s.label, s.seed, s.steps, f"{s.wall_time_s:.1f}", f"{s.train_time_s:.1f}", best_step]
                 + [f"{get(s):.4f}" for _, get in COLUMNS]
-            )  # fmt: skip
+            )
     (out / "results.md").write_text(results_table(summaries))
     _plot(summaries, out / "eval_curves.png")
 
@@ -161,7 +173,7 @@ def write_results(summaries: list[dict], out: Path) -> None:
 def _groups(summaries: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for s in summaries:
-        groups.setdefault(s["label"], []).append(s)
+        groups.setdefault(s.label, []).append(s)
     return groups
 
 
@@ -199,7 +211,7 @@ def results_table(summaries: list[dict]) -> str:
     header = ["agent", "seeds", "train s/run"] + [name for name, _ in shown]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, runs in _groups(summaries).items():
-        cells = [label, str(len(runs)), f"{np.mean([r.get('train_time_s', 0.0) for r in runs]):.0f}"]
+        cells = [label, str(len(runs)), f"{np.mean([r.train_time_s for r in runs]):.0f}"]
         cells += [_cell(np.array([get(r) for r in runs], dtype=float)) for _, get in shown]
         lines.append("| " + " | ".join(cells) + " |")
     pairs = separations(summaries)
@@ -230,11 +242,11 @@ def _plot(summaries: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, group in _groups(summaries).items():
-        runs = [s for s in group if s.get("history")]
+        runs = [s for s in group if s.history]
         if not runs:
             continue
-        steps = [h["step"] for h in runs[0]["history"]]
-        curves = [[h["metrics"]["eval/rougeL"] for h in r["history"]][: len(steps)] for r in runs]
+        steps = [h.step for h in runs[0].history]
+        curves = [[h.metrics["eval/rougeL"] for h in r.history][: len(steps)] for r in runs]
         width = min(len(c) for c in curves)
         ax.plot(steps[:width], np.mean([c[:width] for c in curves], axis=0), marker="o", label=label)
     ax.set_xlabel("step")

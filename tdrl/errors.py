@@ -51,26 +51,39 @@ class CheckpointNotFoundError(TdrlError, FileNotFoundError):
     """A checkpoint directory to resume from or evaluate does not exist or is incomplete."""
 
 
-def check_field_types(instance) -> None:
+def check_field_types(instance, name_of=None) -> None:
     """Each field of a dataclass instance has its annotated type (ints given for floats become floats;
-    None only where the annotation allows it); else :class:`~tdrl.errors.ConfigError` naming the field.
+    None only where the annotation allows it; ``list[int]`` fields hold lists of ints); else
+    :class:`~tdrl.errors.ConfigError` naming the field (``name_of(field name)``, e.g. its flag name).
     YAML, JSON and ``key=value`` strings reach the configs untyped: this is where ``steps: null`` or
     ``alpha=abc`` is caught, before any arithmetic on it."""
     hints = typing.get_type_hints(type(instance))
     for f in dataclasses.fields(instance):
         hint, value = hints[f.name], getattr(instance, f.name)
-        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        allowed = tuple(a for a in allowed if isinstance(a, type))
+        name = name_of(f.name) if name_of else f.name
+        if hint is typing.Any:
+            continue
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        lists = [a for a in options if typing.get_origin(a) is list]
+        allowed = tuple(a for a in options if isinstance(a, type) and typing.get_origin(a) is None)
         if value is None and type(None) in allowed:
             continue
+        if lists and isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(lists[0]) or (object,)
+            bad = [v for v in value if not isinstance(v, item) or (isinstance(v, bool) and item is not bool)]
+            if bad:
+                raise ConfigError(f"{name} must be a list of {item.__name__}, got {list(value)!r}")
+            setattr(instance, f.name, list(value))
+            continue
         if allowed == (str,) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            setattr(instance, f.name, str(value))  # YAML reads `eval_seeds: 0` as a number
+            setattr(instance, f.name, str(value))  # YAML reads `student: 7` as a number
             continue
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             setattr(instance, f.name, float(value))
             continue
         if bool not in allowed and isinstance(value, bool) and (int in allowed or float in allowed):
-            raise ConfigError(f"{f.name} must be a number, got {value!r}")
+            raise ConfigError(f"{name} must be a number, got {value!r}")
         if not isinstance(value, allowed):
-            names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
-            raise ConfigError(f"{f.name} must be {names}, got {value!r}")
+            kinds = [f"a list of {typing.get_args(a)[0].__name__}" for a in lists]
+            kinds += ["null" if a is type(None) else a.__name__ for a in allowed]
+            raise ConfigError(f"{name} must be {' or '.join(kinds)}, got {value!r}")

@@ -109,8 +109,7 @@ def atomic_dir(target: str | os.PathLike, *, token: str | None = None) -> Iterat
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{token or uuid.uuid4().hex[:8]}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(exist_ok=token is not None)  # other processes sharing the token may have made it
     try:
         yield tmp
     except BaseException:

@@ -101,9 +101,10 @@ def test_config_accepts_heldout_and_refuses_unknown_split():
     from tdrl.errors import ConfigError
     from tdrl.training import TrainConfig
 
-    assert TrainConfig().test_split == "heldout"
+    assert TrainConfig().test.split_name == "heldout"
+    assert TrainConfig.from_dict({"test_data": "my.jsonl"}).test.split_name is None  # the file's own split
     with pytest.raises(ConfigError, match="heldout"):
-        TrainConfig(test_split="dev")
+        TrainConfig.from_dict({"test_split": "dev"})
 
 
 def test_a_slice_of_a_bundled_split(tiny_teacher):
@@ -119,10 +120,10 @@ def test_a_slice_of_a_bundled_split(tiny_teacher):
     assert load_source("bundled", split="test[:4]")["prompt"] == load_source("bundled", split="test")["prompt"][:4]
     last = reference_records(tiny_teacher, "bundled", split="heldout[-40:]", n=40, max_new_tokens=2)
     assert [r["prompt"] for r in last] == heldout[-40:] and any("human_reference" in r for r in last)
-    assert TrainConfig(eval_split="heldout[-64:]").eval_split == "heldout[-64:]"
+    assert TrainConfig.from_dict({"eval_split": "heldout[-64:]"}).eval.split == "heldout[-64:]"
     for bad in ("dev[:3]", "heldout[a:]", "heldout[-8]"):
         with pytest.raises(ConfigError, match="slice"):
-            TrainConfig(test_split=bad)
+            TrainConfig.from_dict({"test_split": bad})
     with pytest.raises(ConfigError, match="slice"):
         load_source("bundled", split="dev[:3]")
     assert load_source("bundled", split="heldout[:]")["prompt"] == heldout

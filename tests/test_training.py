@@ -2,7 +2,6 @@
 TensorBoard tags, and one-line errors for bad configurations."""
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -60,7 +59,7 @@ def tiny_config(out, **kw) -> TrainConfig:
         agent="sql",
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
 
 
 @pytest.mark.parametrize("agent", ["bc", "sql", "cql", "iql", "iqlearn", "bd", "kd-online"])
@@ -140,8 +139,8 @@ class InterruptAt(TrainerCallback):
     def __init__(self, step: int = 3):
         self.at = step
 
-    def on_step_end(self, trainer) -> None:
-        if trainer.step == self.at:
+    def on_step_end(self, args, state) -> None:
+        if state.step == self.at:
             os.kill(os.getpid(), signal.SIGINT)
 
 
@@ -164,9 +163,10 @@ def test_interrupt_then_resume_is_bit_for_bit(agent, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert full.history == [{**h, "train_time_s": f["train_time_s"]} for h, f in zip(resumed.history, full.history)]
-    times = [h["train_time_s"] for h in resumed.history]
-    assert 0 < times[0] < times[1]  # training time excluding evaluation, carried across the resume
+    assert [(h.step, h.metrics) for h in full.state.history] == [(h.step, h.metrics) for h in resumed.state.history]
+    assert [h.step for h in resumed.state.history] == [0, 3, 6]  # the starting student, then every 3 steps
+    times = [h.train_time_s for h in resumed.state.history]
+    assert 0 == times[0] < times[1] < times[2]  # training time excluding evaluation, carried across the resume
 
 
 def test_tensorboard_events_have_the_documented_tags(tmp_path):
@@ -198,8 +198,8 @@ def test_tensorboard_events_have_the_documented_tags(tmp_path):
     }
     assert expected <= tags, expected - tags
     rouge = acc.Scalars("eval/rougeL")
-    assert [e.step for e in rouge] == [3, 6]
-    assert rouge[-1].value == pytest.approx(summary["last"]["metrics"]["eval/rougeL"], rel=1e-5)
+    assert [e.step for e in rouge] == [0, 3, 6]  # the starting student, then every eval_every steps
+    assert rouge[-1].value == pytest.approx(summary.last.metrics["eval/rougeL"], rel=1e-5)
     assert len(acc.Scalars("train/loss")) == 6
     assert "samples/text_summary" in acc.Tags()["tensors"]
     sizes = [e.value for e in acc.Scalars("batch/support_size")]
@@ -209,7 +209,7 @@ def test_tensorboard_events_have_the_documented_tags(tmp_path):
 
 
 def test_checkpoints_keep_last_k(tmp_path):
-    config = dataclasses.replace(tiny_config(tmp_path / "k"), steps=4, checkpoint_every=1, eval_every=0, keep_last=2)
+    config = tiny_config(tmp_path / "k").replace(steps=4, checkpoint_every=1, eval_every=0, keep_last=2)
     build_trainer(config, progress=False).train()
     assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["step-0000003", "step-0000004"]
 
@@ -262,7 +262,7 @@ def test_yaml_config_and_flag_override(tmp_path, capsys):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["agent"] == "iqlearn" and summary["steps"] == 1
-    assert json.loads(summary["config"]["agent_args"]) == {"chi2": False}
+    assert summary["config"]["agent_config"]["chi2"] is False
     (tmp_path / "bad.yaml").write_text("agnet: bd\n")
     assert main(["train", "--config", str(tmp_path / "bad.yaml"), *TINY]) == 2
     assert "unknown setting(s) agnet" in capsys.readouterr().err
@@ -325,7 +325,8 @@ def test_online_student_episodes_are_mixed_in_and_resume_exactly(tmp_path):
     kw = dict(agent="bc", online_every=2, online_ratio=0.5, online_episodes=4, online_envs=2, online_max_new_tokens=5)
     full = build_trainer(tiny_config(tmp_path / "full", **kw), progress=False)
     full.train()
-    assert len(full.online) == 4 and all(len(r["response_ids"]) <= 5 for r in full.online)
+    online = full.state.online
+    assert len(online) == 4 and all(len(r["response_ids"]) <= 5 for r in online)
     acc = EventAccumulator(str(tmp_path / "full"))
     acc.Reload()
     assert {"rollout/return", "rollout/coverage", "rollout/length", "rollout/off_support_rate"} <= set(
@@ -403,7 +404,7 @@ def test_eval_on_the_users_own_data_with_references(tmp_path, capsys):
     assert main(["train", "--agent", "bc", "--steps", "2", "--test-prompts", "2", "--out", str(out), *TINY]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert {"last", "best", "best_step"} <= set(summary["test"])
-    assert "eval/rougeL_greedy" in summary["test"]["last"] and 0 <= summary["outside_mass"] <= 1
+    assert "eval/rougeL_greedy" in summary["test"]["last"] and 0 <= summary["probe"]["outside_mass"] <= 1
     data = tmp_path / "my.jsonl"
     rows = [{"prompt": "What is the capital of France?", "reference": "Paris is the capital of France."},
             {"prompt": "Name three colors.", "reference": "Red, green and blue."},
@@ -466,7 +467,8 @@ def test_typed_agent_flags_reach_the_agent_the_summary_and_tensorboard(tmp_path,
             "--steps", "1", "--eval-every", "0", "--out", str(out), *TINY]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert json.loads(summary["config"]["agent_args"]) == {"alpha": 0.25, "chi2": False, "expert_term": "topp_mean"}
+    settings = summary["config"]["agent_config"]
+    assert (settings["alpha"], settings["chi2"], settings["expert_term"]) == (0.25, False, "topp_mean")
     hp = hparams_of(out)
     assert hp["agent.expert_term"] == "topp_mean" and hp["agent.alpha"] == 0.25
     assert hp["agent.chi2"] == 0  # torch writes bools as numbers
@@ -485,7 +487,7 @@ def test_typed_agent_flags_reach_the_agent_the_summary_and_tensorboard(tmp_path,
         str(tmp_path / "t"),
     ]
     assert main(twice) == 2
-    assert "both as flags and in agent_args" in capsys.readouterr().err
+    assert "alpha given twice" in capsys.readouterr().err
     assert main(["train", "--agent", "iqlearn", "--alpha", "lots", *TINY, "--out", str(tmp_path / "u")]) == 2
     assert "--alpha" in capsys.readouterr().err  # type-checked like every flag
 
@@ -495,8 +497,8 @@ def test_yaml_takes_agent_fields_at_the_top_level(tmp_path):
 
     (tmp_path / "run.yaml").write_text("agent: bd\nexpert_term: token\nq_min: -5\nsteps: 7\n")
     config, rest = parse_train_args(["--config", str(tmp_path / "run.yaml"), "--q-min", "-3"])
-    assert rest == [] and config.steps == 7
-    assert json.loads(config.agent_args) == {"expert_term": "token", "q_min": -3.0}  # the flag wins over the file
+    assert rest == [] and config.optim.steps == 7
+    assert (config.agent_config.expert_term, config.agent_config.q_min) == ("token", -3.0)  # the flag wins
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path, capsys):
@@ -522,10 +524,10 @@ def test_best_model_on_a_chosen_metric_and_direction(tmp_path):
                          metric_for_best_model="eval/teacher_nll", greater_is_better=False)  # fmt: skip
     trainer = build_trainer(config, progress=False)
     trainer.train()
-    nll = {h["step"]: h["metrics"]["eval/teacher_nll"] for h in trainer.history}
-    assert trainer.best["step"] == min(nll, key=nll.get)
+    nll = {h.step: h.metrics["eval/teacher_nll"] for h in trainer.state.history}
+    assert trainer.state.best.step == min(nll, key=nll.get)
     exported = json.loads((tmp_path / "nll" / "best" / "metrics.json").read_text())
-    assert exported["step"] == trainer.best["step"]
+    assert exported["step"] == trainer.state.best.step
     with pytest.raises(Exception, match="must be an eval"):
         tiny_config(tmp_path / "x", metric_for_best_model="train/loss")
 
@@ -539,4 +541,4 @@ def test_warm_up_runs_its_full_length_and_accumulation_steps_once_per_group(tmp_
     acc.Reload()
     lrs = [e.value for e in acc.Scalars("train/lr")]
     assert lrs == pytest.approx([0.0, 1e-3 / 8, 2e-3 / 8, 3e-3 / 8])  # not capped at 10 % of the steps
-    assert trainer.consumed == 8 and trainer.scheduler.last_epoch == 4  # 2 micro-batches per optimiser step
+    assert trainer.state.consumed == 8 and trainer.scheduler.last_epoch == 4  # 2 micro-batches per optimiser step

@@ -293,13 +293,14 @@ class Student(nn.Module):
         return self.value_head(hidden).squeeze(-1)
 
     # -------------------------------------------------------------- persistence
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, *, state_dict: dict | None = None) -> None:
         """An ordinary HF model directory (safetensors) anyone can ``from_pretrained``; a value head,
-        if any, goes beside it as ``value_head.safetensors``."""
+        if any, goes beside it as ``value_head.safetensors``. ``state_dict``: the HF model's weights to
+        write (e.g. gathered whole by accelerate), default its own."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        self.model.save_pretrained(path, safe_serialization=True)
+        self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         if self.value_head is not None:

@@ -4,6 +4,7 @@ teacher, student, agent, data and evaluation prompts into a :class:`~tdrl.traini
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -17,9 +18,9 @@ from tdrl.errors import ConfigError, DataError
 from tdrl.evaluation import reference_records
 from tdrl.integrity import read_json
 from tdrl.models import Teacher, load_student, load_teacher
-from tdrl.training.args import TrainConfig, parse_agent_args, resolve_device
 from tdrl.training.callbacks import TrainerCallback
-from tdrl.training.checkpoints import find_checkpoint, run_directory
+from tdrl.training.checkpoints import CONFIG_FILE, find_checkpoint, run_directory
+from tdrl.training.config import TrainConfig, resolve_device
 from tdrl.training.trainer import Trainer
 
 __all__ = ["build_trainer", "resume_trainer", "set_seed", "check_rewards_fit_agent"]
@@ -52,28 +53,31 @@ def build_trainer(
 ) -> Trainer:
     """Resolve the names of ``args`` (teacher, student, agent, data, validation and test prompts)
     into objects and return a :class:`Trainer`; ``teacher`` may be passed in to share it between runs."""
-    agent_cls = get_agent(args.agent)  # an unknown agent fails before any model loads
-    args = args.with_agent_defaults(agent_cls.trainer_defaults)  # e.g. bd's J_PT, minillm's collection
+    args = args.resolve(get_agent(args.agent))  # an unknown agent fails before any model loads
     set_seed(args.seed)
     device = resolve_device(args.device)  # this process's GPU under torchrun / accelerate launch
     teacher = teacher or load_teacher(args.teacher, dtype=args.teacher_dtype, device=device)
     student = load_student(args.student, teacher=teacher).to(device)
     check_same_vocabulary(teacher.tokenizer, student.tokenizer)
-    agent = make_agent(args.agent, student, **parse_agent_args(args.agent_args)).to(device)
-    with PartialState(
-        cpu=torch.device(args.device).type == "cpu"
-    ).main_process_first():  # one process builds the cached data, the others read it
-        if args.data == "bundled":
+    agent = make_agent(args.agent, student, **dataclasses.asdict(args.agent_config)).to(device)
+    data, settings = args.data, args.eval
+    # one process builds the cached data, the others read it
+    with PartialState(cpu=torch.device(args.device).type == "cpu").main_process_first():
+        if data.source == "bundled":
             data_dir = prepare_bundled_data(
-                teacher, train_prompts=args.train_prompts, response_tokens=args.response_tokens,
-                top_k=args.annotation_top_k, top_p=args.annotation_top_p, progress=progress,
-            )  # fmt: skip
-        elif not Path(args.data).exists():
+                teacher,
+                train_prompts=data.train_prompts,
+                response_tokens=data.response_tokens,
+                top_k=data.annotation_top_k,
+                top_p=data.annotation_top_p,
+                progress=progress,
+            )
+        elif not Path(data.source).exists():
             raise DataError(
-                f"data directory {args.data} does not exist: build it with `tdrl annotate` or use --data bundled"
+                f"data directory {data.source} does not exist: build it with `tdrl annotate` or use --data bundled"
             )
         else:
-            data_dir = args.data
+            data_dir = data.source
         dataset = DistillDataset(data_dir, tokenizer=student.tokenizer, top_p=agent.config.top_p)
         check_rewards_fit_agent(dataset.meta.get("settings", {}), agent.config)
         made_by = dataset.meta.get("settings", {}).get("weights")
@@ -82,16 +86,12 @@ def build_trainer(
                 f"the annotation cache {data_dir} was made by another teacher (weights {made_by}, this teacher "
                 f"{teacher.weights_fingerprint()}): annotate the data with this teacher"
             )
-        references = dict(max_new_tokens=args.eval_max_new_tokens, reference_column=args.eval_reference_column)
-        eval_records = reference_records(
-            teacher, args.eval_data, split=args.eval_split, n=args.eval_prompts, **references
-        )
+        references = dict(max_new_tokens=settings.max_new_tokens, reference_column=settings.reference_column)
+        eval_records = reference_records(teacher, settings.data, split=settings.split, n=settings.prompts, **references)
         test_records = None
-        if args.test_prompts:
-            # "heldout" (the default) names the bundled split; other test data keep their own default split
-            split = None if args.test_data != "bundled" and args.test_split == "heldout" else args.test_split
-            test_records = reference_records(teacher, args.test_data, split=split, n=args.test_prompts,
-                                             **references)  # fmt: skip
+        if args.test.prompts:
+            test = args.test
+            test_records = reference_records(teacher, test.data, split=test.split_name, n=test.prompts, **references)
     return Trainer(
         agent, teacher, dataset, eval_records, args, test_records=test_records, callbacks=callbacks, progress=progress
     )
@@ -110,10 +110,8 @@ def resume_trainer(
     resumes in its copy). Every checkpoint file is verified against the manifest first, and the
     data cache and the teacher must be the ones the run started with. ``steps`` may extend the run."""
     checkpoint = find_checkpoint(path, verify=True)
-    args = TrainConfig(**read_json(checkpoint / "config.json", "checkpoint config"))
-    args.out = str(run_directory(path))
-    if steps is not None:
-        args.steps = steps
+    args = TrainConfig.from_dict(read_json(checkpoint / CONFIG_FILE, "checkpoint config"))
+    args = args.replace(out=str(run_directory(path)), **({"steps": steps} if steps is not None else {}))
     trainer = build_trainer(args, teacher=teacher, callbacks=callbacks, progress=progress)
     trainer.load_checkpoint(checkpoint)
     return trainer

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tdrl.training.config import TrainConfig
+    from tdrl.training.state import RunSummary, TrainerState
 
 __all__ = ["Tracker", "samples_markdown", "TrainerCallback", "TensorBoardCallback"]
 
@@ -56,47 +61,52 @@ class Tracker:
 
 
 class TrainerCallback:
-    """Hooks of the training loop (main process only); every hook may be left out. ``trainer`` is the
-    :class:`~tdrl.training.trainer.Trainer` (its ``step``, ``args``, ``agent``, ``out``)."""
+    """Hooks of the training loop (main process only); every hook may be left out. Each receives the
+    run's resolved :class:`~tdrl.training.config.TrainConfig` (``args``) and its
+    :class:`~tdrl.training.state.TrainerState` (``state``: step, history, best, ...), plus what the
+    event produced; callbacks read them and never change the loop."""
 
-    def on_train_begin(self, trainer) -> None: ...
+    def on_train_begin(self, args: TrainConfig, state: TrainerState) -> None: ...
 
-    def on_step_end(self, trainer) -> None:
-        """After each optimiser step (``trainer.step`` already counts it), before evaluation and
+    def on_step_end(self, args: TrainConfig, state: TrainerState) -> None:
+        """After each optimiser step (``state.step`` already counts it), before evaluation and
         checkpointing."""
 
-    def on_log(self, trainer, metrics: dict[str, float]) -> None: ...
+    def on_log(self, args: TrainConfig, state: TrainerState, metrics: dict[str, float]) -> None: ...
 
-    def on_evaluate(self, trainer, metrics: dict[str, float], samples: list[dict[str, str]]) -> None: ...
+    def on_evaluate(
+        self, args: TrainConfig, state: TrainerState, metrics: dict[str, float], samples: list[dict[str, str]]
+    ) -> None: ...
 
-    def on_train_end(self, trainer, summary: dict) -> None: ...
+    def on_train_end(self, args: TrainConfig, state: TrainerState, summary: RunSummary) -> None: ...
 
 
 class TensorBoardCallback(TrainerCallback):
-    """Scalars, evaluation samples and hparams into the run directory."""
+    """Scalars, evaluation samples and hparams into the run directory (``args.out``)."""
 
     def __init__(self):
         self.tracker: Tracker | None = None
 
-    def on_train_begin(self, trainer) -> None:
-        self.tracker = Tracker(trainer.out)
+    def on_train_begin(self, args, state) -> None:
+        self.tracker = Tracker(args.out)
 
-    def on_log(self, trainer, metrics: dict[str, float]) -> None:
-        self.tracker.scalars(metrics, trainer.step)
+    def on_log(self, args, state, metrics) -> None:
+        self.tracker.scalars(metrics, state.step)
 
-    def on_evaluate(self, trainer, metrics: dict[str, float], samples: list[dict[str, str]]) -> None:
-        self.tracker.scalars(metrics, trainer.step)
-        self.tracker.text("samples", samples_markdown(samples), trainer.step)
+    def on_evaluate(self, args, state, metrics, samples) -> None:
+        self.tracker.scalars(metrics, state.step)
+        self.tracker.text("samples", samples_markdown(samples), state.step)
 
-    def on_train_end(self, trainer, summary: dict) -> None:
-        if not summary["interrupted"]:
-            for which, group in (("last", "test"), ("best", "test_best")):
-                metrics = (summary.get("test") or {}).get(which) or {}
-                self.tracker.scalars({k.replace("eval/", f"{group}/"): v for k, v in metrics.items()}, trainer.step)
-            final = dict((summary.get("last") or {}).get("metrics", {}))
-            final.update({f"best_{k}": v for k, v in (summary.get("best") or {}).get("metrics", {}).items()})
-            for which, metrics in (summary.get("test") or {}).items():
-                if isinstance(metrics, dict):
+    def on_train_end(self, args, state, summary) -> None:
+        if not summary.interrupted:
+            test = summary.test
+            if test is not None:
+                for group, metrics in (("test", test.last), ("test_best", test.best)):
+                    self.tracker.scalars({k.replace("eval/", f"{group}/"): v for k, v in metrics.items()}, state.step)
+            final = dict(summary.last.metrics) if summary.last else {}
+            final.update({f"best_{k}": v for k, v in (summary.best.metrics if summary.best else {}).items()})
+            if test is not None:
+                for which, metrics in (("last", test.last), ("best", test.best)):
                     final.update({f"test_{which}_{k.split('/')[1]}": v for k, v in metrics.items()})
-            self.tracker.hparams(trainer.hparams(), final)
+            self.tracker.hparams(args.hparams(), final)
         self.tracker.close()

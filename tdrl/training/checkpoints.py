@@ -14,29 +14,43 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from tdrl.errors import CheckpointNotFoundError, ConfigError
-from tdrl.integrity import read_json, verify_manifest, write_manifest
+from tdrl.integrity import atomic_dir, read_json, verify_manifest, write_manifest
+from tdrl.training.state import RUN_FILE, SUMMARY_FILE, RunInfo, TrainerState
 
 __all__ = [
-    "COMPLETE", "RUN_FILE", "RUN_OUTPUTS", "find_checkpoint", "run_directory", "claim_run_directory",
-    "export_model", "keep_newest", "save_checkpoint", "load_checkpoint",
-]  # fmt: skip
+    "COMPLETE",
+    "RUN_FILE",
+    "CONFIG_FILE",
+    "STATE_FILE",
+    "SCHEDULER_FILE",
+    "RUN_OUTPUTS",
+    "find_checkpoint",
+    "run_directory",
+    "claim_run_directory",
+    "export_model",
+    "keep_newest",
+    "save_checkpoint",
+    "load_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
+#: Written last into a checkpoint: it is complete.
 COMPLETE = "tdrl-checkpoint.json"
-#: Beside every exported student (``best/``, a checkpoint, a warm start): what it came from, so
-#: ``tdrl eval`` can use the run's own teacher and the agent's decoding temperature.
-RUN_FILE = "tdrl-run.json"
+#: A checkpoint's resolved config, the trainer's state, and the schedule's state.
+CONFIG_FILE = "config.json"
+STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler.pt"
 #: What a run writes in its directory (cleared by --overwrite, and when a failed start left them).
-RUN_OUTPUTS = ("checkpoints", "best", "summary.json")
+RUN_OUTPUTS = ("checkpoints", "best", SUMMARY_FILE)
 
 
 def find_checkpoint(path: str | Path, *, verify: bool = False) -> Path:
@@ -80,7 +94,7 @@ def run_directory(path: str | Path) -> Path:
 def claim_run_directory(out: Path, *, resumed: bool, overwrite: bool) -> None:
     """One run per directory: refuse to start a new run over an existing one unless resuming it or
     told to ``overwrite``; clear what a failed start left behind (no checkpoint, no summary)."""
-    has_run = (out / "summary.json").is_file() or any((out / "checkpoints").glob("step-*"))
+    has_run = (out / SUMMARY_FILE).is_file() or any((out / "checkpoints").glob("step-*"))
     if resumed:
         return
     if has_run and not overwrite:
@@ -97,26 +111,15 @@ def claim_run_directory(out: Path, *, resumed: bool, overwrite: bool) -> None:
 
 
 def export_model(student, state_dict: dict, target: Path, files: dict[str, object]) -> None:
-    """The student as an ordinary HF model in ``target`` (atomically replaced), from a state dict of the
-    whole agent (``student.model.*`` keys; gathered by accelerate), with ``files`` written beside it."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    """The student as an ordinary HF model in ``target`` (atomically replaced: :func:`atomic_dir`), from
+    a state dict of the whole agent (``student.model.*`` keys; gathered by accelerate), with ``files``
+    (name -> JSON value) written beside it."""
     prefix = "student.model."
     weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    student.model.save_pretrained(tmp, state_dict=weights or None, safe_serialization=True)
-    if student.tokenizer is not None:
-        student.tokenizer.save_pretrained(tmp)
-    if student.value_head is not None:
-        from safetensors.torch import save_file
-
-        head = {k: v.detach().contiguous() for k, v in student.value_head.state_dict().items()}
-        save_file(head, str(tmp / "value_head.safetensors"))
-    for name, value in files.items():
-        (tmp / name).write_text(json.dumps(value, indent=2))
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(target) as tmp:
+        student.save_pretrained(tmp, state_dict=weights or None)
+        for name, value in files.items():
+            (tmp / name).write_text(json.dumps(value, indent=2))
 
 
 def keep_newest(root: Path, keep: int) -> None:
@@ -125,60 +128,77 @@ def keep_newest(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(trainer) -> Path:
-    """Write ``trainer``'s complete checkpoint atomically (every process takes part: accelerate gathers
-    whole weights) into ``out/checkpoints/step-NNNNNNN`` and keep the newest ``keep_last``."""
-    accelerator = trainer.accelerator
-    root = trainer.out / "checkpoints"
-    final = root / f"step-{trainer.step:07d}"
+def save_checkpoint(
+    accelerator,
+    model,
+    scheduler,
+    student,
+    out: Path,
+    *,
+    state: TrainerState,
+    config: dict,
+    run_info: RunInfo,
+    keep_last: int,
+) -> Path:
+    """Write a complete checkpoint of step ``state.step`` into ``out/checkpoints/step-NNNNNNN``
+    atomically and keep the newest ``keep_last``. Every process calls it (accelerate gathers whole
+    weights from the prepared ``model``); the main process writes the scheduler, the student as an HF
+    model, ``config`` (the resolved config's dict), ``run_info``, ``state`` and the manifest."""
+    root = out / "checkpoints"
+    final = root / f"step-{state.step:07d}"
     token = [uuid.uuid4().hex[:8]]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(token)
-    tmp = root / f".tmp-{trainer.step}-{token[0]}"
     tied = logging.getLogger("accelerate.utils.other")  # it warns on every save that a tied head is
     level = tied.level  # stored once; load_state restores the tie (tested by the bit-exact resume)
-    tied.setLevel(logging.ERROR)
-    try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-    finally:
-        tied.setLevel(level)
-    state = accelerator.get_state_dict(trainer.model)
+    with atomic_dir(final, token=token[0]) if accelerator.is_main_process else _shared(final, token[0]) as tmp:
+        tied.setLevel(logging.ERROR)
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+        finally:
+            tied.setLevel(level)
+        weights = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            export_model(student, weights, tmp / "student", {RUN_FILE: run_info.to_dict()})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            (tmp / RUN_FILE).write_text(json.dumps(run_info.to_dict(), indent=2))
+            (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2))
+            write_manifest(tmp, skip=(COMPLETE,))
+            (tmp / COMPLETE).write_text(json.dumps({"step": state.step}))
     if accelerator.is_main_process:
-        torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
-        info = trainer._run_info()
-        export_model(trainer.student, state, tmp / "student", {RUN_FILE: info})
-        (tmp / "config.json").write_text(json.dumps(trainer.args.to_dict(), indent=2))
-        (tmp / RUN_FILE).write_text(json.dumps(info, indent=2))
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer.trainer_state(), indent=2))
-        write_manifest(tmp, skip=(COMPLETE,))
-        (tmp / COMPLETE).write_text(json.dumps({"step": trainer.step}))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        keep_newest(root, trainer.args.keep_last)
+        keep_newest(root, keep_last)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(trainer, checkpoint: Path) -> dict:
-    """Restore a verified checkpoint (:func:`find_checkpoint` found and checked it) into ``trainer``:
-    weights, optimiser, every process's RNGs and the loss scaler through accelerate, then the schedule.
-    Returns the trainer's own state (position in the data order, history, best model); refuses a
-    checkpoint whose annotation cache or teacher weights differ from the trainer's."""
-    state = read_json(checkpoint / "trainer_state.json", "checkpoint state")
-    for key, now, what in (
-        ("data_fingerprint", trainer.dataset.meta.get("fingerprint"), "the annotation cache"),
-        ("teacher_weights", trainer.teacher.weights_fingerprint(), "the teacher's weights"),
+@contextmanager
+def _shared(final: Path, token: str):
+    """The temporary directory the main process's :func:`atomic_dir` made (other ranks write into it)."""
+    yield final.with_name(f".{final.name}.tmp-{token}")
+
+
+def load_checkpoint(
+    accelerator, scheduler, checkpoint: Path, *, data_fingerprint: str | None, teacher_weights: str, max_step: int
+) -> TrainerState:
+    """Restore a verified checkpoint (:func:`find_checkpoint` found and checked it): weights,
+    optimiser, every process's RNGs and the loss scaler through accelerate, then the schedule; returns
+    the trainer's state. Refuses a checkpoint whose annotation cache or teacher weights differ from the
+    ones given, or whose step is past ``max_step``."""
+    state = TrainerState.from_dict(read_json(checkpoint / STATE_FILE, "checkpoint state"))
+    for then, now, what in (
+        (state.data_fingerprint, data_fingerprint, "the annotation cache"),
+        (state.teacher_weights, teacher_weights, "the teacher's weights"),
     ):
-        if state.get(key) not in (None, now):
+        if then not in (None, now):
             raise ConfigError(
-                f"{what} changed since {checkpoint} was written ({state[key]} then, {now} now): resume with "
+                f"{what} changed since {checkpoint} was written ({then} then, {now} now): resume with "
                 "the data and teacher the run started with, or start a new run"
             )
-    if state["step"] > trainer.args.steps:
-        raise ConfigError(f"checkpoint is at step {state['step']}, past --steps {trainer.args.steps}")
-    trainer.accelerator.load_state(str(checkpoint))
-    trainer.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    if state.step > max_step:
+        raise ConfigError(f"checkpoint is at step {state.step}, past --steps {max_step}")
+    accelerator.load_state(str(checkpoint))
+    scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER_FILE, weights_only=True))
     return state

@@ -15,17 +15,15 @@ when complete.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from tdrl.errors import CheckpointNotFoundError, DataError
-from tdrl.integrity import read_json
-from tdrl.training.args import TrainConfig, resolve_device
+from tdrl.integrity import atomic_dir, read_json
+from tdrl.training.config import TrainConfig, config_leaves, resolve_device
 
 __all__ = [
     "warm_start",
@@ -45,10 +43,16 @@ WARM_START_AGENT = ("bc", "mode=kd")
 #: steps of a longer run are the S-step warm start: the curve's points are warm starts), bf16 autocast
 #: and a bf16 teacher (2.2x faster on CPU). ``tdrl demo`` and the reproduction start from it.
 RECIPE = {
-    "student": "layers:0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,29", "train_prompts": 0, "response_tokens": 40,
-    "batch_size": 8, "lr": 1e-4, "schedule": "constant", "warmup_steps": 16, "mixed_precision": "bf16",
+    "student": "layers:0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,29",
+    "train_prompts": 0,
+    "response_tokens": 40,
+    "batch_size": 8,
+    "lr": 1e-4,
+    "schedule": "constant",
+    "warmup_steps": 16,
+    "mixed_precision": "bf16",
     "teacher_dtype": "bfloat16",
-}  # fmt: skip
+}
 #: What a warm start takes from the recipe rather than from the run it starts: its optimisation.
 _RECIPE_OPTIMISATION = ("batch_size", "schedule", "warmup_steps")
 
@@ -62,25 +66,31 @@ def warm_start_config(config: TrainConfig, steps: int, lr: float, recipe: dict =
     settings = {k: recipe[k] for k in _RECIPE_OPTIMISATION if k in recipe}
     if "warmup_steps" in settings:
         settings["warmup_steps"] = min(settings["warmup_steps"], steps)
-    return dataclasses.replace(config, **settings, steps=steps, lr=lr, seed=0, grad_accum=1)
+    return config.replace(**settings, steps=steps, lr=lr, seed=0, grad_accum=1)
 
 
-#: The settings that shape a warm start's weights (evaluation, logging and checkpoint cadence do not).
-_SHAPING = (
-    "teacher", "teacher_dtype", "student", "data", "seed", "steps", "batch_size", "grad_accum", "lr", "weight_decay",
-    "adam_beta1", "adam_beta2", "warmup_steps", "schedule", "max_grad_norm", "mixed_precision", "train_prompts",
-    "response_tokens", "annotation_top_k", "annotation_top_p",
-)  # fmt: skip
+#: The top-level settings that shape a warm start's weights; besides them, every setting of the
+#: ``optim`` and ``data`` groups does (a new one joins the fingerprint by being declared there), and
+#: evaluation, logging and checkpoint cadence do not.
+SHAPING_TOP = ("teacher", "teacher_dtype", "student", "seed")
+SHAPING_GROUPS = ("optim", "data")
+
+
+def shaping_settings(config: TrainConfig) -> dict:
+    """The settings of ``config`` that shape a warm start's weights, by flag name."""
+    flat = config.flat()
+    names = [flag for group, _, flag in config_leaves() if group in SHAPING_GROUPS or flag in SHAPING_TOP]
+    return {name: flat[name] for name in names}
 
 
 def warm_start_fingerprint(config: TrainConfig, teacher) -> tuple[str, dict]:
     """(fingerprint, settings) of a warm start: the shaping settings, the teacher's weights hash, and
     the annotation cache's own fingerprint when ``data`` is a directory."""
-    settings = {k: getattr(config, k) for k in _SHAPING}
+    settings = shaping_settings(config)
     settings["agent"] = ":".join(WARM_START_AGENT)
     settings["teacher_weights"] = teacher.weights_fingerprint()
-    data = Path(config.data)
-    if config.data != "bundled" and (data / "tdrl-annotation.json").is_file():
+    data = Path(config.data.source)
+    if config.data.source != "bundled" and (data / "tdrl-annotation.json").is_file():
         settings["data_fingerprint"] = read_json(data / "tdrl-annotation.json", "annotation metadata").get(
             "fingerprint"
         )
@@ -125,36 +135,36 @@ def warm_start(
         raise DataError(f"{out} exists and is not a tdrl warm start: choose a new --out, or --overwrite")
     partial = out.parent / f".{out.name}.partial-{fingerprint}"
     name, args = WARM_START_AGENT
-    run_config = dataclasses.replace(
-        config, agent=name, agent_args=args, out=str(partial / "run"), eval_every=eval_every, test_prompts=0,
-        checkpoint_every=min(config.checkpoint_every, config.steps), online_every=0, lm_coef=0.0,
-    )  # fmt: skip
+    steps = config.optim.steps
+    run_config = config.replace(
+        agent=name,
+        agent_config=args,
+        out=str(partial / "run"),
+        eval_every=eval_every,
+        test_prompts=0,
+        checkpoint_every=min(config.checkpoint_every, steps),
+        online_every=0,
+        lm_coef=0.0,
+    )
     try:
         find_checkpoint(partial / "run")
         trainer = resume_trainer(partial / "run", teacher=teacher, progress=progress)
     except CheckpointNotFoundError:
         trainer = build_trainer(run_config, teacher=teacher, progress=progress)
     summary = trainer.train()
-    model_dir = partial / "model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    trainer.student.save_pretrained(model_dir)
-    for leftover in ("checkpoints", "best"):  # the model is exported; events and the summary stay
-        shutil.rmtree(partial / "run" / leftover, ignore_errors=True)
-    shutil.move(str(partial / "run"), str(model_dir / "run"))
     record = {
         "fingerprint": fingerprint,
         "settings": settings,
-        "steps": summary["steps"],
-        "train_time_s": summary["train_time_s"],
-        "validation": (summary.get("last") or {}).get("metrics", {}),
-        "history": summary["history"],
+        "steps": summary.steps,
+        "train_time_s": summary.train_time_s,
+        "validation": dict(summary.last.metrics) if summary.last else {},
+        "history": [e.to_dict() for e in summary.history],
     }
-    (model_dir / WARM_START_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(model_dir, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out) as model_dir:
+        trainer.student.save_pretrained(model_dir)
+        for leftover in ("checkpoints", "best"):  # the model is exported; events and the summary stay
+            shutil.rmtree(partial / "run" / leftover, ignore_errors=True)
+        shutil.move(str(partial / "run"), str(model_dir / "run"))
+        (model_dir / WARM_START_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     shutil.rmtree(partial, ignore_errors=True)
     return out, record

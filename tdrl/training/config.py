@@ -1,0 +1,604 @@
+"""The settings of a run: :class:`TrainConfig`, a few nested groups, and the chosen agent's own Config.
+
+::
+
+    TrainConfig(agent="bd", agent_config=IQLearnConfig(alpha=0.1), student="layers:0,10,20,29",
+                optim=OptimConfig(steps=200, lr=1e-4), eval=EvalSettings(every=50, seeds=[0, 1]))
+
+Each group is a dataclass: :class:`OptimConfig` (optimisation), :class:`DataConfig` (the training
+data), :class:`EvalSettings` (validation, decoding and model selection), :class:`TestSettings`
+(the test run at the end), :class:`OnlineConfig` (the student's own episodes) and :class:`LMConfig`
+(MiniLLM's pre-training term J_PT). The agent's settings are an instance of that agent's Config
+(``agent_config``) from the YAML file or the command line to the checkpoint and the HParams tab.
+
+Every leaf has one **flag name**, unique over the whole config: the command line's ``--eval-every``,
+a flat YAML key ``eval_every:`` and :meth:`TrainConfig.replace` (``config.replace(eval_every=0)``)
+all use it; :meth:`TrainConfig.to_dict` writes the nested form, :meth:`TrainConfig.from_dict` reads
+either (and the flat files of tdrl 0.1, ``agent_args`` string included).
+
+Three settings default to the agent's preset (``None``: ``online_every``, ``online_ratio``,
+``lm_coef``; :attr:`~tdrl.agents.Agent.trainer_defaults`): :meth:`TrainConfig.resolve` fills them and
+the agent's Config once, before a run; the device is checked when the run starts
+(:func:`check_device`), not when the config is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tdrl.errors import ConfigError, check_field_types
+
+__all__ = [
+    "TrainConfig",
+    "OptimConfig",
+    "DataConfig",
+    "EvalSettings",
+    "TestSettings",
+    "OnlineConfig",
+    "LMConfig",
+    "GROUPS",
+    "UNSET_DEFAULTS",
+    "check_device",
+    "resolve_device",
+    "config_leaves",
+]
+
+
+def setting(default, help: str, *, flag: str | None = None, factory=None):
+    """A config field with its ``--help`` text; ``flag`` overrides its flag name (default: the group's
+    prefix + the field's name)."""
+    meta = {"help": help, **({"flag": flag} if flag else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _at_least(instance, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(instance, name) < minimum:
+            raise ConfigError(f"{_flag(type(instance), name)} must be >= {minimum}, got {getattr(instance, name)}")
+
+
+def _flag(group: type, name: str) -> str:
+    f = group.__dataclass_fields__[name]
+    return f.metadata.get("flag") or f"{group.PREFIX}{name}"
+
+
+def _check_types(instance) -> None:
+    check_field_types(instance, lambda name: _flag(type(instance), name))
+
+
+def seed_list(name: str, value) -> list[int] | None:
+    """Seeds from a list, one integer, or a comma-separated string (``"0,1,2"``, YAML's and tdrl 0.1's)."""
+    if value is None or isinstance(value, list):
+        return value
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, str):
+        try:
+            return [int(s) for s in value.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"{name} must be integers, got {value!r}") from None
+    raise ConfigError(f"{name} must be a list of integers, got {value!r}")
+
+
+def _check_top_p(name: str, value: float) -> None:
+    from tdrl.actions import validate_top_p
+
+    try:
+        validate_top_p(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _check_seeds(name: str, seeds) -> None:
+    if not seeds:
+        raise ConfigError(f"{name} must name at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{name} repeats a seed ({seeds}): repeated seeds are not independent samples")
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation: AdamW, warm-up then a schedule, clipping, mixed precision, accumulation."""
+
+    PREFIX: ClassVar[str] = ""
+    steps: int = setting(200, "optimiser steps")
+    batch_size: int = setting(8, "sequences per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimiser step")
+    lr: float = setting(1e-4, "peak learning rate (the paper: 5e-6 for full-size students)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    adam_beta1: float = setting(0.9, "AdamW beta1 (the paper: 0.9)")
+    adam_beta2: float = setting(0.95, "AdamW beta2 (the paper: 0.95)")
+    warmup_steps: int = setting(10, "linear warm-up steps (the paper: 100)")
+    schedule: str = setting(
+        "cosine", "learning-rate schedule after warm-up (transformers.get_scheduler): cosine, linear or constant"
+    )
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0: off)")
+    mixed_precision: str = setting(
+        "no", "accelerate's mixed precision: no, bf16 (CPU or GPU), or fp16 (GPU, with loss scaling)"
+    )
+
+    def __post_init__(self):
+        _check_types(self)
+        _at_least(self, 1, "steps", "batch_size", "grad_accum")
+        _at_least(self, 0, "warmup_steps")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+
+
+@dataclass
+class DataConfig:
+    """The training data: an annotation cache, or the bundled prompts annotated on first use."""
+
+    PREFIX: ClassVar[str] = ""
+    source: str = setting(
+        "bundled", "annotation cache directory, or 'bundled' to build one from the bundled prompts", flag="data"
+    )
+    train_prompts: int = setting(256, "bundled data: training prompts to prepare (0: all 1,810)")
+    response_tokens: int = setting(48, "bundled data: teacher response length")
+    annotation_top_k: int = setting(64, "bundled data: candidate cap K of the annotation")
+    annotation_top_p: float = setting(
+        0.8,
+        "bundled data: nucleus mass p the annotation marks (an agent's --top-p re-cuts it; --eval-top-p is decoding's)",
+    )
+
+    def __post_init__(self):
+        from tdrl.actions import validate_top_k
+
+        _check_types(self)
+        _at_least(self, 1, "response_tokens")
+        _at_least(self, 0, "train_prompts")
+        _check_top_p("annotation_top_p", self.annotation_top_p)
+        try:
+            validate_top_k(self.annotation_top_k)
+        except ValueError as exc:
+            raise ConfigError(f"annotation_top_k: {exc}") from None
+
+
+def _check_bundled_split(name: str, data: str, split: str) -> None:
+    from tdrl.data.sources import SPLITS, parse_split
+
+    if data == "bundled" and parse_split(split)[0] not in SPLITS:
+        raise ConfigError(
+            f"{name} of the bundled set must be one of {', '.join(SPLITS)}, or a slice of one ('heldout[-64:]'), "
+            f"got {split!r}"
+        )
+
+
+@dataclass
+class EvalSettings:
+    """Validation (model selection) and the decoding protocol of every evaluation, the test's too."""
+
+    PREFIX: ClassVar[str] = "eval_"
+    every: int = setting(50, "evaluate every N steps (and at the end); 0: only at the end")
+    on_start: bool = setting(True, "with --eval-every > 0, also evaluate the starting student (step 0)")
+    data: str = setting(
+        "bundled",
+        "validation prompts (model selection): 'bundled', 'dolly', a .jsonl/.json/.csv file or HF data "
+        "set with a prompt column and an optional reference column (human references: eval/rougeL_reference)",
+    )
+    split: str = setting(
+        "validation",
+        "split of --eval-data (bundled: train, validation, test or heldout, or a slice of one such as "
+        "'heldout[-64:]'; files have none)",
+    )
+    prompts: int = setting(32, "prompts per evaluation (the first N of --eval-data)")
+    reference_column: str = setting("reference", "column of --eval-data / --test-data holding human references")
+    max_new_tokens: int = setting(48, "response length limit at evaluation")
+    seeds: list[int] = setting(
+        None, "sampling seeds of validation (and of the test, unless --test-seeds)", factory=lambda: [0]
+    )
+    top_p: float = setting(0.8, "student sampling nucleus at evaluation (the paper: 0.8; MiniLLM: 1.0)")
+    temperature: float = setting(1.0, "student sampling temperature at evaluation")
+    greedy: bool = setting(False, "greedy decoding at evaluation")
+    also_greedy: bool = setting(False, "also decode greedily at every validation (eval/rougeL_greedy); tests always do")
+    metric_for_best_model: str = setting(
+        "eval/rougeL", "validation metric that selects best/ (any eval/* metric)", flag="metric_for_best_model"
+    )
+    greater_is_better: bool = setting(
+        True, "a larger --metric-for-best-model is better (False: e.g. eval/teacher_nll)", flag="greater_is_better"
+    )
+
+    def __post_init__(self):
+        self.seeds = seed_list("eval_seeds", self.seeds)
+        _check_types(self)
+        _at_least(self, 0, "every")
+        _at_least(self, 1, "prompts", "max_new_tokens")
+        _check_bundled_split("eval_split", self.data, self.split)
+        _check_seeds("eval_seeds", self.seeds)
+        _check_top_p("eval_top_p", self.top_p)
+        if not self.temperature > 0:
+            raise ConfigError(f"eval_temperature must be > 0 (use --eval-greedy for greedy), got {self.temperature}")
+        if not self.metric_for_best_model.startswith("eval/"):
+            raise ConfigError(f"metric_for_best_model must be an eval/* metric, got {self.metric_for_best_model!r}")
+
+    def protocol(self, seeds: list[int] | None = None, also_greedy: bool | None = None):
+        """The evaluation's :class:`~tdrl.evaluation.EvalConfig` (decoding and scoring) of these
+        settings; ``seeds`` / ``also_greedy`` replace the validation's (the test passes its own)."""
+        from tdrl.evaluation import EvalConfig
+
+        return EvalConfig(
+            max_new_tokens=self.max_new_tokens,
+            seeds=list(seeds if seeds is not None else self.seeds),
+            top_p=self.top_p,
+            temperature=self.temperature,
+            greedy=self.greedy,
+            also_greedy=self.also_greedy if also_greedy is None else also_greedy,
+        )
+
+
+@dataclass
+class TestSettings:
+    """The test: scored once at the end, the last and the best-validation model, with the evaluation's
+    decoding protocol (:class:`EvalSettings`) and its own sampling seeds."""
+
+    PREFIX: ClassVar[str] = "test_"
+    data: str = setting("bundled", "test prompts, evaluated once at the end (last and best-validation model)")
+    split: str | None = setting(
+        None,
+        "split of --test-data (default: 'heldout' for the bundled set, hand-written prompts no training template "
+        "produced ('test' shares the training templates); other data: its own default split)",
+    )
+    prompts: int = setting(32, "test prompts (0: no test evaluation)")
+    seeds: list[int] | None = setting(None, "sampling seeds of the test (the paper: 5 seeds); default: --eval-seeds")
+
+    def __post_init__(self):
+        self.seeds = seed_list("test_seeds", self.seeds)
+        _check_types(self)
+        _at_least(self, 0, "prompts")
+        _check_bundled_split("test_split", self.data, self.split_name)
+        if self.seeds is not None:
+            _check_seeds("test_seeds", self.seeds)
+
+    @property
+    def split_name(self) -> str | None:
+        """The split read: the given one, else ``heldout`` for the bundled set (other data: their own)."""
+        return self.split if self.split is not None else "heldout" if self.data == "bundled" else None
+
+
+@dataclass
+class OnlineConfig:
+    """The student's own episodes, collected through the vector env during training (GKD, MiniLLM)."""
+
+    PREFIX: ClassVar[str] = "online_"
+    every: int | None = setting(
+        None,
+        "collect student episodes through the env every N steps (0: offline only; default: the agent's "
+        "preset: minillm and gkd 10, others 0)",
+    )
+    ratio: float | None = setting(
+        None,
+        "fraction of each batch taken from the latest student episodes when online (default: the agent's "
+        "preset: minillm 1.0, gkd 0.5 (GKD's lambda), else 0.5)",
+    )
+    episodes: int = setting(16, "student episodes per collection")
+    envs: int = setting(8, "sub-environments of the vector env used for collection")
+    max_new_tokens: int = setting(32, "response length limit of collected episodes")
+
+    def __post_init__(self):
+        _check_types(self)
+        _at_least(self, 1, "episodes", "envs", "max_new_tokens")
+        if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
+            raise ConfigError(f"online_ratio must lie in [0, 1], got {self.ratio}")
+        if self.every is not None and self.every < 0:
+            raise ConfigError(f"online_every must be >= 0, got {self.every}")
+
+
+@dataclass
+class LMConfig:
+    """MiniLLM's pre-training term J_PT on a plain-text corpus (an auxiliary loss the trainer adds)."""
+
+    PREFIX: ClassVar[str] = "lm_"
+    coef: float | None = setting(
+        None,
+        "weight of the auxiliary LM loss J_PT (MiniLLM's: 0.5 next-token NLL + 0.5 KD); 0: off (default: the "
+        "agent's preset: bd 1.0, others 0)",
+    )
+    corpus: str = setting("pydoc", "plain-text corpus of J_PT: 'pydoc' (the stdlib's pydoc_data text) or a .txt file")
+    seq_len: int = setting(64, "tokens per J_PT sequence")
+    batch_size: int = setting(4, "J_PT sequences per step")
+
+    def __post_init__(self):
+        _check_types(self)
+        _at_least(self, 1, "seq_len", "batch_size")
+        if self.coef is not None and not self.coef >= 0:
+            raise ConfigError(f"lm_coef must be >= 0, got {self.coef}")
+
+
+#: The nested groups of :class:`TrainConfig`: attribute name -> dataclass.
+GROUPS: dict[str, type] = {
+    "optim": OptimConfig,
+    "data": DataConfig,
+    "eval": EvalSettings,
+    "test": TestSettings,
+    "online": OnlineConfig,
+    "lm": LMConfig,
+}
+
+#: What an unset preset field means when the agent has no preset for it.
+UNSET_DEFAULTS: dict[str, Any] = {"online_every": 0, "online_ratio": 0.5, "lm_coef": 0.0}
+_PRESETS = {"online_every": ("online", "every"), "online_ratio": ("online", "ratio"), "lm_coef": ("lm", "coef")}
+
+
+@dataclass
+class TrainConfig:
+    """One training run: the agent and its settings, the models, the groups, checkpoints."""
+
+    PREFIX: ClassVar[str] = ""
+    agent: str = setting("bd", "agent name (see `tdrl agents`)")
+    agent_config: Any = field(
+        default=None, metadata={"help": "the agent's settings: an instance of its Config (None: its defaults)"}
+    )
+    teacher: str = setting("bundled", "teacher: bundled, tiny, a local directory or a hub id")
+    teacher_dtype: str = setting("float32", "teacher dtype: float32, bfloat16 or float16")
+    student: str = setting(
+        "layers:0,10,20,29", "student: tiny, layers:i,j,... (from the teacher), a directory or hub id"
+    )
+    out: str = setting("runs/tdrl", "run directory (checkpoints, TensorBoard events, summary.json)")
+    seed: int = setting(0, "seed of initialisation, data order and sampling")
+    device: str = setting("cpu", "torch device of student and teacher (checked when the run starts)")
+    overwrite: bool = setting(False, "replace a run already in --out (else a second run into it is refused)")
+    log_every: int = setting(10, "log training scalars every N steps")
+    checkpoint_every: int = setting(50, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
+    keep_last: int = setting(2, "checkpoints to keep (the best one is kept apart in best/)")
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    test: TestSettings = field(default_factory=TestSettings)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+
+    def __post_init__(self):
+        for name, group in GROUPS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _group_from_dict(group, value, name))
+            elif not isinstance(value, group):
+                raise ConfigError(f"{name} must be a {group.__name__}, got {type(value).__name__}")
+        _check_types(self)
+        _at_least(self, 1, "log_every", "checkpoint_every", "keep_last")
+        if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
+        if self.optim.mixed_precision == "fp16" and not self.device.startswith("cuda"):
+            raise ConfigError("mixed_precision fp16 needs a CUDA GPU (its loss scaling is CUDA's): use bf16 on the CPU")
+        if self.agent_config is not None:
+            from tdrl.agents import AgentConfig, get_agent
+
+            if isinstance(self.agent_config, dict):
+                self.agent_config = agent_config_from_dict(self.agent, self.agent_config)
+            elif not isinstance(self.agent_config, AgentConfig) or type(self.agent_config) is not (
+                get_agent(self.agent).Config
+            ):
+                raise ConfigError(
+                    f"agent_config must be {self.agent}'s {get_agent(self.agent).Config.__name__}, got "
+                    f"{type(self.agent_config).__name__}"
+                )
+
+    # ------------------------------------------------------------------ views
+    @property
+    def test_seeds(self) -> list[int]:
+        """The test's sampling seeds: ``test_seeds``, else ``eval_seeds``."""
+        return list(self.test.seeds) if self.test.seeds is not None else list(self.eval.seeds)
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf by its flag name (``{"lr": 1e-4, "eval_every": 50, ...}``), the agent's settings as
+        a dict under ``agent_config``."""
+        out = {name: getattr(self, name) for name in _TOP}
+        for group_name, group in GROUPS.items():
+            value = getattr(self, group_name)
+            out.update({_flag(group, f.name): getattr(value, f.name) for f in dataclasses.fields(group)})
+        out["agent_config"] = dataclasses.asdict(self.agent_config) if self.agent_config is not None else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The nested form (what ``config.json`` of a checkpoint and ``summary.json`` hold)."""
+        out = {name: getattr(self, name) for name in _TOP}
+        out["agent_config"] = dataclasses.asdict(self.agent_config) if self.agent_config is not None else None
+        out.update({name: dataclasses.asdict(getattr(self, name)) for name in GROUPS})
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from the nested form, flat flag names, or a mix (a setting given twice is an error);
+        ``agent_args`` (a ``key=value,...`` string, JSON or a mapping) and agent fields at the top level
+        are the agent's settings. Unknown keys are an error."""
+        values = dict(values)
+        top, groups, settings = {}, {name: {} for name in GROUPS}, {}
+        for name in list(values):
+            if name in GROUPS and isinstance(values[name], dict):
+                for key, value in values.pop(name).items():
+                    _put(groups[name], key, value, f"{name}.{key}")
+        by_flag = _flags()
+        own = agent_fields(values.get("agent", cls.agent))
+        for key, value in values.items():
+            if key in ("agent_config", "agent_args"):
+                settings = _merge(settings, agent_values(value), key)
+            elif key in _TOP:
+                top[key] = value
+            elif key in by_flag:
+                group, name = by_flag[key]
+                _put(groups[group], name, value, key)
+            elif key in own:
+                settings = _merge(settings, {key: value}, key)
+            else:
+                raise ConfigError(f"unknown setting {key!r} (see `tdrl train --help`)")
+        agent = top.get("agent", cls.agent)
+        config = agent_config_from_dict(agent, settings) if settings else None
+        return cls(**top, agent_config=config, **groups)
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with settings changed by flag name (``replace(lr=1e-3, eval_every=0)``), group
+        (``optim=OptimConfig(...)``) or ``agent_config``; a new ``agent`` drops the old agent's settings
+        unless ``agent_config`` comes with it."""
+        values = self.to_dict()
+        if "agent" in changes and changes["agent"] != self.agent and "agent_config" not in changes:
+            values["agent_config"] = None
+        flat = {}
+        for key, value in changes.items():
+            if key in GROUPS and dataclasses.is_dataclass(value):
+                values[key] = dataclasses.asdict(value)
+            elif key == "agent_config":
+                values[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            else:
+                flat[key] = value
+        by_flag = _flags()
+        for key, value in flat.items():
+            if key in _TOP:
+                values[key] = value
+            elif key in by_flag:
+                group, name = by_flag[key]
+                values[group][name] = value
+            else:
+                raise ConfigError(f"unknown setting {key!r}")
+        return TrainConfig.from_dict(values)
+
+    # ------------------------------------------------------------------ presets
+    @property
+    def resolved(self) -> bool:
+        """Whether the agent's Config and presets are filled (:meth:`resolve`)."""
+        return self.agent_config is not None and all(
+            getattr(getattr(self, g), n) is not None for g, n in _PRESETS.values()
+        )
+
+    def resolve(self, agent_cls: type | None = None) -> TrainConfig:
+        """A copy with the agent's Config filled (its defaults when unset) and every preset field
+        (``online_every``, ``online_ratio``, ``lm_coef``) set: the user's value, else the agent's preset
+        (:attr:`~tdrl.agents.Agent.trainer_defaults`), else :data:`UNSET_DEFAULTS`. A resolved config
+        is returned as is: presets are resolved once."""
+        if self.resolved:
+            return self
+        from tdrl.agents import get_agent
+
+        agent_cls = agent_cls or get_agent(self.agent)
+        changes: dict[str, Any] = {"agent_config": self.agent_config or agent_cls.Config()}
+        for flag, (group, name) in _PRESETS.items():
+            if getattr(getattr(self, group), name) is None:
+                changes[flag] = agent_cls.trainer_defaults.get(flag, UNSET_DEFAULTS[flag])
+        return self.replace(**changes)
+
+    def hparams(self) -> dict[str, Any]:
+        """The run's settings for TensorBoard's HParams tab: the main flags and every agent setting."""
+        keep = ("agent", "student", "teacher", "seed", "steps", "batch_size", "lr", "annotation_top_k")
+        keep += ("annotation_top_p", "mixed_precision", "lm_coef", "online_every", "online_ratio")
+        flat = self.flat()
+        values = {k: flat[k] for k in keep}
+        values.update({f"agent.{k}": v for k, v in (flat["agent_config"] or {}).items()})
+        return values
+
+    def json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+#: The top-level leaves of TrainConfig (the groups and agent_config aside).
+_TOP = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in GROUPS and f.name != "agent_config")
+
+
+def config_leaves() -> list[tuple[str | None, dataclasses.Field, str]]:
+    """Every leaf of TrainConfig as ``(group or None, field, flag name)``, in declaration order."""
+    leaves = [(None, TrainConfig.__dataclass_fields__[name], name) for name in _TOP]
+    for group_name, group in GROUPS.items():
+        leaves += [(group_name, f, _flag(group, f.name)) for f in dataclasses.fields(group)]
+    return leaves
+
+
+def _flags() -> dict[str, tuple[str, str]]:
+    return {flag: (group, f.name) for group, f, flag in config_leaves() if group is not None}
+
+
+def _put(target: dict, key: str, value, where: str) -> None:
+    if key in target:
+        raise ConfigError(f"setting {where} given twice: keep one")
+    target[key] = value
+
+
+def _merge(old: dict, new: dict, where: str) -> dict:
+    twice = sorted(set(old) & set(new))
+    if twice:
+        raise ConfigError(f"agent setting(s) {', '.join(twice)} given twice ({where}): keep one")
+    return {**old, **new}
+
+
+def _group_from_dict(group: type, values: dict, name: str):
+    known = {f.name for f in dataclasses.fields(group)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{name} has no setting(s) {', '.join(unknown)}; its settings: {', '.join(sorted(known))}")
+    return group(**values)
+
+
+def agent_fields(agent: str) -> set[str]:
+    """The names of the settings of agent ``agent``'s Config."""
+    from tdrl.agents import get_agent
+
+    return {f.name for f in dataclasses.fields(get_agent(agent).Config)}
+
+
+def agent_values(value) -> dict:
+    """Agent settings from a mapping, a Config instance, or a ``key=value,...`` / JSON string."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, str):
+        from tdrl.training.args import parse_agent_args
+
+        return parse_agent_args(value)
+    raise ConfigError(f"agent settings must be a mapping or 'key=value,...', got {type(value).__name__}")
+
+
+def agent_config_from_dict(agent: str, values: dict):
+    """The agent's Config from a mapping (unknown fields: a ConfigError listing its settings)."""
+    from tdrl.agents import get_agent
+
+    cls = get_agent(agent).Config
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(
+            f"agent {agent!r} has no setting(s) {', '.join(unknown)}; its settings: {', '.join(sorted(fields))}"
+        )
+    return cls(**values)
+
+
+def check_device(device: str) -> None:
+    """A torch device this machine has: ``cuda`` needs a GPU, ``mps`` Apple's backend."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but this machine has no CUDA GPU: use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} was asked for but MPS is not available here: use --device cpu")
+
+
+def resolve_device(device: str) -> str:
+    """The device this process computes on (checked first: :func:`check_device`). ``cuda:N`` is made
+    the current CUDA device (accelerate places models on the current one); under a multi-process launch
+    (``LOCAL_RANK`` set by torchrun or ``accelerate launch``) a bare ``cuda`` is this process's own GPU,
+    so N ranks do not all load their teacher onto GPU 0. Anything else is returned as given."""
+    import os
+
+    import torch
+
+    check_device(device)
+    target = torch.device(device)
+    if target.type != "cuda":
+        return device
+    if target.index is None and int(os.environ.get("LOCAL_RANK", "-1")) >= 0:
+        target = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if target.index is not None:
+        torch.cuda.set_device(target.index)
+    return str(target)
