@@ -222,7 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     try:
         parser = build_parser(argv)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help (or argparse's own exit)
+            return exc.code if isinstance(exc.code, int) else 0
         if args.command in TRAINING_COMMANDS:
             args.presets = _command_presets(args.command)
         from tdrl.actions import validate_top_k, validate_top_p

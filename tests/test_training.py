@@ -446,8 +446,36 @@ def test_train_help_lists_the_chosen_agents_typed_flags(capsys):
     assert "topp_mean (the" in text  # with the field's help
     for flag in ("--annotation-top-p", "--eval-top-p", "--mixed-precision", "--metric-for-best-model"):
         assert flag in text, flag
-    assert main(["train", "--help"]) == 0
-    assert "agent settings (" not in capsys.readouterr().out  # no agent chosen: no agent flags
+    assert main(["train", "--agent", "sql", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "agent settings (SQLConfig)" in text and "--expert-term" not in text and "--tau" in text
+    assert main(["train", "--help"]) == 0  # the default agent's settings: what `tdrl train --alpha 0.2` parses
+    assert "agent settings (BDConfig)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "teacher-info",
+        "generate-responses",
+        "annotate",
+        "agents",
+        "train",
+        "eval",
+        "warm-start",
+        "compare",
+        "tensorboard",
+        "demo",
+    ],
+)
+def test_every_subcommand_help_exits_0_from_the_parser_that_parses(command, capsys):
+    assert main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: tdrl {command}")
+    if command in ("train", "warm-start", "compare", "demo"):  # every config leaf, with its default
+        assert "--eval-every EVAL_EVERY" in text and "--lr LR" in text
+    if command == "warm-start":  # its presets are the defaults it shows (the recipe's)
+        assert "(default: constant)" in text and "--overwrite, --no-overwrite" in text
 
 
 def hparams_of(run_dir) -> dict:

@@ -211,7 +211,7 @@ def config_from_args(ns: argparse.Namespace, presets: dict[str, Any] | None = No
         else:
             values[key] = value
     values.update(given)
-    settings = _merge_agent(file_agent, typed, "the file and the command line")
+    settings = {**file_agent, **typed}  # the command line overrides the file
     values.pop("agent_config", None)
     values.pop("agent_args", None)
     if settings:
