@@ -124,8 +124,8 @@ OLD_SAMPLES = {  # the student texts of the first seed's first ``samples`` recor
 def run_case(fixture, case):
     teacher, students, records, plain = fixture
     if case == "noisy_sampled":
-        return evaluate(students["noisy"], teacher.tokenizer, teacher, records, EvalConfig(**SAMPLED),
-                        decode_temperature=0.8)  # fmt: skip
+        config = EvalConfig(**SAMPLED)
+        return evaluate(students["noisy"], teacher.tokenizer, teacher, records, config, decode_temperature=0.8)
     if case == "soft_greedy":
         config = EvalConfig(max_new_tokens=8, greedy=True, also_greedy=True)
         return evaluate(students["soft"], teacher.tokenizer, teacher, records, config, decode_temperature=0.8)
