@@ -142,3 +142,99 @@ def test_every_metric_reproduces_the_old_hand_written_evaluation(fixture, case):
     assert [s["student"] for s in samples] == OLD_SAMPLES[case]
     records = fixture[2]
     assert [s["teacher"] for s in samples] == [r["reference_response"] for r in records[: len(samples)]]
+
+
+def test_the_greedy_pass_metrics_are_those_of_a_greedy_only_evaluation(fixture):
+    """``*_greedy`` reads the greedy pass, not a sampled seed: each equals its sampled-name metric of a
+    greedy-only evaluation (the same one greedy decoding)."""
+    teacher, students, records, _ = fixture
+    both, _ = run_case(fixture, "noisy_sampled")
+    config = EvalConfig(max_new_tokens=8, greedy=True)
+    greedy, _ = evaluate(students["noisy"], teacher.tokenizer, teacher, records, config, decode_temperature=0.8)
+    for name in ("eval/rougeL", "eval/rougeL_reference", "eval/answer_match"):
+        assert both[f"{name}_greedy"] == greedy[name]
+        assert both[f"{name}_greedy_std"] == 0.0
+    assert both["eval/answer_match_greedy"] != both["eval/answer_match"]  # the fixture tells the passes apart
+
+
+def test_a_users_metric_is_computed_beside_the_built_in_ones_and_may_not_apply(fixture):
+    from tdrl.evaluation import METRICS, Metric
+
+    teacher, students, records, _ = fixture
+    longest = Metric("eval/longest", "the longest response (tokens)", lambda g: max(map(len, g.responses)))
+    never = Metric("eval/never", "applies to nothing", lambda g: None)
+    first = Metric("eval/first_token", "the first response's first token id", lambda g: g.responses[0][0])
+    config = EvalConfig(max_new_tokens=5, seeds=[0, 1])
+    metrics, _ = evaluate(
+        students["noisy"],
+        teacher.tokenizer,
+        teacher,
+        records,
+        config,
+        metrics=METRICS + [longest, never, first.on_greedy()],
+    )
+    assert metrics["eval/longest"] == 5.0 and metrics["eval/longest_std"] == 0.0
+    assert "eval/never" not in metrics and "eval/first_token_greedy" not in metrics  # no also_greedy: no pass
+    only, _ = evaluate(students["noisy"], teacher.tokenizer, teacher, records, config, metrics=[first, longest])
+    assert set(only) == {"eval/first_token", "eval/first_token_std", "eval/longest", "eval/longest_std"}
+
+
+def test_the_evaluator_wraps_once_and_scores_the_current_weights_or_another_model(fixture, monkeypatch):
+    import copy
+
+    from tdrl.evaluation import Evaluator
+
+    teacher, students, records, _ = fixture
+    model = copy.deepcopy(students["soft"])
+    config = EvalConfig(max_new_tokens=6, seeds=[0, 1], samples=1)
+    wraps = []
+    original = Evaluator._wrap
+    monkeypatch.setattr(Evaluator, "_wrap", lambda self, m: wraps.append((self, m)) or original(self, m))
+    evaluator = Evaluator(model, teacher.tokenizer, teacher, records, config)
+    before, samples = evaluator.run()
+    assert before == evaluate(copy.deepcopy(model), teacher.tokenizer, teacher, records, config)[0]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)  # training moves the weights in place: the next run sees them
+    after, _ = evaluator.run()
+    assert after == evaluate(copy.deepcopy(model), teacher.tokenizer, teacher, records, config)[0]
+    assert after["eval/entropy"] > before["eval/entropy"]
+    other, _ = evaluator.run(model=students["noisy"], seeds=[3], also_greedy=True)
+    assert (
+        other
+        == evaluate(
+            students["noisy"],
+            teacher.tokenizer,
+            teacher,
+            records,
+            EvalConfig(max_new_tokens=6, seeds=[3], also_greedy=True),
+        )[0]
+    )
+    mine = [m for owner, m in wraps if owner is evaluator]
+    assert len(mine) == 2 and mine[0] is model and mine[1] is students["noisy"]  # at construction; the other model
+    assert len(samples) == 1
+    model.train()
+    evaluator.run(seeds=[0])
+    assert model.training  # evaluated in eval mode, then given back in training mode
+
+
+def test_bad_records_and_repeated_metric_names_are_typed_errors(fixture):
+    from tdrl.errors import ConfigError, DataError
+    from tdrl.evaluation import METRICS, Column, Evaluator, Metric
+
+    teacher, students, _, _ = fixture
+    with pytest.raises(DataError, match="no evaluation records"):
+        Evaluator(students["soft"], teacher.tokenizer, teacher, [])
+    with pytest.raises(DataError, match="reference_records"):
+        Evaluator(students["soft"], teacher.tokenizer, teacher, [{"prompt": "hi"}])
+    with pytest.raises(ConfigError, match="repeat"):
+        Evaluator(
+            students["soft"],
+            teacher.tokenizer,
+            teacher,
+            [{"prompt": "a", "reference_response": "b"}],
+            metrics=METRICS + METRICS[:1],
+        )
+    with pytest.raises(ConfigError, match="generation"):
+        Metric("eval/x", "x", len, generation="beam")
+    with pytest.raises(ConfigError, match="'last', 'best' or 'probe'"):
+        Metric("eval/x", "x", len, columns=(Column("x", "first"),))
