@@ -238,3 +238,21 @@ def test_bad_records_and_repeated_metric_names_are_typed_errors(fixture):
         Metric("eval/x", "x", len, generation="beam")
     with pytest.raises(ConfigError, match="'last', 'best' or 'probe'"):
         Metric("eval/x", "x", len, columns=(Column("x", "first"),))
+
+
+def test_the_docs_and_the_metric_table_are_generated_from_the_list():
+    import importlib.util
+    from pathlib import Path
+
+    import tdrl.evaluation
+    from tdrl.evaluation import METRICS
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "config_table.py"
+    spec = importlib.util.spec_from_file_location("config_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.eval_metric_table().splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == [f"`{m.name}`" for m in METRICS]
+    assert "one extra greedy pass" in rows[[m.name for m in METRICS].index("eval/rougeL_greedy")]
+    for m in METRICS:
+        assert f"``{m.name}`` ({m.generation}): {m.description}." in tdrl.evaluation.__doc__

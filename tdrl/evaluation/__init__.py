@@ -115,31 +115,33 @@ def _per_token(values: Callable[[Generation], list], sign: float = 1.0) -> Calla
 
 ROUGE_L = Metric(
     "eval/rougeL",
-    "Rouge-L F1 x 100 against the teacher's greedy response",
+    "Rouge-L F1 x 100 (rouge-score, Porter stemming) against the teacher's greedy response",
     _rouge_teacher,
     columns=(Column("Rouge-L last"), Column("Rouge-L best-val model", "best")),
 )
 ROUGE_L_REFERENCE = Metric(
     "eval/rougeL_reference",
-    "Rouge-L F1 x 100 against the human reference, on the records that have one",
+    "Rouge-L F1 x 100 against the human reference (your data's reference column, the dolly preset's responses), "
+    "on the records that have one",
     _rouge_human,
     columns=(Column("Rouge-L vs human, last"),),
 )
 TEACHER_NLL = Metric(
     "eval/teacher_nll",
-    "the teacher's negative log-likelihood per token of the student's responses",
+    "the teacher's negative log-likelihood per token of the student's responses (minus the env return per token)",
     _per_token(lambda g: g.teacher_logprob, -1.0),
     columns=(Column("teacher NLL"),),
 )
 COVERAGE = Metric(
     "eval/coverage",
-    "fraction of the student's tokens inside the teacher's A_p(s)",
+    "fraction of the student's tokens inside the teacher's A_p(s) (EvalConfig.coverage_top_k / _top_p: 64, 0.8)",
     _per_token(lambda g: g.inside),
     columns=(Column("coverage"),),
 )
 ANSWER_MATCH = Metric(
     "eval/answer_match",
-    "fraction of responses that contain the record's short answer (case-insensitive), on the records that have one",
+    "fraction of responses that contain the record's short answer (case-insensitive), on the records that have one "
+    "(the bundled prompts)",
     _answer_match,
 )
 LENGTH = Metric("eval/length", "response length (tokens)", lambda g: g.tokens / len(g.responses))
@@ -150,7 +152,8 @@ TERMINATED = Metric(
 )
 ENTROPY = Metric(
     "eval/entropy",
-    "entropy (nats) of the student's full-vocabulary sampling distribution at the states of its own responses",
+    "entropy (nats) of the student's full-vocabulary sampling distribution (before the nucleus cut) at the states "
+    "of its own responses: sharpening towards the teacher's mode shows here",
     _per_token(lambda g: g.entropy),
     columns=(Column("entropy"),),
 )
@@ -289,7 +292,7 @@ def evaluate(
     metrics: Sequence[Metric] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """Evaluate a student LM on ``records`` once: ``Evaluator(...).run()``. Returns (metrics, text samples)."""
-    temperature = decode_temperature
-    return Evaluator(
-        student_model, tokenizer, teacher, records, config, decode_temperature=temperature, metrics=metrics
-    ).run()
+    evaluator = Evaluator(
+        student_model, tokenizer, teacher, records, config, decode_temperature=decode_temperature, metrics=metrics
+    )
+    return evaluator.run()
