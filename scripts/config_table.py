@@ -1,5 +1,6 @@
 """Print the README's configuration reference: one row per TrainConfig field (flag, default, help),
-then the settings every agent shares and each agent's own (its typed flags, `tdrl train --agent X`).
+then the settings every agent shares and each agent's own (its typed flags, `tdrl train --agent X`),
+then the evaluation metrics (`tdrl.evaluation.METRICS`: name, meaning, which decoding pass).
 
 python scripts/config_table.py        # tests/test_cli.py checks the README holds exactly this text
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from tdrl.agents import AgentConfig, get_agent, list_agents
+from tdrl.evaluation import METRICS
 from tdrl.training.args import TrainConfig
 
 
@@ -53,7 +55,25 @@ def agent_tables() -> str:
     return "\n".join(out)
 
 
+#: Which decoding pass a metric reads, in words.
+PASSES = {
+    "sampled": "each sampling seed (mean, `_std` over seeds); greedy decoding's one pass with `--eval-greedy`",
+    "greedy": "one extra greedy pass (`--eval-also-greedy`; the test evaluation and `tdrl eval` make it)",
+}
+
+
+def eval_metric_table() -> str:
+    """One row per evaluation metric: its TensorBoard / summary name, what it measures, which pass it reads."""
+    lines = ["| metric | meaning | generation |", "|---|---|---|"]
+    for m in METRICS:
+        meaning = m.description.replace("|", "\\|")
+        lines.append(f"| `{m.name}` | {meaning} | {PASSES[m.generation]} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(config_table())
     print()
     print(agent_tables())
+    print()
+    print(eval_metric_table())

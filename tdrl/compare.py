@@ -10,7 +10,8 @@
   row, and which differences exceed the seeds' spread. Every figure is measured on the **test**
   prompts (``--test-data``); the validation score that picked the best model is never reported as
   its quality (it is biased upward by the very selection);
-* ``eval_curves.png``: validation Rouge-L against step per agent (mean over seeds).
+* ``eval_curves.png``: per agent against step, the mean over seeds and the min..max band: validation
+  Rouge-L (left) and the student's entropy on the validation samples (right).
 
 Agent specs: a registered name, ``name:key=value,...`` for settings, and the aliases ``kd``
 (= ``bc:mode=kd``), ``sft`` / ``seqkd`` (= ``bc:mode=sft``).
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tdrl.errors import ConfigError
+from tdrl.evaluation import METRICS
 from tdrl.models import load_teacher
 from tdrl.training import RunSummary, TrainConfig
 from tdrl.training.config import resolve_device
@@ -34,25 +36,41 @@ __all__ = ["parse_agent_spec", "split_agent_specs", "compare", "results_table", 
 ALIASES = {"kd": "bc:mode=kd", "sft": "bc:mode=sft", "seqkd": "bc:mode=sft"}
 
 
-def _test(which: str, key: str):
-    return lambda s: s.test_metric(which, key)
+def _metric(summary: RunSummary, which: str, key: str):
+    """The one place compare reads a run summary. ``which``: ``"last"`` / ``"best"`` (a test metric of the
+    last / the best-validation model; NaN when absent), ``"probe"`` (a value of the end-of-run probe at
+    training states: ``outside_mass``, ``mode_outside``; NaN when absent), ``"run"`` (a plain field:
+    ``label``, ``seed``, ``steps``, ``wall_time_s``, ``train_time_s``, ``best_step``), or ``"history"``
+    (the validation curve of metric ``key``: ``{step: value}``, NaN where an evaluation lacks it)."""
+    nan = float("nan")
+    if which in ("last", "best"):
+        return summary.test_metric(which, key)
+    if which == "probe":
+        return summary.probe.get(key, nan)
+    if which == "run":
+        if key == "best_step":
+            return summary.test.best_step if summary.test else None
+        return getattr(summary, key)
+    if which == "history":
+        return {h.step: h.metrics.get(key, nan) for h in summary.history}
+    raise ValueError(f"unknown summary part {which!r}")
 
 
-#: The table's columns: (header, getter over a run summary). Rouge-L of the last and of the
-#: best-validation model; the rest of the last model; the outside mass from the end-of-run probe.
-COLUMNS = (
-    ("Rouge-L last", _test("last", "eval/rougeL")),
-    ("Rouge-L best-val model", _test("best", "eval/rougeL")),
-    ("Rouge-L vs human, last", _test("last", "eval/rougeL_reference")),
-    ("greedy Rouge-L", _test("last", "eval/rougeL_greedy")),
-    ("greedy best-val", _test("best", "eval/rougeL_greedy")),
-    ("teacher NLL", _test("last", "eval/teacher_nll")),
-    ("coverage", _test("last", "eval/coverage")),
-    ("entropy", _test("last", "eval/entropy")),
-    ("outside mass", _test("last", "eval/outside_mass")),
-    ("mode outside", _test("last", "eval/mode_outside")),
-    ("outside mass, train states", lambda s: s.probe.get("outside_mass", float("nan"))),
-    ("mode outside, train states", lambda s: s.probe.get("mode_outside", float("nan"))),
+def _table_columns(metrics) -> list[tuple[str, str, str]]:
+    """(header, which, key) of every table column the metrics declare: the test columns in the metrics'
+    order, then the train-state probe columns."""
+    columns = [(c.header, c.model, m.name) for m in metrics for c in m.columns]
+    columns = [c for c in columns if c[1] != "probe"] + [c for c in columns if c[1] == "probe"]
+    return [
+        (header, which, name.removeprefix("eval/") if which == "probe" else name) for header, which, name in columns
+    ]
+
+
+#: The table's columns: (header, getter over a run summary), from :data:`tdrl.evaluation.METRICS` (each
+#: metric's ``columns``): Rouge-L of the last and of the best-validation model, ...; the outside mass and
+#: mode outside of the end-of-run probe last.
+COLUMNS = tuple(
+    (header, lambda s, which=which, key=key: _metric(s, which, key)) for header, which, key in _table_columns(METRICS)
 )
 
 
@@ -100,7 +118,7 @@ def start_row(
         if base.test.prompts:
             test = trainer.test(greedy=i == 0, seeds=[s + 1000 * i for s in config.test_seeds])
             if i:  # greedy decoding does not depend on the seed: one pass serves every row
-                greedy = {k: v for k, v in rows[0].test.last.items() if k.startswith("eval/rougeL_greedy")}
+                greedy = {k: v for k, v in rows[0].test.last.items() if "_greedy" in k}
                 test.last.update(greedy)
                 test.best.update(greedy)
         rows.append(RunSummary(agent=label, label=label, seed=seed, steps=0, test=test, probe=dict(probe)))
@@ -158,14 +176,12 @@ def write_results(summaries: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "results.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["agent", "seed", "steps", "wall_time_s", "train_time_s", "best_step"]
-                        + [name for name, _ in COLUMNS])  # fmt: skip
+        fields = ["label", "seed", "steps", "wall_time_s", "train_time_s", "best_step"]
+        writer.writerow(["agent", *fields[1:]] + [name for name, _ in COLUMNS])
         for s in summaries:
-            best_step = s.test.best_step if s.test else None
-            writer.writerow(
-                [s.label, s.seed, s.steps, f"{s.wall_time_s:.1f}", f"{s.train_time_s:.1f}", best_step]
-                + [f"{get(s):.4f}" for _, get in COLUMNS]
-            )
+            label, seed, steps, wall, train, best_step = (_metric(s, "run", f) for f in fields)
+            row = [label, seed, steps, f"{wall:.1f}", f"{train:.1f}", best_step]
+            writer.writerow(row + [f"{get(s):.4f}" for _, get in COLUMNS])
     (out / "results.md").write_text(results_table(summaries))
     _plot(summaries, out / "eval_curves.png")
 
@@ -173,7 +189,7 @@ def write_results(summaries: list[dict], out: Path) -> None:
 def _groups(summaries: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for s in summaries:
-        groups.setdefault(s.label, []).append(s)
+        groups.setdefault(_metric(s, "run", "label"), []).append(s)
     return groups
 
 
@@ -205,54 +221,91 @@ def separations(summaries: list[dict], column: str = "Rouge-L last") -> list[str
     return [text for _, text in sorted(pairs, reverse=True)]
 
 
+def _legend(shown: set[str], start_row: bool) -> str:
+    """What the shown columns mean, from the metrics' own descriptions."""
+    parts = []
+    for metric in METRICS:
+        headers = [c.header for c in metric.columns if c.model != "probe" and c.header in shown]
+        if headers:
+            parts.append(f"{' / '.join(headers)}: {metric.description}")
+    probe = [(c.header, m) for m in METRICS for c in m.columns if c.model == "probe" and c.header in shown]
+    if probe:
+        names = " / ".join(m.name.removeprefix("eval/").replace("_", " ") for _, m in probe)
+        where = "at the states of 64 training records (the end-of-run probe) instead of the test responses' states"
+        parts.append(f"{' / '.join(h for h, _ in probe)}: {names} {where}")
+    text = (
+        "All figures on the test prompts, mean ± std over seeds. 'last': the model at the end of training; "
+        "'best-val': the checkpoint with the best validation score (--metric-for-best-model), scored on the test "
+        "prompts. " + "; ".join(parts) + "."
+    )
+    if start_row:
+        text += " The first row is the student before any training, sampled once per seed (its spread is the test "
+        text += "sampling's noise alone)."
+    return text
+
+
 def results_table(summaries: list[dict]) -> str:
     """Markdown: per agent, mean ± std over seeds of each test column, the separations, a legend."""
     shown = [(name, get) for name, get in COLUMNS if any(np.isfinite(get(s)) for s in summaries)]
     header = ["agent", "seeds", "train s/run"] + [name for name, _ in shown]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, runs in _groups(summaries).items():
-        cells = [label, str(len(runs)), f"{np.mean([r.train_time_s for r in runs]):.0f}"]
+        cells = [label, str(len(runs)), f"{np.mean([_metric(r, 'run', 'train_time_s') for r in runs]):.0f}"]
         cells += [_cell(np.array([get(r) for r in runs], dtype=float)) for _, get in shown]
         lines.append("| " + " | ".join(cells) + " |")
     pairs = separations(summaries)
+    start = bool(summaries) and _metric(summaries[0], "run", "steps") == 0
     lines += [
         "",
         "Beyond the seed spread (test Rouge-L of the last model; the difference of means exceeds the sum of the "
         "standard deviations; rows of one seed take no part): " + ("; ".join(pairs) if pairs else "no pair") + ".",
         "",
-        "All figures on the test prompts, mean ± std over seeds. Rouge-L: F1 x 100 against the teacher's greedy "
-        "response (vs human: against the data's reference answers, where it has them); 'best-val model' = the "
-        "checkpoint with the best validation Rouge-L, scored on the test prompts. greedy Rouge-L: greedy decoding of "
-        "the last (best-val: the best-validation) model; teacher NLL: per token of the student's samples; coverage: "
-        "fraction of sampled tokens inside the teacher's A_p(s); entropy: of the student's full-vocabulary sampling "
-        "distribution (nats); outside mass: the decoding policy's mass outside the teacher's A_p(s) at the states "
-        "of its own test samples; mode outside: how often its most likely token lies outside A_p(s) there; the "
-        "same two on 64 training records' states (the probe), 'train states'. "
-        "The first row is the student before any training, sampled once per seed (its spread is the test "
-        "sampling's noise alone).",
+        _legend({name for name, _ in shown}, start),
     ]
     return "\n".join(lines) + "\n"
 
 
-def _plot(summaries: list[dict], path: Path) -> None:
+#: The panels of ``eval_curves.png``: (validation metric, axis label). Sampled Rouge-L alone misleads: it
+#: rises when a student merely sharpens towards the teacher's mode. The entropy of its sampling
+#: distribution beside it shows whether a gain came with a collapse; it is chosen over ``eval/outside_mass``
+#: because it needs no teacher set to read and the table already reports the outside mass of the test
+#: model, while the entropy's course during training is what no final number shows.
+CURVES = (("eval/rougeL", "validation Rouge-L"), ("eval/entropy", "validation entropy (nats)"))
+
+
+def _curves(summaries: list[dict], key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per agent with a validation history: (steps, mean, min, max) of ``key`` over its seeds, on the steps
+    every seed evaluated (runs of different lengths are cut to the common steps). Rows without a history (the
+    starting student) are left out."""
+    out = {}
+    for label, runs in _groups(summaries).items():
+        curves = [c for c in (_metric(r, "history", key) for r in runs) if c]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if steps:
+            values = np.array([[c[step] for step in steps] for c in curves], dtype=float)
+            out[label] = (np.array(steps), values.mean(0), values.min(0), values.max(0))
+    return out
+
+
+def _plot(summaries: list[dict], path: Path):
+    """``eval_curves.png`` (:data:`CURVES`): per agent the mean over seeds (line) and the min..max band.
+    Returns the matplotlib Figure (closed: its data stay readable)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, group in _groups(summaries).items():
-        runs = [s for s in group if s.history]
-        if not runs:
-            continue
-        steps = [h.step for h in runs[0].history]
-        curves = [[h.metrics["eval/rougeL"] for h in r.history][: len(steps)] for r in runs]
-        width = min(len(c) for c in curves)
-        ax.plot(steps[:width], np.mean([c[:width] for c in curves], axis=0), marker="o", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation Rouge-L")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4))
+    for ax, (key, ylabel) in zip(axes, CURVES):
+        for label, (steps, mean, lo, hi) in _curves(summaries, key).items():
+            (line,) = ax.plot(steps, mean, marker="o", label=label)
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if axes[0].lines:
+        axes[0].legend(title="line: mean over seeds\nband: min..max", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig

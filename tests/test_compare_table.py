@@ -1,10 +1,12 @@
 """The comparison table's separations: by hand on made-up summaries."""
 
 from tdrl.compare import results_table, separations
+from tdrl.training import RunSummary, TestResult
 
 
 def run(label, rouge):
-    return {"label": label, "test": {"last": {"eval/rougeL": rouge}}}
+    test = TestResult(last={"eval/rougeL": rouge}, best={"eval/rougeL": rouge})
+    return RunSummary(agent=label, label=label, seed=0, steps=1, test=test)
 
 
 def test_separations_by_hand():

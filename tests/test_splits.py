@@ -150,17 +150,25 @@ def test_outside_mass_and_mode_outside_at_the_students_own_states_by_brute_force
     import torch
 
     from tdrl.actions import top_p_subset
-    from tdrl.evaluation import EvalConfig, _student_states, _teacher_scores, generate_texts
+    from tdrl.evaluation.decoding import EvalConfig, decode
+    from tdrl.models.lm import LM
+    from tdrl.models.student import Student
     from tdrl.testing import tiny_student_model
 
     model, tokenizer = tiny_student_model()
     prompts = ["name a colour", "what is two plus two", "say hello"]
     config = EvalConfig(max_new_tokens=6, seeds=[0], temperature=0.7)
     prompt_ids = [tiny_teacher.encode_prompt(p) for p in prompts]
-    responses = generate_texts(model, tokenizer, prompts, config, seed=0)
+    records = [{"prompt": p} for p in prompts]
+    lm, student = LM(model, tokenizer, freeze=False), Student(model)
+    generation = decode(lm, student, tiny_teacher, records, prompt_ids, config, seed=0)
+    responses = generation.responses
     scale = 1 / 0.7
-    got = _student_states(model, prompt_ids, responses, scale, [s for *_, s in _teacher_scores(
-        tiny_teacher, prompt_ids, responses, config)])  # fmt: skip
+    got = {
+        "states": generation.tokens,
+        "outside_mass": sum(v.sum().item() for v in generation.outside_mass),
+        "mode_outside": sum(v.sum().item() for v in generation.mode_outside),
+    }
     outside, mode_out, states = 0.0, 0, 0
     with torch.no_grad():
         for prompt, response in zip(prompt_ids, responses):

@@ -1,9 +1,10 @@
 """Callbacks of the training loop, and the TensorBoard one every run has.
 
 Scalar names: ``train/loss``, ``train/lr``, ``train/grad_norm``, every agent metric under its own
-name (``loss/q``, ``q/mean``, ``cql/gap``, ``policy/outside_mass`` ...), ``eval/*`` (each also ``*_std``
-over seeds), ``batch/support_size``, ``batch/support_mass``, ``batch/off_support_frac``,
-``perf/tokens_per_s``, ``rollout/*``, and at the end ``test/*`` and ``test_best/*``. Text: ``samples``
+name (``loss/q``, ``q/mean``, ``cql/gap``, ``policy/outside_mass`` ...), ``eval/*`` (see
+:data:`tdrl.evaluation.METRICS`; each also ``*_std`` over seeds), ``batch/support_size``,
+``batch/support_mass``, ``batch/off_support_frac``, ``perf/tokens_per_s``, ``rollout/*``, and at the
+end ``test/*`` and ``test_best/*`` (the same metrics). Text: ``samples``
 (prompt / student / teacher, every evaluation). HParams: the run's configuration and every setting of
 its agent with its final and best metrics (``hparam/...``), so TensorBoard's HParams tab compares runs.
 One run directory per (agent, seed).

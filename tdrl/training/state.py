@@ -113,7 +113,8 @@ class TestResult:
     def from_dict(cls, values: dict[str, Any] | None) -> TestResult | None:
         if not values:
             return None
-        return cls(last=dict(values["last"]), best=dict(values["best"]), best_step=values.get("best_step"))
+        last = dict(values.get("last") or {})
+        return cls(last=last, best=dict(values.get("best") or last), best_step=values.get("best_step"))
 
 
 @dataclass
