@@ -30,12 +30,13 @@ import numpy as np
 
 from tdrl.errors import ConfigError, DataError
 from tdrl.evaluation.decoding import EvalConfig, Generation, decode, generate_texts, reference_records
+from tdrl.evaluation.probe import support_probe
 from tdrl.models.lm import LM
 from tdrl.models.student import Student
 from tdrl.models.teacher import Teacher
 
 __all__ = ["EvalConfig", "Evaluator", "Generation", "METRICS", "Metric", "Column", "evaluate", "reference_records"]
-__all__ += ["generate_texts", "rouge_l"]
+__all__ += ["generate_texts", "rouge_l", "support_probe"]
 
 
 class Column(NamedTuple):

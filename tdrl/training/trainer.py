@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdrl.agents.base import TRAINER_METRIC_GROUPS, Agent
+from tdrl.agents.base import Agent
 from tdrl.data import BucketBatchSampler, DistillDataset, batch_statistics, collate
 from tdrl.errors import ConfigError
-from tdrl.evaluation import evaluate
+from tdrl.evaluation import Evaluator, support_probe
 from tdrl.integrity import DirectoryLock, write_json_atomic
 from tdrl.models import Teacher, model_fingerprint
 from tdrl.records import record_tensors
@@ -30,29 +30,11 @@ from tdrl.training.callbacks import TensorBoardCallback, TrainerCallback
 from tdrl.training.checkpoints import claim_run_directory, export_model, load_checkpoint, save_checkpoint
 from tdrl.training.config import TrainConfig, check_device
 from tdrl.training.online import PretrainText, collect_episodes
+from tdrl.training.plumbing import SCHEDULES, check_metric_names, make_accelerator
 from tdrl.training.signals import StopSignal
 from tdrl.training.state import RUN_FILE, SUMMARY_FILE, Evaluation, RunInfo, RunSummary, TestResult, TrainerState
 
 __all__ = ["Trainer"]
-
-SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
-
-def _accelerator(args: TrainConfig):
-    """One Accelerator per run; a single process may switch mixed precision between runs."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.state import AcceleratorState
-
-    precision = args.optim.mixed_precision
-    state = AcceleratorState._shared_state
-    if state and state.get("num_processes", 1) == 1 and str(state.get("_mixed_precision")) != precision:
-        AcceleratorState._reset_state()
-    return Accelerator(
-        cpu=torch.device(args.device).type == "cpu",
-        mixed_precision=precision,
-        gradient_accumulation_steps=args.optim.grad_accum,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
 
 
 class Trainer:
@@ -95,12 +77,29 @@ class Trainer:
         self.agent, self.student, self.teacher = agent, agent.student, teacher
         self.dataset, self.eval_records, self.test_records = train_dataset, eval_records, test_records
         self.out = Path(args.out)
-        self.accelerator = _accelerator(args)
+        self.accelerator = make_accelerator(args)
         self.progress = progress and self.accelerator.is_main_process
         self.callbacks = [TensorBoardCallback(), *(callbacks or [])]
         if agent.uses_teacher:  # e.g. kd-online: the teacher runs inside the loss
             agent.attach_teacher(teacher)
-        self.eval_config = args.eval.protocol()
+        self.validation = Evaluator(
+            agent.student.model,
+            agent.student.tokenizer,
+            teacher,
+            eval_records,
+            args.eval.protocol(),
+            decode_temperature=agent.decode_temperature,
+        )
+        self.testing = None  # the test's protocol: the validation's, the test seeds, and one greedy pass
+        if test_records:
+            self.testing = Evaluator(
+                agent.student.model,
+                agent.student.tokenizer,
+                teacher,
+                test_records,
+                args.eval.protocol(seeds=args.test_seeds, also_greedy=True),
+                decode_temperature=agent.decode_temperature,
+            )
         self.sampler = BucketBatchSampler(train_dataset.lengths, args.optim.batch_size, seed=args.seed)
         loader = DataLoader(train_dataset, batch_sampler=self.sampler, collate_fn=list)
         optim = args.optim
@@ -275,7 +274,7 @@ class Trainer:
                 loss, metrics = self.model(
                     batch, diagnostics=log and micro == accum - 1, pretrain=pretrain, pretrain_coef=self.args.lm.coef
                 )
-                _check_metric_names(metrics)
+                check_metric_names(metrics)
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients:
                     if optim.max_grad_norm > 0:
@@ -321,7 +320,7 @@ class Trainer:
         state, settings = self.state, self.args.eval
         improved = [False]
         if self.accelerator.is_main_process:
-            metrics, samples = self._run_eval(self.student.model, self.eval_records, self.eval_config)
+            metrics, samples = self.validation.run()
             for callback in callbacks:
                 callback.on_evaluate(self.args, state, metrics, samples)
             record = Evaluation(step=state.step, metrics=metrics, train_time_s=state.train_time_s)
@@ -345,45 +344,26 @@ class Trainer:
                     {"metrics.json": best, RUN_FILE: self.run_info().to_dict()},
                 )
 
-    def _run_eval(self, model, records, config):
-        return evaluate(
-            model,
-            self.student.tokenizer,
-            self.teacher,
-            records,
-            config,
-            decode_temperature=self.agent.decode_temperature,
-        )
-
     def test(self, greedy: bool = True, seeds: list[int] | None = None) -> TestResult:
         """The last and the best-validation model on the test records (sampled with the evaluation
         settings and ``seeds``, default the test seeds, plus one greedy pass unless ``greedy`` is False).
         This, not the validation score that selected the best model, is what a comparison reports."""
         from transformers import AutoModelForCausalLM
 
-        config = self.args.eval.protocol(seeds=seeds or self.args.test_seeds, also_greedy=greedy)
-        last = self._run_eval(self.student.model, self.test_records, config)[0]
+        if self.testing is None:
+            raise ConfigError("this trainer has no test records (test_prompts 0): nothing to test")
+        last = self.testing.run(seeds=seeds, also_greedy=greedy)[0]
         best_step = self.state.best.step if self.state.best else None
         if best_step is None or best_step == self.state.step:
             return TestResult(last=last, best=last, best_step=best_step)
         best_model = AutoModelForCausalLM.from_pretrained(str(self.out / "best"), dtype=torch.float32)
-        best = self._run_eval(best_model.to(self.student.device), self.test_records, config)[0]
+        best = self.testing.run(best_model.to(self.student.device), seeds=seeds, also_greedy=greedy)[0]
         return TestResult(last=last, best=best, best_step=best_step)
 
-    @torch.no_grad()
     def probe(self, n: int = 64) -> dict[str, float]:
-        """The decoding policy's ``outside_mass`` (its exact mass outside A_p(s)) and ``mode_outside``
-        (how often its most likely token lies outside A_p(s)) over the response states of the first ``n``
-        training records: one fixed probe, comparable across agents and with the start."""
-        totals, states = {"outside_mass": 0.0, "mode_outside": 0.0}, 0
-        for start in range(0, min(n, len(self.dataset)), 8):
-            rows = range(start, min(start + 8, n, len(self.dataset)))
-            t = self.agent.transitions(collate([self.dataset[i] for i in rows], self.teacher.pad_token_id))
-            found = self.agent.diagnostics(t)
-            for key in totals:
-                totals[key] += float(found[f"policy/{key}"]) * t.n
-            states += t.n
-        return {key: value / max(states, 1) for key, value in totals.items()}
+        """The decoding policy's ``outside_mass`` and ``mode_outside`` on the first ``n`` training
+        records' response states (:func:`tdrl.evaluation.support_probe`)."""
+        return support_probe(self.agent, self.dataset, self.teacher.pad_token_id, n)
 
     # ------------------------------------------------------------------ records and checkpoints
     def run_info(self) -> RunInfo:
@@ -425,13 +405,3 @@ class Trainer:
         self.state.data_fingerprint = self.state.data_fingerprint or self.dataset.meta.get("fingerprint")
         self.state.teacher_weights = self.state.teacher_weights or self.teacher.weights_fingerprint()
         self.resumed = True
-
-
-def _check_metric_names(metrics: dict) -> None:
-    """Agent metrics and trainer metrics never share a key: the trainer's groups are reserved."""
-    for key in metrics:
-        if key.startswith(TRAINER_METRIC_GROUPS):
-            raise ConfigError(
-                f"agent metric {key!r} uses a group the trainer logs itself ({', '.join(TRAINER_METRIC_GROUPS)}): "
-                "rename it"
-            )
