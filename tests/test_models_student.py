@@ -195,9 +195,6 @@ def test_save_pretrained_writes_the_state_dict_it_is_given(tmp_path):
     assert written.keys() == weights.keys() and all(torch.equal(written[k], weights[k]) for k in weights)
     live = student.model.state_dict()
     assert not torch.equal(written["transformer.wte.weight"], live["transformer.wte.weight"])
-    prefixed = {f"student.model.{k}": v for k, v in weights.items()}
-    with pytest.raises(ConfigError, match="does not fit the student's model"):
-        student.save_pretrained(tmp_path / "bad", state_dict=prefixed)
 
 
 @pytest.mark.slow

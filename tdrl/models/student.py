@@ -302,18 +302,12 @@ class Student(nn.Module):
         ``from_pretrained``, its tokenizer, and a value head, if any, beside it as ``value_head.safetensors``.
 
         ``state_dict``: the HF model's weights to write instead of its own (the keys of
-        ``self.model.state_dict()``, e.g. gathered whole by accelerate under FSDP). Writes into ``path``
-        directly; for a directory that appears all at once, call it inside :func:`tdrl.integrity.atomic_dir`."""
+        ``self.model.state_dict()``, no wrapper's prefix; e.g. gathered whole by accelerate under FSDP,
+        on the main process only, which is why they are not checked against the live, possibly sharded,
+        model here). Writes into ``path`` directly; for a directory that appears all at once, call it
+        inside :func:`tdrl.integrity.atomic_dir`."""
         from safetensors.torch import save_file
 
-        if state_dict is not None:
-            own = self.model.state_dict().keys()
-            missing, unexpected = sorted(own - state_dict.keys()), sorted(state_dict.keys() - own)
-            if missing or unexpected:
-                raise ConfigError(
-                    f"state_dict does not fit the student's model (missing {missing[:3]}, unexpected "
-                    f"{unexpected[:3]}): pass the HF model's own state dict, without a wrapper's key prefix"
-                )
         path = Path(path)
         weights = None if state_dict is None else dict(state_dict)  # transformers empties the dict it writes
         self.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
