@@ -11,6 +11,7 @@ import torch
 
 from tdrl.actions import nucleus_mask, top_p_subset
 from tdrl.data import (
+    ANNOTATION_META,
     SPLITS,
     BucketBatchSampler,
     DistillDataset,
@@ -347,7 +348,7 @@ def test_annotate_needs_responses_and_skips_long_prompts(tiny_teacher, tmp_path)
     rows = [{"prompt": "short", "response": "ok"}, {"prompt": "long " * 200, "response": "ok"}]
     ds = load_source(datasets.Dataset.from_list(rows))
     out = annotate(tiny_teacher, ds, tmp_path / "b", max_prompt_len=64, top_k=8)
-    meta = json.loads((out / "tdrl-annotation.json").read_text())
+    meta = json.loads((out / ANNOTATION_META).read_text())
     assert meta["records"] == 1 and meta["skipped"] == {"prompt_too_long": 1, "beyond_context": 0, "empty_response": 0}
     row = load_annotations(out)[0]
     assert row["response_ids"][-1] == tiny_teacher.eos_token_id and row["terminated"]  # text responses end in EOS
