@@ -158,16 +158,17 @@ def test_outside_mass_and_mode_outside_at_the_students_own_states_by_brute_force
     prompt_ids = [tiny_teacher.encode_prompt(p) for p in prompts]
     responses = generate_texts(model, tokenizer, prompts, config, seed=0)
     scale = 1 / 0.7
-    got = _student_states(model, prompt_ids, responses, scale, [s for *_, s in _teacher_scores(
-        tiny_teacher, prompt_ids, responses, config)])  # fmt: skip
+    scores = [s for *_, s in _teacher_scores(tiny_teacher, prompt_ids, responses, config)]
+    got = _student_states(model, prompt_ids, responses, scale, scores)
     outside, mode_out, states = 0.0, 0, 0
     with torch.no_grad():
         for prompt, response in zip(prompt_ids, responses):
             ids = torch.tensor([prompt + response])
             lo, hi = len(prompt) - 1, len(prompt) - 1 + len(response)
             probs = torch.softmax(scale * model(ids).logits[0, lo:hi].double(), -1)
-            subset = top_p_subset(tiny_teacher.logits(ids)[0, lo:hi], top_k=config.coverage_top_k,
-                                  top_p=config.coverage_top_p)  # fmt: skip
+            subset = top_p_subset(
+                tiny_teacher.logits(ids)[0, lo:hi], top_k=config.coverage_top_k, top_p=config.coverage_top_p
+            )
             for t in range(len(response)):
                 members = subset.ids[t][subset.mask[t]].tolist()
                 outside += 1.0 - float(probs[t, members].sum())

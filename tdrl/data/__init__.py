@@ -28,8 +28,21 @@ from tdrl.data.generate import generate_responses
 from tdrl.data.sources import PRESETS, RESPONSES_META, SPLITS, load_source, records_fingerprint
 
 __all__ = [
-    "PRESETS", "SPLITS", "RESPONSES_META", "ANNOTATION_META", "SKIP_REASONS", "load_source", "records_fingerprint",
-    "generate_responses", "annotate", "load_annotations", "annotation_statistics", "batch_statistics",
+    "PRESETS",
+    "SPLITS",
+    "RESPONSES_META",
+    "ANNOTATION_META",
+    "SKIP_REASONS",
+    "load_source",
+    "records_fingerprint",
+    "generate_responses",
+    "annotate",
+    "load_annotations",
+    "annotation_statistics",
+    "batch_statistics",
     "check_same_vocabulary",
-    "DistillDataset", "BucketBatchSampler", "collate", "prepare_bundled_data",
-]  # fmt: skip
+    "DistillDataset",
+    "BucketBatchSampler",
+    "collate",
+    "prepare_bundled_data",
+]
