@@ -8,8 +8,10 @@ Offline agents never need the teacher in memory: the teacher annotates the data 
       -> annotate(teacher, load_source(out), ...)  # Arrow cache of sparse teacher targets
       -> DistillDataset(cache) + BucketBatchSampler + collate   # the batch of DESIGN.md
 
-Both writers are sharded: each shard is written to a temporary name, sealed with a manifest and
-renamed into place once complete, so an interrupted run keeps its finished shards and resumes.
+Both writers are sharded: each shard is written under a temporary name and renamed into place once
+complete (:func:`tdrl.integrity.atomic_dir` for an annotation shard, sealed with a manifest;
+:func:`tdrl.integrity.atomic_file` for a responses shard), so an interrupted run keeps its finished
+shards and resumes.
 """
 
 from tdrl.data.annotate import SKIP_REASONS, annotate
