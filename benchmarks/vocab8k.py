@@ -12,13 +12,11 @@ path's set size, which is what a speed/memory measurement wants. Built once unde
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
+from tdrl.integrity import atomic_dir
 from tdrl.models import Teacher, tdrl_cache_dir, teacher_from_pretrained
 
 VOCAB = 8192
@@ -74,16 +72,10 @@ def teacher_dir() -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "done.json").write_text(json.dumps({"vocab": len(tokenizer)}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
