@@ -17,7 +17,7 @@ from pathlib import Path
 
 import datasets
 
-from tdrl.data import annotate, load_annotations, load_source
+from tdrl.data import ANNOTATION_META, annotate, load_annotations, load_source
 from tdrl.models import load_teacher
 
 
@@ -47,7 +47,7 @@ def main(argv=None) -> str:
             data = load_annotations(out)
             tokens = sum(len(p) + len(r) for p, r in zip(data["prompt_ids"], data["response_ids"]))
             response = sum(len(r) for r in data["response_ids"])
-            per_token = json.loads((out / "tdrl-annotation.json").read_text())["bytes_per_token"]
+            per_token = json.loads((out / ANNOTATION_META).read_text())["bytes_per_token"]
         lines.append(
             f"| {dtype} | {len(data)} | {tokens} | {seconds:.1f} | {tokens / seconds:.0f} | "
             f"{response / seconds:.0f} | {per_token:.0f} |"

@@ -35,8 +35,10 @@ def main(argv=None) -> str:
     parser.add_argument("--teacher", nargs="+", default=["bundled", "vocab8k"])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    lines = ["| vocabulary | states x K | distinct ids | per-row s | distinct-ids s | full-V s | per-row / distinct |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| vocabulary | states x K | distinct ids | per-row s | distinct-ids s | full-V s | per-row / distinct |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in args.teacher:
         teacher = get_teacher(name)
         batch = annotated_batch(teacher, 8, 96, 64, 0.8)

@@ -29,9 +29,10 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", default=None, help="reproduce.py budget (default: smoke with --quick, else cpu)")
     parser.add_argument("--out", help="default: benchmarks/RESULTS.md (RESULTS-quick.md with --quick)")
     parser.add_argument(
-        "--reuse-reproduction", action="store_true",
+        "--reuse-reproduction",
+        action="store_true",
         help="reuse the runs an earlier reproduce.py call recorded in its --out (default: start it fresh)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.out = args.out or str(Path(__file__).with_name("RESULTS-quick.md" if quick else "RESULTS.md"))
@@ -122,8 +123,11 @@ def main(argv=None) -> None:
         "",
     ]
     if args.reuse_reproduction:
-        sections += ["The reproduction reused runs an earlier call recorded: its wall-time line in section "
-                     f"{'4' if quick else '5'} says how long they took.", ""]  # fmt: skip
+        sections += [
+            "The reproduction reused runs an earlier call recorded: its wall-time line in section "
+            f"{'4' if quick else '5'} says how long they took.",
+            "",
+        ]
     Path(args.out).write_text("\n".join(sections))
     print(f"wrote {args.out}")
 

@@ -29,8 +29,9 @@ def state_logits(teacher, prompts: list[str], max_new_tokens: int, seed: int, ba
     rows = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        responses = teacher.generate(chunk, max_new_tokens, do_sample=True, top_k=teacher.vocab_size, top_p=1.0,
-                                     seed=seed + start)  # fmt: skip
+        responses = teacher.generate(
+            chunk, max_new_tokens, do_sample=True, top_k=teacher.vocab_size, top_p=1.0, seed=seed + start
+        )
         for prompt, response in zip(chunk, responses):
             ids = teacher.encode_prompt(prompt) + [int(t) for t in response]
             n_prompt = len(ids) - len(response)
@@ -45,14 +46,19 @@ def statistics(logits: torch.Tensor, top_k: int) -> dict:
         size = subset.size().float().cpu().numpy()
         mass = subset.mass().cpu().numpy()
         out["p"][p] = {
-            "size_mean": float(size.mean()), "size_median": float(np.median(size)),
-            "size_p90": float(np.quantile(size, 0.9)), "mass_mean": float(mass.mean()),
+            "size_mean": float(size.mean()),
+            "size_median": float(np.median(size)),
+            "size_p90": float(np.quantile(size, 0.9)),
+            "mass_mean": float(mass.mean()),
             "capped": float((size >= top_k).mean()),
-        }  # fmt: skip
+        }
     for n in (7, 50):
         mass = top_p_subset(logits, top_k=n, top_p=1.0).mass().cpu().numpy()
-        out[f"top{n}"] = {"mean": float(mass.mean()), "median": float(np.median(mass)),
-                          "at_least_0.9": float((mass >= 0.9).mean())}  # fmt: skip
+        out[f"top{n}"] = {
+            "mean": float(mass.mean()),
+            "median": float(np.median(mass)),
+            "at_least_0.9": float((mass >= 0.9).mean()),
+        }
     return out
 
 

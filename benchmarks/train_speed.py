@@ -155,8 +155,12 @@ def worker(spec: dict) -> dict:
     student = load_student(spec["student"]).to(device)
     batch = torch.load(spec["batch"], weights_only=True)
     teacher = get_teacher(spec["teacher"], device) if spec["config"] == BASELINE else None
-    step = stepper(make(spec["config"], student, teacher).to(device), batch, after_update=False,
-                   mixed_precision=spec["mixed_precision"])  # fmt: skip
+    step = stepper(
+        make(spec["config"], student, teacher).to(device),
+        batch,
+        after_update=False,
+        mixed_precision=spec["mixed_precision"],
+    )
     step()
     with PeakMemory(device) as peak:
         step()
@@ -166,12 +170,20 @@ def worker(spec: dict) -> dict:
 def measure_memory(
     config: str, teacher: str, student_dir: str, batch_path: str, device: str, mixed_precision: str = "no"
 ) -> float:
-    spec = {"config": config, "teacher": teacher, "student": student_dir, "batch": batch_path, "device": device,
-            "mixed_precision": mixed_precision}  # fmt: skip
+    spec = {
+        "config": config,
+        "teacher": teacher,
+        "student": student_dir,
+        "batch": batch_path,
+        "device": device,
+        "mixed_precision": mixed_precision,
+    }
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_speed", "--worker", json.dumps(spec)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"memory worker for {config} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["step_peak_mb"]
@@ -182,14 +194,26 @@ def model_flops_per_step(student, batch) -> float:
     """Model FLOPs of one training step (forward + backward, the usual 6 per multiply-add weight per
     token): the trunk's matmul weights on every real token, the LM head's V x H on every response state.
     Recomputation (the chunked normaliser's backward) is not counted: this is what the step must do."""
-    trunk = sum(p.numel() for n, p in student.model.named_parameters() if p.dim() == 2 and "embed" not in n
-                and "lm_head" not in n)  # fmt: skip
+    trunk = sum(
+        p.numel()
+        for n, p in student.model.named_parameters()
+        if p.dim() == 2 and "embed" not in n and "lm_head" not in n
+    )
     head = student.vocab_size * student.model.config.hidden_size
     return 6.0 * (trunk * float(batch["attention_mask"].sum()) + head * float(batch["response_mask"].sum()))
 
 
-def measure(teacher_name: str, student_name: str, agents: list[str], steps: int, batch_size: int,
-            response_tokens: int, device: str, memory: bool, mixed_precision: str = "no") -> dict:  # fmt: skip
+def measure(
+    teacher_name: str,
+    student_name: str,
+    agents: list[str],
+    steps: int,
+    batch_size: int,
+    response_tokens: int,
+    device: str,
+    memory: bool,
+    mixed_precision: str = "no",
+) -> dict:
     teacher = get_teacher(teacher_name, device)
     batch = annotated_batch(teacher, batch_size, response_tokens, top_k=64, top_p=0.8)
     tokens = int(batch["response_mask"].sum())
@@ -207,12 +231,24 @@ def measure(teacher_name: str, student_name: str, agents: list[str], steps: int,
             rows[config] = {"tokens_per_s": steps * tokens / seconds, "tflops": steps * flops / seconds / 1e12}
             if memory:
                 rows[config]["step_peak_mb"] = measure_memory(
-                    config, teacher_path(teacher_name), str(Path(tmp) / "student"), str(Path(tmp) / "batch.pt"), device,
+                    config,
+                    teacher_path(teacher_name),
+                    str(Path(tmp) / "student"),
+                    str(Path(tmp) / "batch.pt"),
+                    device,
                     mixed_precision,
-                )  # fmt: skip
+                )
     shape = tuple(batch["input_ids"].shape)
-    return {"teacher": teacher_name, "vocab": teacher.vocab_size, "student": student_name, "shape": shape,
-            "tokens": tokens, "rows": rows, "agents": agents, "mixed_precision": mixed_precision}  # fmt: skip
+    return {
+        "teacher": teacher_name,
+        "vocab": teacher.vocab_size,
+        "student": student_name,
+        "shape": shape,
+        "tokens": tokens,
+        "rows": rows,
+        "agents": agents,
+        "mixed_precision": mixed_precision,
+    }
 
 
 def table(result: dict) -> str:
@@ -243,17 +279,25 @@ def table(result: dict) -> str:
         speed = default["tokens_per_s"] / base["tokens_per_s"]
         time_ratio = sft["tokens_per_s"] / default["tokens_per_s"]
         cells = [
-            agent, f"{default['tokens_per_s']:.0f}", f"{default['tflops']:.3g}", f"{speed:.2f}x", f"{time_ratio:.2f}x",
-            f"{only_set['tokens_per_s']:.0f}", f"{full['tokens_per_s']:.0f}",
-        ]  # fmt: skip
+            agent,
+            f"{default['tokens_per_s']:.0f}",
+            f"{default['tflops']:.3g}",
+            f"{speed:.2f}x",
+            f"{time_ratio:.2f}x",
+            f"{only_set['tokens_per_s']:.0f}",
+            f"{full['tokens_per_s']:.0f}",
+        ]
         if memory:
             share = default["step_peak_mb"] / max(base["step_peak_mb"], 1e-9)
             met = [speed >= 2.0, share <= 1 / 3, time_ratio <= 1.3]
+            missed = [n for n, ok in zip(("speed", "memory", "vs SFT"), met) if not ok]
             cells += [
-                f"{default['step_peak_mb']:.0f}", f"{only_set['step_peak_mb']:.0f}", f"{full['step_peak_mb']:.0f}",
-                f"{share:.2f}", f"{sum(met)}/3" + ("" if all(met) else " (" + ", ".join(
-                    n for n, ok in zip(("speed", "memory", "vs SFT"), met) if not ok) + " missed)"),
-            ]  # fmt: skip
+                f"{default['step_peak_mb']:.0f}",
+                f"{only_set['step_peak_mb']:.0f}",
+                f"{full['step_peak_mb']:.0f}",
+                f"{share:.2f}",
+                f"{sum(met)}/3" + (f" ({', '.join(missed)} missed)" if missed else ""),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -277,8 +321,17 @@ def main(argv=None) -> str:
     out = []
     for name in args.teacher:
         student = "tiny" if name == "tiny" else args.student
-        result = measure(name, student, args.agents, args.steps, args.batch_size, args.response_tokens,
-                         args.device, not args.no_memory, args.mixed_precision)  # fmt: skip
+        result = measure(
+            name,
+            student,
+            args.agents,
+            args.steps,
+            args.batch_size,
+            args.response_tokens,
+            args.device,
+            not args.no_memory,
+            args.mixed_precision,
+        )
         out.append(table(result))
         print(out[-1], flush=True)
     return "\n\n".join(out)

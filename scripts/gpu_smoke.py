@@ -34,13 +34,15 @@ def main() -> None:
     tdrl = [sys.executable, "-m", "tdrl.cli"]
     out = "runs/gpu-smoke/train"
     common = ["--device", "cuda", "--mixed-precision", "bf16", "--out", out]
-    run(*tdrl, "train", "--agent", "bd", "--teacher", "bundled", "--student", "layers:0,10,20,29",
-        "--train-prompts", "64", "--steps", "12", "--eval-every", "6", "--checkpoint-every", "6", "--eval-prompts", "8",
-        "--test-prompts", "8", "--overwrite", *common)  # fmt: skip
+    train = (
+        "train --agent bd --teacher bundled --student layers:0,10,20,29 --train-prompts 64 --steps 12 --eval-every 6 "
+        "--checkpoint-every 6 --eval-prompts 8 --test-prompts 8 --overwrite"
+    )
+    run(*tdrl, *train.split(), *common)
     run(*tdrl, "train", "--resume", out, "--steps", "16")
     run(*tdrl, "eval", "--checkpoint", out, "--device", "cuda", "--prompts", "8", "--seeds", "0")
-    run(sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cuda", "--mixed-precision", "bf16",
-        "--out", "runs/gpu-smoke/RESULTS-quick.md")  # fmt: skip
+    bench = "benchmarks.run --quick --device cuda --mixed-precision bf16 --out runs/gpu-smoke/RESULTS-quick.md"
+    run(sys.executable, "-m", *bench.split())
     print("gpu-smoke passed: runs/gpu-smoke/", flush=True)
 
 

@@ -650,8 +650,13 @@ def assign_splits(items: list[tuple[str, str, str | None, str]]) -> list[dict]:
         if i in dropped:
             continue
         digest = hashlib.sha256(prompt.encode()).hexdigest()
-        record = {"id": f"{family}-{digest[:10]}", "family": family, "split": split[i], "prompt": prompt,
-                  "group": f"{family}-{hashlib.sha256(unique[find(i)][1].encode()).hexdigest()[:8]}"}  # fmt: skip
+        record = {
+            "id": f"{family}-{digest[:10]}",
+            "family": family,
+            "split": split[i],
+            "prompt": prompt,
+            "group": f"{family}-{hashlib.sha256(unique[find(i)][1].encode()).hexdigest()[:8]}",
+        }
         if reference is not None:
             record["reference"] = reference
         records.append(record)

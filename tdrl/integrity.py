@@ -18,22 +18,27 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tdrl.errors import ConfigError, DataError
 
 __all__ = [
     "MANIFEST",
+    "LOCK_FILE",
     "file_digest",
     "write_manifest",
     "verify_manifest",
     "read_json",
     "write_json_atomic",
+    "write_text_atomic",
+    "atomic_file",
     "atomic_dir",
     "DirectoryLock",
 ]
 
 MANIFEST = "tdrl-manifest.json"
+#: The file :class:`DirectoryLock` locks, inside the directory it guards.
+LOCK_FILE = ".tdrl.lock"
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
@@ -91,11 +96,30 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 
 def write_json_atomic(path: str | os.PathLike, value) -> None:
-    """Write ``value`` as JSON to a temporary sibling, then rename it over ``path``."""
+    """Write ``value`` as JSON over ``path`` all at once (:func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) over ``path`` all at once (:func:`atomic_file`)."""
+    with atomic_file(path) as fh:
+        fh.write(text)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[TextIO]:
+    """Write a text file all at once: yields a UTF-8 handle on a temporary sibling of ``path``
+    (``.<name>.tmp-<random>``), and when the block ends without an error renames it over ``path``, so
+    ``path`` is at every moment either the old complete file or the new one. On an error the temporary
+    file is removed and ``path`` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            yield fh
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already when the rename succeeded
 
 
 @contextmanager
@@ -103,24 +127,36 @@ def atomic_dir(target: str | os.PathLike, *, token: str | None = None) -> Iterat
     """Write a directory all at once: yields an empty temporary sibling of ``target``
     (``.<name>.tmp-<token>``), and when the block ends without an error renames it to ``target``,
     replacing what was there (the old directory is moved aside first, then deleted, so ``target`` is
-    at every moment either the old complete directory or the new one). On an error the temporary
-    directory is removed and ``target`` is left as it was. ``token`` names the temporary directory
-    (processes that write one directory together pass the same one); default: random."""
+    at every moment either the old complete directory or the new one). On an error, in the block or
+    in the renames, the temporary directory is removed and ``target`` is left as it was. ``token``
+    names the temporary directory (processes that write one directory together pass the same one, and
+    a rerun with the same token clears what a killed writer left); default: random."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{token or uuid.uuid4().hex[:8]}")
     tmp.mkdir(exist_ok=token is not None)  # other processes sharing the token may have made it
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        _swap_in(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``, the old ``target`` moved aside first and deleted after (put back
+    if the rename fails)."""
     if target.is_symlink() or target.is_file():
         target.unlink()
-    elif target.exists():
-        os.rename(target, old)
-    os.rename(tmp, target)
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -134,7 +170,7 @@ class DirectoryLock:
 
     def __enter__(self) -> DirectoryLock:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.directory / ".tdrl.lock", "a+")  # noqa: SIM115 (held until __exit__)
+        self._fh = open(self.directory / LOCK_FILE, "a+")  # noqa: SIM115 (held until __exit__)
         try:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -132,8 +132,9 @@ def episode_record(
     }
 
 
-def annotated_record(annotation, row: int, prompt_ids: Sequence[int], response_ids: Sequence[int],
-                     terminated: bool) -> dict:  # fmt: skip
+def annotated_record(
+    annotation, row: int, prompt_ids: Sequence[int], response_ids: Sequence[int], terminated: bool
+) -> dict:
     """The training fields of one (prompt, response) from the teacher's :class:`~tdrl.models.teacher.Annotation`
     of the sequence ``prompt_ids + response_ids`` at batch row ``row``: the top-K log-probs are kept
     beyond A_p(s) (the cache re-cuts at any p), and the final state's candidates come from the

@@ -50,12 +50,21 @@ def make_batch(teacher: MarkovTeacher):
     for seq in EPISODES:
         ann = teacher.annotate(torch.tensor([[0, *seq]]), top_k=V, top_p=TOP_P)
         sub, n = ann.subset[0], len(seq)
-        records.append({
-            "prompt_ids": torch.tensor([0]), "response_ids": torch.tensor(seq),
-            "cand_ids": sub.ids[:n], "cand_logprobs": sub.logprobs[:n], "cand_mask": sub.mask[:n],
-            "action_logprob": ann.token_logprob[0], "reward": ann.reward[0], "terminated": seq[-1] == EOS,
-            "final_cand_ids": sub.ids[n], "final_cand_logprobs": sub.logprobs[n], "final_cand_mask": sub.mask[n],
-        })  # fmt: skip
+        records.append(
+            {
+                "prompt_ids": torch.tensor([0]),
+                "response_ids": torch.tensor(seq),
+                "cand_ids": sub.ids[:n],
+                "cand_logprobs": sub.logprobs[:n],
+                "cand_mask": sub.mask[:n],
+                "action_logprob": ann.token_logprob[0],
+                "reward": ann.reward[0],
+                "terminated": seq[-1] == EOS,
+                "final_cand_ids": sub.ids[n],
+                "final_cand_logprobs": sub.logprobs[n],
+                "final_cand_mask": sub.mask[n],
+            }
+        )
     return collate(records, teacher.pad_token_id)
 
 

@@ -483,11 +483,17 @@ def transitions_by_hand(batch):
             terminal = i == len(positions) - 1 and bool(batch["terminated"][b])
             nxt = None if terminal else int(ids[t + 1])
             next_set = None if terminal else batch["cand_ids"][b, t + 1][batch["cand_mask"][b, t + 1]].tolist()
-            out.append({
-                "s": int(ids[t]), "a": int(ids[t + 1]), "set": batch["cand_ids"][b, t][mask].tolist(),
-                "next": nxt, "next_set": next_set,
-                "r": batch["reward"][b, t].item(), "teacher": batch["cand_logprobs"][b, t][mask].double(),
-            })  # fmt: skip
+            out.append(
+                {
+                    "s": int(ids[t]),
+                    "a": int(ids[t + 1]),
+                    "set": batch["cand_ids"][b, t][mask].tolist(),
+                    "next": nxt,
+                    "next_set": next_set,
+                    "r": batch["reward"][b, t].item(),
+                    "teacher": batch["cand_logprobs"][b, t][mask].double(),
+                }
+            )
     return out
 
 

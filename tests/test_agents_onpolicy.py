@@ -56,8 +56,9 @@ def test_gkd_divergences_by_hand(temperature, tiny_teacher):
     from tdrl.envs import TeacherPolicy, TokenGenerationEnv
     from tdrl.models import load_student
 
-    env = TokenGenerationEnv(tiny_teacher, ["Name three colors.", "hi", "Define gravity."], top_k=16, top_p=0.8,
-                             max_new_tokens=6)  # fmt: skip
+    env = TokenGenerationEnv(
+        tiny_teacher, ["Name three colors.", "hi", "Define gravity."], top_k=16, top_p=0.8, max_new_tokens=6
+    )
     records = rollout(env, TeacherPolicy(seed=0, temperature=1.5), 4, seed=0)
     batch = collate([record_tensors(r) for r in records], tiny_teacher.pad_token_id)
     torch.manual_seed(0)

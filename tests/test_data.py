@@ -1,5 +1,6 @@
 """Offline data: sources, teacher responses, the annotation cache, batching."""
 
+import importlib
 import json
 from collections import Counter
 
@@ -10,6 +11,7 @@ import torch
 
 from tdrl.actions import nucleus_mask, top_p_subset
 from tdrl.data import (
+    ANNOTATION_META,
     SPLITS,
     BucketBatchSampler,
     DistillDataset,
@@ -116,15 +118,28 @@ def test_round_trip_batch_shapes_padding_and_ends(cache, tiny_teacher):
     assert batch["terminated"].tolist() == [bool(r["terminated"]) for r in items]
 
 
-def test_interrupted_annotate_resumes_to_the_same_dataset(small_source, tiny_teacher, tmp_path, cache):
+def test_interrupted_annotate_resumes_to_the_same_dataset(small_source, tiny_teacher, tmp_path, cache, monkeypatch):
     out = tmp_path / "resumed"
-    annotate(tiny_teacher, small_source, out, top_k=16, top_p=0.8, shard_size=5, batch_size=4, stop_after_shards=1)
+    kwargs = dict(top_k=16, top_p=0.8, shard_size=5, batch_size=4)
+    annotate(tiny_teacher, small_source, out, stop_after_shards=1, **kwargs)
     with pytest.raises(DataError, match="incomplete"):
         load_annotations(out)
     assert len(list((out / "shards").glob("shard-*"))) == 1
-    annotate(tiny_teacher, small_source, out, top_k=16, top_p=0.8, shard_size=5, batch_size=4)
+    save = datasets.Dataset.save_to_disk
+
+    def crash_mid_write(self, path, **kw):  # the Arrow data is on disk, the shard record and manifest are not
+        save(self, path, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        annotate(tiny_teacher, small_source, out, **kwargs)
+    monkeypatch.undo()
+    assert [p.name for p in (out / "shards").iterdir()] == ["shard-00000"]  # no half shard, no temporary
+    annotate(tiny_teacher, small_source, out, **kwargs)
     a, b = load_annotations(out), load_annotations(cache)
     assert a.to_list() == b.to_list()
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000", "shard-00001", "shard-00002"]
 
 
 def test_fingerprint_mismatch_is_an_error(small_source, tiny_teacher, cache):
@@ -146,7 +161,8 @@ def test_vocabulary_check(tiny_teacher, markov_teacher):
         check_same_vocabulary(tiny_teacher.tokenizer, markov_teacher.tokenizer)
 
 
-def test_interrupted_generate_responses_resumes_identically(tiny_teacher, tmp_path):
+def test_interrupted_generate_responses_resumes_identically(tiny_teacher, tmp_path, monkeypatch):
+    generate = importlib.import_module("tdrl.data.generate")
     prompts = load_source("bundled", split="validation").select(range(6))
     kwargs = dict(num_responses=2, max_new_tokens=6, shard_size=4, batch_size=3, seed=1)
     full = generate_responses(tiny_teacher, prompts, tmp_path / "full", **kwargs)
@@ -154,6 +170,19 @@ def test_interrupted_generate_responses_resumes_identically(tiny_teacher, tmp_pa
     generate_responses(tiny_teacher, prompts, part, stop_after_shards=1, **kwargs)
     with pytest.raises(DataError, match="unfinished"):
         load_source(part)
+    record, calls = generate._record, []
+
+    def crash_mid_shard(*args):  # the second shard's 4th record: three are written, the shard is not complete
+        calls.append(args)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return record(*args)
+
+    monkeypatch.setattr(generate, "_record", crash_mid_shard)
+    with pytest.raises(KeyboardInterrupt):
+        generate_responses(tiny_teacher, prompts, part, **kwargs)
+    monkeypatch.undo()
+    assert [p.name for p in (part / "shards").iterdir()] == ["shard-00000.jsonl"]  # no half shard, no temporary
     generate_responses(tiny_teacher, prompts, part, **kwargs)
     a, b = load_source(full), load_source(part)
     assert a.to_list() == b.to_list() and len(a) == 12
@@ -319,7 +348,7 @@ def test_annotate_needs_responses_and_skips_long_prompts(tiny_teacher, tmp_path)
     rows = [{"prompt": "short", "response": "ok"}, {"prompt": "long " * 200, "response": "ok"}]
     ds = load_source(datasets.Dataset.from_list(rows))
     out = annotate(tiny_teacher, ds, tmp_path / "b", max_prompt_len=64, top_k=8)
-    meta = json.loads((out / "tdrl-annotation.json").read_text())
+    meta = json.loads((out / ANNOTATION_META).read_text())
     assert meta["records"] == 1 and meta["skipped"] == {"prompt_too_long": 1, "beyond_context": 0, "empty_response": 0}
     row = load_annotations(out)[0]
     assert row["response_ids"][-1] == tiny_teacher.eos_token_id and row["terminated"]  # text responses end in EOS

@@ -8,9 +8,22 @@ ROOT = Path(__file__).resolve().parents[1] / "tdrl"
 
 #: Stage of each top-level part of tdrl; a module may import only from a strictly lower stage (or its own part).
 STAGES = {
-    "errors": 0, "integrity": 1, "actions": 1, "records": 2, "models": 3, "data": 4, "envs": 4, "agents": 4,
-    "evaluation": 5, "training": 6, "testing": 6, "compare": 7, "commands": 8, "cli": 9, "__init__": 10,
-}  # fmt: skip
+    "errors": 0,
+    "integrity": 1,
+    "actions": 1,
+    "records": 2,
+    "models": 3,
+    "data": 4,
+    "envs": 4,
+    "agents": 4,
+    "evaluation": 5,
+    "training": 6,
+    "testing": 6,
+    "compare": 7,
+    "commands": 8,
+    "cli": 9,
+    "__init__": 10,
+}
 
 
 def modules() -> dict[str, Path]:

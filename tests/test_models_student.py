@@ -1,10 +1,13 @@
 """The student: sparse logits, layer-subset initialisation, loading and saving."""
 
+import copy
+
 import pytest
 import torch
 
 from tdrl.errors import ConfigError, ModelNotFoundError
 from tdrl.models import Student, Teacher, load_student
+from tdrl.models.student import VALUE_HEAD_FILE
 
 
 def test_subset_logits_equal_gathered_full_logits():
@@ -165,14 +168,33 @@ def test_save_pretrained_is_an_ordinary_hf_model(tmp_path):
 
     student = load_student("tiny", value_head=True)
     with torch.no_grad():
+        student.value_head.weight.normal_()
         student.value_head.bias.fill_(0.25)
     student.save_pretrained(tmp_path / "s")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     ids = torch.randint(0, 512, (1, 6))
-    assert torch.allclose(plain(ids).logits, student.model(ids).logits, atol=1e-6)
+    assert torch.equal(plain(ids).logits, student.model(ids).logits)
     again = load_student(str(tmp_path / "s"), value_head=True)
+    hidden = student.hidden_states(ids)
+    assert torch.equal(again.hidden_states(ids), hidden) and torch.equal(again.value(hidden), student.value(hidden))
     assert again.value_head.bias.item() == 0.25
     assert isinstance(again, Student) and again.tokenizer.get_vocab() == student.tokenizer.get_vocab()
+    assert (tmp_path / "s" / VALUE_HEAD_FILE).is_file()
+
+
+def test_save_pretrained_writes_the_state_dict_it_is_given(tmp_path):
+    """What export_model does with the weights accelerate gathered: those are written, not the live ones."""
+    student = load_student("tiny")
+    perturbed = copy.deepcopy(student.model)
+    with torch.no_grad():
+        for param in perturbed.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    weights = perturbed.state_dict()
+    student.save_pretrained(tmp_path / "s", state_dict=weights)
+    written = load_student(str(tmp_path / "s")).model.state_dict()
+    assert written.keys() == weights.keys() and all(torch.equal(written[k], weights[k]) for k in weights)
+    live = student.model.state_dict()
+    assert not torch.equal(written["transformer.wte.weight"], live["transformer.wte.weight"])
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The teacher oracle: annotate vs KV-cached stepping, rewards, generation, loading and errors."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def test_bundled_conversion_is_atomic(monkeypatch, tmp_path):
     def crash(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(teachers.os, "rename", crash)
+    monkeypatch.setattr(os, "rename", crash)  # the rename into place
     with pytest.raises(KeyboardInterrupt):
         teachers.bundled_teacher_dir()
     assert list((tmp_path / "teachers").iterdir()) == []  # no half-written cache, no temp dir
@@ -211,7 +212,7 @@ def test_bundled_conversion_is_atomic(monkeypatch, tmp_path):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
     path = teachers.bundled_teacher_dir()
-    assert (path / "tdrl-complete.json").is_file() and (path / "model.safetensors").is_file()
+    assert (path / teachers.BUNDLED_MARKER).is_file() and (path / "model.safetensors").is_file()
     assert [p.name for p in (tmp_path / "teachers").iterdir()] == [path.name]
 
 

@@ -7,12 +7,13 @@ import shutil
 import pytest
 
 from tdrl.cli import main
+from tdrl.data import ANNOTATION_META
 from tdrl.integrity import DirectoryLock
 
-TINY = ["--teacher", "tiny", "--student", "tiny", "--data", "bundled", "--train-prompts", "16",
-        "--response-tokens", "6", "--batch-size", "4", "--eval-prompts", "2", "--eval-max-new-tokens", "4",
-        "--test-prompts", "0",
-        "--eval-every", "0"]  # fmt: skip
+TINY = (
+    "--teacher tiny --student tiny --data bundled --train-prompts 16 --response-tokens 6 --batch-size 4 "
+    "--eval-prompts 2 --eval-max-new-tokens 4 --test-prompts 0 --eval-every 0"
+).split()
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +35,16 @@ def fails(capsys, argv, *needles) -> str:
 
 def train(out, *extra) -> int:
     return main(["train", "--agent", "bc", "--steps", "2", "--checkpoint-every", "1", "--out", str(out), *TINY, *extra])
+
+
+def train_on(data, out) -> list[str]:
+    """The command line of a one-step run into ``out`` on the annotation cache ``data``."""
+    return ["train", "--steps", "1", "--out", str(out), *TINY, "--data", str(data)]
+
+
+def annotate_argv(source, out, flags: str = "") -> list[str]:
+    """``tdrl annotate`` with the tiny teacher of ``source`` into ``out``, plus ``flags`` (space-separated)."""
+    return ["annotate", "--teacher", "tiny", "--source", str(source), "--out", str(out), *flags.split()]
 
 
 def snapshot(directory) -> dict:
@@ -85,45 +96,9 @@ def annotated(tmp_path, capsys, name="ann", *extra):
     """Tiny-teacher responses to 12 bundled prompts, annotated into three shards of four."""
     out = tmp_path / name
     responses = tmp_path / f"{name}-responses"
-    assert (
-        main(
-            [
-                "generate-responses",
-                "--teacher",
-                "tiny",
-                "--source",
-                "bundled",
-                "--split",
-                "validation",
-                "--limit",
-                "12",
-                "--max-new-tokens",
-                "5",
-                "--out",
-                str(responses),
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "annotate",
-                "--teacher",
-                "tiny",
-                "--source",
-                str(responses),
-                "--shard-size",
-                "4",
-                "--top-k",
-                "8",
-                "--out",
-                str(out),
-                *extra,
-            ]
-        )
-        == 0
-    )
+    generate = "generate-responses --teacher tiny --source bundled --split validation --limit 12 --max-new-tokens 5"
+    assert main([*generate.split(), "--out", str(responses)]) == 0
+    assert main(annotate_argv(responses, out, "--shard-size 4 --top-k 8") + list(extra)) == 0
     capsys.readouterr()
     return out
 
@@ -133,15 +108,13 @@ def test_a_damaged_or_missing_cache_shard_is_named_not_trained_on(tmp_path, caps
     shard = sorted((out / "shards").glob("shard-*"))[1]
     arrow = next(shard.glob("*.arrow"))
     flip_a_byte(arrow)
-    fails(capsys, ["train", "--steps", "1", "--out", str(tmp_path / "r1"), *TINY, "--data", str(out)],
-          "damaged", shard.name)  # fmt: skip
+    fails(capsys, train_on(out, tmp_path / "r1"), "damaged", shard.name)
     shutil.rmtree(shard)
-    fails(capsys, ["train", "--steps", "1", "--out", str(tmp_path / "r2"), *TINY, "--data", str(out)], "missing")
+    fails(capsys, train_on(out, tmp_path / "r2"), "missing")
     # the same annotate call rebuilds just that shard, and the cache trains again
     responses = tmp_path / "ann-responses"
-    assert main(["annotate", "--teacher", "tiny", "--source", str(responses), "--shard-size", "4", "--top-k", "8",
-                 "--out", str(out)]) == 0  # fmt: skip
-    assert main(["train", "--steps", "1", "--out", str(tmp_path / "r3"), *TINY, "--data", str(out)]) == 0
+    assert main(annotate_argv(responses, out, "--shard-size 4 --top-k 8")) == 0
+    assert main(train_on(out, tmp_path / "r3")) == 0
 
 
 def test_token_ids_outside_the_vocabulary_never_train(tmp_path, capsys):
@@ -157,8 +130,7 @@ def test_token_ids_outside_the_vocabulary_never_train(tmp_path, capsys):
     from tdrl.integrity import write_manifest
 
     write_manifest(shard)
-    fails(capsys, ["train", "--steps", "1", "--out", str(tmp_path / "r"), *TINY, "--data", str(out)],
-          "cand_ids outside 0..511")  # fmt: skip
+    fails(capsys, train_on(out, tmp_path / "r"), "cand_ids outside 0..511")
 
 
 @pytest.mark.parametrize("damaged", ["optimizer.bin", "model.safetensors", "random_states_0.pkl"])
@@ -182,8 +154,7 @@ def test_resume_refuses_a_changed_cache_or_teacher(tmp_path, capsys):
     assert train(out, "--data", str(data)) == 0
     shutil.rmtree(data)
     responses = tmp_path / "first-responses"
-    assert main(["annotate", "--teacher", "tiny", "--source", str(responses), "--shard-size", "4", "--top-k", "4",
-                 "--top-p", "0.5", "--out", str(data)]) == 0  # fmt: skip
+    assert main(annotate_argv(responses, data, "--shard-size 4 --top-k 4 --top-p 0.5")) == 0
     capsys.readouterr()
     fails(capsys, ["train", "--resume", str(out), "--steps", "3"], "the annotation cache changed")
 
@@ -196,36 +167,32 @@ def test_a_cache_made_by_another_teacher_is_refused(tmp_path, capsys):
     other = tiny_teacher(seed=5)  # the same tokenizer, other weights
     responses = load_source(str(annotated(tmp_path, capsys, "x").parent / "x-responses"))
     out = annotate(Teacher(other.model, other.tokenizer, name="tiny-teacher-0"), responses, tmp_path / "other", top_k=8)
-    fails(capsys, ["train", "--steps", "1", "--out", str(tmp_path / "r"), *TINY, "--data", str(out)],
-          "made by another teacher")  # fmt: skip
+    fails(capsys, train_on(out, tmp_path / "r"), "made by another teacher")
 
 
 # -------------------------------------------------------------------------------- 4. crashes that are now errors
 def test_no_record_fits_is_an_error_that_leaves_no_broken_cache(tmp_path, capsys):
     responses = tmp_path / "resp"
-    assert main(["generate-responses", "--teacher", "tiny", "--source", "bundled", "--split", "validation",
-                 "--limit", "4", "--max-new-tokens", "4", "--out", str(responses)]) == 0  # fmt: skip
+    generate = "generate-responses --teacher tiny --source bundled --split validation --limit 4 --max-new-tokens 4"
+    assert main([*generate.split(), "--out", str(responses)]) == 0
     out = tmp_path / "ann"
-    fails(capsys, ["annotate", "--teacher", "tiny", "--source", str(responses), "--max-prompt-len", "1",
-                   "--out", str(out)], "no record fits", "prompt_too_long")  # fmt: skip
-    assert main(["annotate", "--teacher", "tiny", "--source", str(responses), "--out", str(out)]) == 0  # corrected
+    fails(capsys, annotate_argv(responses, out, "--max-prompt-len 1"), "no record fits", "prompt_too_long")
+    assert main(annotate_argv(responses, out)) == 0  # corrected
 
 
 def test_hostile_response_ids_and_lengths(tmp_path, capsys):
     for i, ids in enumerate(([-1], [99999], "abc")):
         path = tmp_path / f"bad{i}.jsonl"
         path.write_text(json.dumps({"prompt": "hi", "response": "x", "response_ids": ids}) + "\n")
-        fails(capsys, ["annotate", "--teacher", "tiny", "--source", str(path), "--out", str(tmp_path / f"a{i}")],
-              "response_ids")  # fmt: skip
+        fails(capsys, annotate_argv(path, tmp_path / f"a{i}"), "response_ids")
         assert not (tmp_path / f"a{i}").exists()
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "hi", "response": "x", "response_ids": [7] * 600}) + "\n")
-    fails(capsys, ["annotate", "--teacher", "tiny", "--source", str(long), "--max-response-len", "1000", "--strict",
-                   "--out", str(tmp_path / "s")], "context of 512")  # fmt: skip
-    fails(capsys, ["annotate", "--teacher", "tiny", "--source", str(long), "--max-response-len", "-3",
-                   "--out", str(tmp_path / "n")], "max_response_len must be an integer >= 1")  # fmt: skip
-    fails(capsys, ["generate-responses", "--teacher", "tiny", "--source", "bundled", "--limit", "2",
-                   "--max-new-tokens", "600", "--out", str(tmp_path / "g")], "context of 512")  # fmt: skip
+    fails(capsys, annotate_argv(long, tmp_path / "s", "--max-response-len 1000 --strict"), "context of 512")
+    negative = annotate_argv(long, tmp_path / "n", "--max-response-len -3")
+    fails(capsys, negative, "max_response_len must be an integer >= 1")
+    generate = "generate-responses --teacher tiny --source bundled --limit 2 --max-new-tokens 600"
+    fails(capsys, [*generate.split(), "--out", str(tmp_path / "g")], "context of 512")
 
 
 def test_an_environment_longer_than_the_teachers_context_is_refused_at_construction():
@@ -258,8 +225,7 @@ def test_yaml_null_and_csv_extra_fields_and_eval_prompts_zero(tmp_path, capsys):
     fails(capsys, ["train", "--config", str(cfg), *TINY], "steps must be int")
     table = tmp_path / "p.csv"
     table.write_text("prompt,response\nhello,world,extra\n")
-    fails(capsys, ["annotate", "--teacher", "tiny", "--source", str(table), "--out", str(tmp_path / "c")],
-          "row 2 has more fields than the header")  # fmt: skip
+    fails(capsys, annotate_argv(table, tmp_path / "c"), "row 2 has more fields than the header")
     run = tmp_path / "run"
     assert train(run) == 0
     capsys.readouterr()
@@ -281,9 +247,8 @@ def test_two_annotations_into_one_directory_do_not_race(tmp_path, capsys):
     out, source = tmp_path / "ann", tmp_path / "pairs.jsonl"
     source.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
     with DirectoryLock(out):
-        fails(capsys, ["annotate", "--teacher", "tiny", "--source", str(source), "--out", str(out)],
-              "another tdrl process")  # fmt: skip
-    assert main(["annotate", "--teacher", "tiny", "--source", str(source), "--out", str(out)]) == 0
+        fails(capsys, annotate_argv(source, out), "another tdrl process")
+    assert main(annotate_argv(source, out)) == 0
 
 
 # -------------------------------------------------------------------------------- 5. names resolve locally first
@@ -315,9 +280,8 @@ def test_names_that_look_local_are_never_sent_to_the_hub(tmp_path, capsys, monke
 # -------------------------------------------------------------------------------- 6. messages
 def test_messages_name_the_file_and_the_interrupt(tmp_path, capsys, monkeypatch):
     out = annotated(tmp_path, capsys, "meta")
-    (out / "tdrl-annotation.json").write_text("{not json")
-    fails(capsys, ["train", "--steps", "1", "--out", str(tmp_path / "r"), *TINY, "--data", str(out)],
-          str(out / "tdrl-annotation.json"), "not valid JSON")  # fmt: skip
+    (out / ANNOTATION_META).write_text("{not json")
+    fails(capsys, train_on(out, tmp_path / "r"), str(out / ANNOTATION_META), "not valid JSON")
 
     import tdrl.cli
 

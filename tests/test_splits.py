@@ -175,8 +175,9 @@ def test_outside_mass_and_mode_outside_at_the_students_own_states_by_brute_force
             ids = torch.tensor([prompt + response])
             lo, hi = len(prompt) - 1, len(prompt) - 1 + len(response)
             probs = torch.softmax(scale * model(ids).logits[0, lo:hi].double(), -1)
-            subset = top_p_subset(tiny_teacher.logits(ids)[0, lo:hi], top_k=config.coverage_top_k,
-                                  top_p=config.coverage_top_p)  # fmt: skip
+            subset = top_p_subset(
+                tiny_teacher.logits(ids)[0, lo:hi], top_k=config.coverage_top_k, top_p=config.coverage_top_p
+            )
             for t in range(len(response)):
                 members = subset.ids[t][subset.mask[t]].tolist()
                 outside += 1.0 - float(probs[t, members].sum())

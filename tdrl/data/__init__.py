@@ -8,8 +8,10 @@ Offline agents never need the teacher in memory: the teacher annotates the data 
       -> annotate(teacher, load_source(out), ...)  # Arrow cache of sparse teacher targets
       -> DistillDataset(cache) + BucketBatchSampler + collate   # the batch of DESIGN.md
 
-Both writers are sharded: each shard is written to a temporary name, sealed with a manifest and
-renamed into place once complete, so an interrupted run keeps its finished shards and resumes.
+Both writers are sharded: each shard is written under a temporary name and renamed into place once
+complete (:func:`tdrl.integrity.atomic_dir` for an annotation shard, sealed with a manifest;
+:func:`tdrl.integrity.atomic_file` for a responses shard), so an interrupted run keeps its finished
+shards and resumes.
 """
 
 from tdrl.data.annotate import SKIP_REASONS, annotate
@@ -28,8 +30,21 @@ from tdrl.data.generate import generate_responses
 from tdrl.data.sources import PRESETS, RESPONSES_META, SPLITS, load_source, records_fingerprint
 
 __all__ = [
-    "PRESETS", "SPLITS", "RESPONSES_META", "ANNOTATION_META", "SKIP_REASONS", "load_source", "records_fingerprint",
-    "generate_responses", "annotate", "load_annotations", "annotation_statistics", "batch_statistics",
+    "PRESETS",
+    "SPLITS",
+    "RESPONSES_META",
+    "ANNOTATION_META",
+    "SKIP_REASONS",
+    "load_source",
+    "records_fingerprint",
+    "generate_responses",
+    "annotate",
+    "load_annotations",
+    "annotation_statistics",
+    "batch_statistics",
     "check_same_vocabulary",
-    "DistillDataset", "BucketBatchSampler", "collate", "prepare_bundled_data",
-]  # fmt: skip
+    "DistillDataset",
+    "BucketBatchSampler",
+    "collate",
+    "prepare_bundled_data",
+]

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -19,12 +18,12 @@ from tdrl.data.dataset import ANNOTATION_META, annotation_statistics, load_annot
 from tdrl.data.sources import records_fingerprint
 from tdrl.data.writing import dir_bytes, open_output, progress_bar, quiet_datasets, shard_ranges
 from tdrl.errors import ConfigError, DataError
-from tdrl.integrity import DirectoryLock, read_json, verify_manifest, write_json_atomic, write_manifest
+from tdrl.integrity import DirectoryLock, atomic_dir, read_json, verify_manifest, write_json_atomic, write_manifest
 from tdrl.models.lm import tokenizer_fingerprint
 from tdrl.models.teacher import Reward, Teacher
 from tdrl.records import annotated_record
 
-__all__ = ["annotate", "SKIP_REASONS"]
+__all__ = ["annotate", "SKIP_REASONS", "SHARD_RECORD"]
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +110,12 @@ def annotate(
     """
     top_k, top_p = validate_top_k(top_k), validate_top_p(top_p)
     reward = Reward.parse(reward)
-    for name, value in (("max_prompt_len", max_prompt_len), ("max_response_len", max_response_len),
-                        ("batch_size", batch_size), ("shard_size", shard_size)):  # fmt: skip
+    for name, value in (
+        ("max_prompt_len", max_prompt_len),
+        ("max_response_len", max_response_len),
+        ("batch_size", batch_size),
+        ("shard_size", shard_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if logprob_dtype not in ("float16", "float32"):
@@ -155,7 +158,7 @@ def annotate(
             return out
         shards = {}
         for p in sorted((out / "shards").glob("shard-*")):
-            shards[p.name] = read_json(p / "tdrl-shard.json", "shard record")
+            shards[p.name] = read_json(p / SHARD_RECORD, "shard record")
         meta.update(
             complete=True,
             shards={name: m["records"] for name, m in shards.items()},
@@ -173,6 +176,9 @@ def annotate(
 
 #: The cache's record layout: 2 adds the final state's candidates and drops the stored in-set flag.
 SCHEMA = 2
+
+#: In every shard directory: its record count and skipped counts (``{"records": n, "skipped": {...}}``).
+SHARD_RECORD = "tdrl-shard.json"
 
 #: Why annotate leaves a record out (counted per reason in tdrl-annotation.json).
 SKIP_REASONS = ("prompt_too_long", "beyond_context", "empty_response")
@@ -219,19 +225,19 @@ def _annotate_shards(teacher, source, out: Path, settings: dict, strict, stop_af
                 skipped[reason] += 1
                 continue
             items.append((row, prompt_ids, response_ids, terminated))
+        reward = Reward.parse(settings["reward"])
         for b_start in range(0, len(items), batch_size):
-            _annotate_batch(teacher, items[b_start : b_start + batch_size], columns, settings["top_k"],
-                            settings["top_p"], Reward.parse(settings["reward"]), settings["gamma"])  # fmt: skip
-        tmp = shard.with_name(f".{shard.name}.{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True)
-        if items:  # an empty shard is recorded (its counts) but holds no Arrow data
-            with quiet_datasets():
-                datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))
-        (tmp / "tdrl-shard.json").write_text(json.dumps({"skipped": skipped, "records": len(items)}))
-        write_manifest(tmp)
-        os.replace(tmp, shard)
+            batch = items[b_start : b_start + batch_size]
+            _annotate_batch(teacher, batch, columns, settings["top_k"], settings["top_p"], reward, settings["gamma"])
+        # the caller holds the directory's lock, so one fixed token is safe and a rerun clears a killed writer's
+        with atomic_dir(shard, token="writing") as tmp:
+            if items:  # an empty shard is recorded (its counts) but holds no Arrow data
+                with quiet_datasets():
+                    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))
+            (tmp / SHARD_RECORD).write_text(json.dumps({"skipped": skipped, "records": len(items)}))
+            write_manifest(tmp)
         written += 1
-    counts = [read_json(p / "tdrl-shard.json", "shard record") for p in (out / "shards").glob("shard-*")]
+    counts = [read_json(p / SHARD_RECORD, "shard record") for p in (out / "shards").glob("shard-*")]
     if counts and sum(c["records"] for c in counts) == 0:
         totals = {key: sum(c["skipped"].get(key, 0) for c in counts) for key in SKIP_REASONS}
         raise DataError(

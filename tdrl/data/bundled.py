@@ -43,9 +43,17 @@ def prepare_bundled_data(
     if train_prompts:
         prompts = prompts.select(range(min(train_prompts, len(prompts))))
     responses = generate_responses(
-        teacher, prompts, root / "responses", max_new_tokens=response_tokens, top_k=top_k, top_p=top_p, seed=0,
-        batch_size=BATCH, shard_size=128, progress=progress,
-    )  # fmt: skip
+        teacher,
+        prompts,
+        root / "responses",
+        max_new_tokens=response_tokens,
+        top_k=top_k,
+        top_p=top_p,
+        seed=0,
+        batch_size=BATCH,
+        shard_size=128,
+        progress=progress,
+    )
     return annotate(
         teacher, load_source(responses), root / "annotated", top_k=top_k, top_p=top_p, shard_size=256, progress=progress
     )

@@ -20,9 +20,15 @@ from tdrl.models.lm import tokenizer_fingerprint
 from tdrl.records import ONLINE_FIELDS, TRAINING_FIELDS, recut
 
 __all__ = [
-    "ANNOTATION_META", "load_annotations", "annotation_statistics", "batch_statistics", "DistillDataset", "collate",
-    "BucketBatchSampler", "check_same_vocabulary",
-]  # fmt: skip
+    "ANNOTATION_META",
+    "load_annotations",
+    "annotation_statistics",
+    "batch_statistics",
+    "DistillDataset",
+    "collate",
+    "BucketBatchSampler",
+    "check_same_vocabulary",
+]
 
 ANNOTATION_META = "tdrl-annotation.json"
 

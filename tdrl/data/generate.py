@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 from tdrl.actions import validate_top_k, validate_top_p
 from tdrl.data.sources import RESPONSES_META, records_fingerprint
 from tdrl.data.writing import open_output, progress_bar, shard_ranges
 from tdrl.errors import ConfigError, DataError
-from tdrl.integrity import DirectoryLock, write_json_atomic
+from tdrl.integrity import DirectoryLock, atomic_file, write_json_atomic
 from tdrl.models.lm import tokenizer_fingerprint
 from tdrl.models.teacher import Teacher
 
@@ -43,8 +42,12 @@ def generate_responses(
     does not depend on where an interrupted run stopped: finished shards are kept and the rest are
     regenerated. ``stop_after_shards`` ends early after writing that many new shards (for tests).
     """
-    for name, value in (("num_responses", num_responses), ("max_new_tokens", max_new_tokens),
-                        ("batch_size", batch_size), ("shard_size", shard_size)):  # fmt: skip
+    for name, value in (
+        ("num_responses", num_responses),
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+        ("shard_size", shard_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     validate_top_k(top_k)
@@ -58,8 +61,7 @@ def generate_responses(
         if too_long:
             raise DataError(
                 f"{len(too_long)} prompt(s) (e.g. {too_long[0]!r}) leave no room for {max_new_tokens} new tokens in "
-                "the "
-                f"teacher's context of {teacher.max_length}: lower --max-new-tokens or drop them"
+                f"the teacher's context of {teacher.max_length}: lower --max-new-tokens or drop them"
             )
     out = Path(out)
     settings = {
@@ -83,14 +85,9 @@ def generate_responses(
 def _generate_shards(teacher, source, out: Path, settings: dict, batch_size: int, stop_after_shards, progress) -> Path:
     meta = open_output(out, RESPONSES_META, settings, "teacher responses")
     num_responses, max_new_tokens, seed = settings["num_responses"], settings["max_new_tokens"], settings["seed"]
-    temperature, top_k, top_p, shard_size = (
-        settings["temperature"],
-        settings["top_k"],
-        settings["top_p"],
-        settings["shard_size"],
-    )
+    temperature, top_k, top_p = settings["temperature"], settings["top_k"], settings["top_p"]
     jobs = [(row, j) for row in source for j in range(num_responses)]
-    ranges = shard_ranges(len(jobs), shard_size)
+    ranges = shard_ranges(len(jobs), settings["shard_size"])
     written = 0
     for index, (start, stop) in enumerate(progress_bar(ranges, progress, "generate-responses")):
         shard = out / "shards" / f"shard-{index:05d}.jsonl"
@@ -98,37 +95,39 @@ def _generate_shards(teacher, source, out: Path, settings: dict, batch_size: int
             continue
         if stop_after_shards is not None and written >= stop_after_shards:
             return out
-        lines = []
-        for b_start in range(start, stop, batch_size):
-            batch = jobs[b_start : min(b_start + batch_size, stop)]
-            responses = teacher.generate(
-                [row["prompt"] for row, _ in batch],
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed * 1_000_003 + b_start,
-            )
-            for (row, j), ids in zip(batch, responses):
-                terminated = bool(ids) and ids[-1] == teacher.eos_token_id
-                text_ids = ids[:-1] if terminated else ids
-                record = {
-                    "id": f"{row['id']}#{j}",
-                    "prompt_id": row["id"],
-                    "sample": j,
-                    "prompt": row["prompt"],
-                    "response": teacher.tokenizer.decode(text_ids, skip_special_tokens=True),
-                    "response_ids": ids,
-                    "terminated": terminated,
-                }
-                for key in ("reference", "family"):
-                    if row.get(key) is not None:
-                        record[key] = row[key]
-                lines.append(json.dumps(record, ensure_ascii=False))
-        tmp = shard.with_name(f".{shard.name}.{uuid.uuid4().hex[:8]}")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, shard)
+        with atomic_file(shard) as fh:  # records go out as they come; the shard appears only once complete
+            for b_start in range(start, stop, batch_size):
+                batch = jobs[b_start : min(b_start + batch_size, stop)]
+                responses = teacher.generate(
+                    [row["prompt"] for row, _ in batch],
+                    max_new_tokens,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    seed=seed * 1_000_003 + b_start,
+                )
+                for (row, j), ids in zip(batch, responses):
+                    fh.write(json.dumps(_record(teacher, row, j, ids), ensure_ascii=False) + "\n")
         written += 1
     meta.update(complete=True, records=len(jobs))
     write_json_atomic(out / RESPONSES_META, meta)
     return out
+
+
+def _record(teacher: Teacher, row: dict, j: int, ids: list[int]) -> dict:
+    """The ``j``-th response ``ids`` to the prompt ``row`` as a record of the responses file."""
+    terminated = bool(ids) and ids[-1] == teacher.eos_token_id
+    text_ids = ids[:-1] if terminated else ids
+    record = {
+        "id": f"{row['id']}#{j}",
+        "prompt_id": row["id"],
+        "sample": j,
+        "prompt": row["prompt"],
+        "response": teacher.tokenizer.decode(text_ids, skip_special_tokens=True),
+        "response_ids": ids,
+        "terminated": terminated,
+    }
+    for key in ("reference", "family"):
+        if row.get(key) is not None:
+            record[key] = row[key]
+    return record

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from tdrl.errors import DataError
-from tdrl.integrity import read_json, write_json_atomic
+from tdrl.integrity import LOCK_FILE, read_json, write_json_atomic
 
 __all__ = ["shard_ranges", "open_output", "settings_fingerprint", "progress_bar", "quiet_datasets", "dir_bytes"]
 
@@ -32,7 +32,7 @@ def open_output(out: Path, meta_name: str, settings: dict, kind: str) -> dict:
         return meta
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file: choose a directory")
-    if out.exists() and any(p.name != ".tdrl.lock" for p in out.iterdir()):
+    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise DataError(f"{out} exists and is not a tdrl {kind} directory: choose an empty or new --out")
     (out / "shards").mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "settings": settings, "fingerprint": settings_fingerprint(settings), "complete": False}

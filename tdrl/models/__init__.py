@@ -24,8 +24,28 @@ from tdrl.models.student import (
 from tdrl.models.teacher import Annotation, Reward, Teacher, reward_value, sparsity_statistics
 
 __all__ = [
-    "LM", "LMState", "Teacher", "Reward", "reward_value", "Annotation", "sparsity_statistics", "Student",
-    "load_student", "load_teacher", "teacher_from_pretrained", "bundled_teacher", "bundled_teacher_dir",
-    "resolve_name", "tdrl_cache_dir", "parse_dtype", "model_fingerprint", "tokenizer_fingerprint", "sample_tokens",
-    "gather_logits", "vocab_logsumexp", "vocab_summary", "support_summary", "VOCAB_CHUNK",
-]  # fmt: skip
+    "LM",
+    "LMState",
+    "Teacher",
+    "Reward",
+    "reward_value",
+    "Annotation",
+    "sparsity_statistics",
+    "Student",
+    "load_student",
+    "load_teacher",
+    "teacher_from_pretrained",
+    "bundled_teacher",
+    "bundled_teacher_dir",
+    "resolve_name",
+    "tdrl_cache_dir",
+    "parse_dtype",
+    "model_fingerprint",
+    "tokenizer_fingerprint",
+    "sample_tokens",
+    "gather_logits",
+    "vocab_logsumexp",
+    "vocab_summary",
+    "support_summary",
+    "VOCAB_CHUNK",
+]

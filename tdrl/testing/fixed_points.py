@@ -34,8 +34,16 @@ def markov_transitions(batch) -> list[dict]:
     for b, t in torch.nonzero(batch["response_mask"]).tolist():
         cand = batch["cand_ids"][b, t][batch["cand_mask"][b, t]].tolist()
         a = int(batch["input_ids"][b, t + 1])
-        rows.append({"s": int(batch["input_ids"][b, t]), "a": a, "inside": a in cand, "set": cand,
-                     "r": float(batch["reward"][b, t]), "terminal": bool(batch["terminal"][b, t])})  # fmt: skip
+        rows.append(
+            {
+                "s": int(batch["input_ids"][b, t]),
+                "a": a,
+                "inside": a in cand,
+                "set": cand,
+                "r": float(batch["reward"][b, t]),
+                "terminal": bool(batch["terminal"][b, t]),
+            }
+        )
     return rows
 
 
