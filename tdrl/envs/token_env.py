@@ -171,6 +171,7 @@ class TokenGenerationEnv(gym.Env):
         return self.teacher.tokenizer.decode([t for t, _ in self._mdp.history[0]])
 
     def prompt_text(self) -> str:
+        """The current episode's prompt as text (``""`` for a prompt given as token ids)."""
         return self._mdp.prompt_texts[0]
 
 
@@ -293,6 +294,13 @@ class TokenGenerationVectorEnv(VectorEnv):
     def action_masks(self) -> np.ndarray:
         """bool ``[N, V]``: True on A_p(s) at each sub-env's current state."""
         return self._mdp.action_mask().astype(bool)
+
+    def prompt_text(self, row: int) -> str:
+        """The prompt of sub-env ``row``'s current episode as text (``""`` for a prompt given as token
+        ids). After an autoreset it is the new episode's prompt."""
+        if not 0 <= row < self.num_envs:
+            raise IndexError(f"row {row} is not a sub-env: valid rows are 0 .. {self.num_envs - 1}")
+        return self._mdp.prompt_texts[row]
 
     def render(self) -> tuple[str, ...] | None:
         if self.render_mode != "ansi" or self._mdp.state is None:

@@ -59,7 +59,7 @@ def build_trainer(
     teacher = teacher or load_teacher(args.teacher, dtype=args.teacher_dtype, device=device)
     student = load_student(args.student, teacher=teacher).to(device)
     check_same_vocabulary(teacher.tokenizer, student.tokenizer)
-    agent = make_agent(args.agent, student, **parse_agent_args(args.agent_args)).to(device)
+    agent = make_agent(args.agent, student, teacher=teacher, **parse_agent_args(args.agent_args)).to(device)
     with PartialState(
         cpu=torch.device(args.device).type == "cpu"
     ).main_process_first():  # one process builds the cached data, the others read it

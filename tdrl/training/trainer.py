@@ -89,8 +89,6 @@ class Trainer:
         self.accelerator = _accelerator(args)
         self.progress = progress and self.accelerator.is_main_process
         self.callbacks = [TensorBoardCallback(), *(callbacks or [])]
-        if agent.uses_teacher:  # e.g. kd-online: the teacher runs inside the loss
-            agent.attach_teacher(teacher)
         self.eval_config = EvalConfig(
             max_new_tokens=args.eval_max_new_tokens, seeds=args.seed_list(), top_p=args.eval_top_p,
             temperature=args.eval_temperature, greedy=args.eval_greedy, also_greedy=args.eval_also_greedy,
@@ -241,10 +239,10 @@ class Trainer:
         tokens = 0
         for micro in range(args.grad_accum):
             batch = self._collate(next(batches), micro)
-            pretrain = self.pretrain.batch(self.step * args.grad_accum + micro) if self.pretrain else None
+            index = self.step * args.grad_accum + micro  # J_PT's chunks: drawn by the micro-batch counter
+            auxiliary = [self.pretrain.term(index, args.lm_coef)] if self.pretrain else []
             with self.accelerator.accumulate(self.model):
-                loss, metrics = self.model(batch, diagnostics=log and micro == args.grad_accum - 1,
-                                           pretrain=pretrain, pretrain_coef=args.lm_coef)  # fmt: skip
+                loss, metrics = self.model(batch, diagnostics=log and micro == args.grad_accum - 1, auxiliary=auxiliary)
                 _check_metric_names(metrics)
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients:
