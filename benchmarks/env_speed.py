@@ -22,7 +22,8 @@ def steps_per_second(env, steps: int, seed: int = 0) -> float:
     obs, _ = env.reset(seed=seed)
     start = time.perf_counter()
     for _ in range(steps):
-        obs, _, terminated, truncated, _ = env.step(policy(obs))
+        actions, _ = policy(obs)  # (actions, extras)
+        obs, _, terminated, truncated, _ = env.step(actions)
         if not vector and (terminated or truncated):
             obs, _ = env.reset()
     elapsed = time.perf_counter() - start

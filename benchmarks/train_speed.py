@@ -101,10 +101,7 @@ def make(name: str, student, teacher=None):
     if name == HF_SFT:
         return HFStep(student)
     agent_name, _, variant = name.partition("/")
-    agent = make_agent(agent_name, student, **VARIANTS[variant])
-    if agent.uses_teacher:
-        agent.attach_teacher(teacher)
-    return agent
+    return make_agent(agent_name, student, teacher=teacher, **VARIANTS[variant])  # kd-online runs the teacher
 
 
 def stepper(agent, batch, after_update: bool = True, mixed_precision: str = "no"):

@@ -180,8 +180,8 @@ def test_registry_errors():
         make_agent("bd", TabularStudent(4), top_p=1.5)
     with pytest.raises(ConfigError, match="support_coef"):
         make_agent("bc", TabularStudent(4), support_coef=-1.0)
-    with pytest.warns(DeprecationWarning, match="restrict='set'"):
-        assert make_agent("bc", TabularStudent(4), restrict="topp").config.restrict == "set"
+    with pytest.raises(ConfigError, match="restrict must be one of mdp, set, none"):
+        make_agent("bc", TabularStudent(4), restrict="topp")  # the 0.1 name of "set": no shim in a 0.x release
 
 
 def test_presets_state_the_papers_choices():
@@ -672,16 +672,16 @@ def test_bc_losses_by_hand(restrict):
 
 def test_kd_online_is_the_full_vocabulary_forward_kl_by_hand(tiny_teacher):
     """kd-online: sum_V pi_T (log pi_T - log pi_S) at every response position, from the two HF models'
-    own forward passes, position by position; no teacher attached -> a clear error."""
+    own forward passes, position by position; built without a teacher -> a clear error."""
     from tdrl.models import load_student
 
     batch = contract_batch()
     torch.manual_seed(0)
     student = load_student("tiny")
-    agent = make_agent("kd-online", student)
-    with pytest.raises(ConfigError, match="attach_teacher"):
-        agent(batch)
-    agent.attach_teacher(tiny_teacher)
+    with pytest.raises(ConfigError, match="pass teacher="):
+        make_agent("kd-online", student)
+    agent = make_agent("kd-online", student, teacher=tiny_teacher)
+    assert agent.teacher is tiny_teacher
     loss, metrics = agent(batch)
     loss.backward()
     assert student.model.get_input_embeddings().weight.grad.abs().sum() > 0

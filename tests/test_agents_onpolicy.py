@@ -117,13 +117,15 @@ def exact_reverse_kl(student: TabularStudent, teacher: MarkovTeacher, seqs) -> t
     return total
 
 
-def minillm_problem():
+def minillm_problem(teacher_mix: float = 0.0):
     teacher = MarkovTeacher(vocab_size=4, seed=2, eos_bias=-0.5)
     torch.manual_seed(0)
     student = TabularStudent(4)
     with torch.no_grad():
         student.model.weight.copy_(torch.randn(4, 4))
-    agent = make_agent("minillm", student, length_norm=False, baseline="none", teacher_mix=0.0, clip=1e9, cliprange=0.2)
+    agent = make_agent(
+        "minillm", student, length_norm=False, baseline="none", teacher_mix=teacher_mix, clip=1e9, cliprange=0.2
+    )
     return teacher, student, agent
 
 
@@ -209,10 +211,11 @@ def test_compare_with_the_on_policy_agents(tmp_path, capsys, monkeypatch):
 
 def test_student_policy_records_the_probabilities_it_sampled_from():
     """Sampling over the whole vocabulary from mu = alpha pi_T(.|A_p) + (1 - alpha) pi_S: each step's
-    behaviour_logprob is log mu(a|s) and student_logprob log pi_S(a|s), checked against the models."""
-    teacher, student, agent = minillm_problem()
+    behaviour_logprob is log mu(a|s) and student_logprob log pi_S(a|s), checked against the models. The
+    mixture is MiniLLM's behaviour hook (teacher_mix 0.3): StudentPolicy takes no mixing argument."""
+    teacher, student, agent = minillm_problem(teacher_mix=0.3)
     env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=4, top_k=4, top_p=0.8, max_new_tokens=HORIZON)
-    records = rollout(env, StudentPolicy(agent, seed=1, teacher_mix=0.3), 12, seed=1)
+    records = rollout(env, StudentPolicy(agent, seed=1), 12, seed=1)
     log_s = torch.log_softmax(student.model.weight.T.detach().double(), -1)
     checked = 0
     for rec in records:
@@ -232,9 +235,9 @@ def test_minillm_reuses_episodes_with_clipped_importance_ratios_by_hand():
     """Episodes collected under mu (teacher-mixed), trained on after the student moved: the loss is
     (1/#seq) sum_t [KL(pi_S || pi_T)(s_t) + max(A_t rho_t, A_t clip(rho_t, 0.8, 1.2))], rho = pi_S / mu,
     A_t the cost-to-go after t of c = log pi_S_then - log pi_T."""
-    teacher, student, agent = minillm_problem()
+    teacher, student, agent = minillm_problem(teacher_mix=0.3)
     env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=4, top_k=4, top_p=1.0, max_new_tokens=HORIZON)
-    records = rollout(env, StudentPolicy(agent, seed=2, teacher_mix=0.3), 8, seed=2)
+    records = rollout(env, StudentPolicy(agent, seed=2), 8, seed=2)
     with torch.no_grad():
         student.model.weight.add_(0.5 * torch.randn(4, 4, generator=torch.Generator().manual_seed(3)))
     loss, metrics = agent(collate([record_tensors(r) for r in records], teacher.pad_token_id))

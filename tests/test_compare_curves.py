@@ -62,13 +62,15 @@ def test_the_columns_keep_todays_headers_and_order_and_come_from_the_metrics():
     ]
     declared = {c.header for m in METRICS for c in m.columns}
     assert declared == {h for h, _ in COLUMNS}
-    run = RunSummary.from_dict({
-        "agent": "a",
-        "seed": 0,
-        "steps": 1,
-        "test": {"last": {"eval/rougeL": 1.0, "eval/rougeL_greedy": 2.0}, "best": {"eval/rougeL_greedy": 3.0}},
-        "probe": {"mode_outside": 0.5},
-    })
+    run = RunSummary.from_dict(
+        {
+            "agent": "a",
+            "seed": 0,
+            "steps": 1,
+            "test": {"last": {"eval/rougeL": 1.0, "eval/rougeL_greedy": 2.0}, "best": {"eval/rougeL_greedy": 3.0}},
+            "probe": {"mode_outside": 0.5},
+        }
+    )
     got = {h: get(run) for h, get in COLUMNS}
     assert (got["Rouge-L last"], got["greedy Rouge-L"], got["greedy best-val"]) == (1.0, 2.0, 3.0)
     assert got["mode outside, train states"] == 0.5 and np.isnan(got["Rouge-L best-val model"])

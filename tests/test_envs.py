@@ -277,3 +277,62 @@ def test_bad_configuration_raises(tiny_teacher, kwargs, match):
     args = {"prompts": PROMPTS} | kwargs
     with pytest.raises((ConfigError, ValueError), match=match):
         TokenGenerationEnv(tiny_teacher, args.pop("prompts"), **args)
+
+
+def test_policies_return_actions_and_extras(tiny_teacher):
+    """Every env policy returns (actions, extras): extras {} for the teacher and uniform policies, on a
+    batched observation (one action per row) and on a single one (one action)."""
+    vec = TokenGenerationVectorEnv(tiny_teacher, PROMPTS, num_envs=3, top_k=16, max_new_tokens=3)
+    obs, _ = vec.reset(seed=0)
+    for policy in (TeacherPolicy(seed=0), RandomMaskedPolicy(seed=0)):
+        actions, extras = policy(obs)
+        assert extras == {} and actions.shape == (3,)
+        assert all(a in obs["cand_ids"][row][obs["cand_mask"][row] == 1] for row, a in enumerate(actions))
+        action, extras = policy({k: v[0] for k, v in obs.items()})
+        assert extras == {} and np.ndim(action) == 0
+
+
+class ExtrasPolicy:
+    """The first candidate of each row, reporting its row index and its step count as extras."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, obs):
+        self.calls += 1
+        rows = np.arange(obs["cand_ids"].shape[0]) if obs["cand_ids"].ndim == 2 else np.int64(0)
+        first = obs["cand_ids"][..., 0]
+        return first, {"row": rows.astype(float), "call": np.full(np.shape(rows), float(self.calls))}
+
+
+def test_rollout_stores_the_policys_extras_per_step(tiny_teacher):
+    """The policy's extras reach the records step by step and row by row (single and vector env); a
+    policy that returns bare actions is refused with a message saying what to return."""
+    vec = TokenGenerationVectorEnv(tiny_teacher, PROMPTS, num_envs=2, top_k=16, max_new_tokens=3)
+    for record in rollout(vec, ExtrasPolicy(), 4, seed=0):
+        assert len(record["row"]) == len(record["response_ids"]) == len(record["call"])
+        assert len(set(record["row"])) == 1  # one episode lives in one row
+        assert record["call"] == sorted(record["call"]) and len(set(record["call"])) == len(record["call"])
+    single = TokenGenerationEnv(tiny_teacher, PROMPTS, top_k=16, max_new_tokens=3)
+    (record,) = rollout(single, ExtrasPolicy(), 1, seed=0)
+    assert record["row"] == [0.0] * len(record["response_ids"])
+    assert record["call"] == [float(i + 1) for i in range(len(record["response_ids"]))]
+    with pytest.raises(TypeError, match=r"returns \(actions, extras\)"):
+        rollout(single, lambda obs: obs["cand_ids"][0], 1, seed=0)
+
+
+def test_vector_env_prompt_text_follows_each_row(tiny_teacher):
+    """``prompt_text(row)``: the prompt of each sub-env's current episode, also after an autoreset
+    draws a new one (what rollout records as the episode's prompt); a bad row raises."""
+    vec = TokenGenerationVectorEnv(tiny_teacher, PROMPTS, num_envs=2, top_k=16, max_new_tokens=2)
+    vec.reset(options={"prompts": [PROMPTS[2], PROMPTS[0]]})
+    assert [vec.prompt_text(0), vec.prompt_text(1)] == [PROMPTS[2], PROMPTS[0]]
+    for _ in range(3):  # two steps end both episodes (truncated, or EOS sooner), the next autoresets
+        vec.step(vec.action_masks().argmax(-1))  # a token of each row's A_p(s)
+    for row in range(2):
+        assert vec.prompt_index[row] >= 0  # drawn from the pool by the autoreset (a given prompt has -1)
+        assert vec.prompt_text(row) == PROMPTS[vec.prompt_index[row]]
+    with pytest.raises(IndexError, match="valid rows are 0 .. 1"):
+        vec.prompt_text(2)
+    for record in rollout(vec, TeacherPolicy(seed=0), 6, seed=3):
+        assert tiny_teacher.encode_prompt(record["prompt"]) == record["prompt_ids"]

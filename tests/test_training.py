@@ -360,6 +360,33 @@ def test_auxiliary_lm_loss_on_the_pydoc_corpus(tmp_path):
     assert acc.Scalars("train/loss")[0].value == pytest.approx(bc + 0.5 * lm, rel=1e-5)
 
 
+def test_pretrain_text_term_is_j_pt_as_an_auxiliary_term(tiny_teacher):
+    """PretrainText.term(index, coef): micro-batch ``index``'s chunks (those of ``batch(index)``), named
+    ``lm``, whose value is pretrain_loss: forward adds coef times it and logs loss/lm, loss/lm_nll and
+    loss/lm_kd as before the term existed."""
+    from tdrl.agents import make_agent
+    from tdrl.agents.ops import pretrain_loss
+    from tdrl.models import load_student
+    from tdrl.testing.agent_contract import contract_batch
+    from tdrl.training.online import PretrainText
+
+    text = PretrainText(tiny_teacher, "pydoc", 16, 2, 8, seed=0)
+    term, drawn = text.term(3, 0.5), text.batch(3)
+    assert (term.name, term.coef) == ("lm", 0.5)
+    assert set(term.inputs) == set(drawn) and all(torch.equal(term.inputs[k], drawn[k]) for k in drawn)
+    assert not torch.equal(text.term(4, 0.5).inputs["input_ids"], drawn["input_ids"])  # the index picks the chunks
+    torch.manual_seed(0)
+    student = load_student("tiny")
+    agent, batch = make_agent("bc", student), contract_batch()
+    base, _ = agent(batch)
+    loss, metrics = agent(batch, auxiliary=[term])
+    lm, expected = pretrain_loss(student, *(drawn[k] for k in ("input_ids", "cand_ids", "cand_probs")), chunk=4096)
+    assert loss.item() == pytest.approx(base.item() + 0.5 * lm.item(), rel=1e-5)
+    assert set(expected) == {"loss/lm", "loss/lm_nll", "loss/lm_kd"}
+    for key, value in expected.items():
+        assert float(metrics[key]) == pytest.approx(float(value), rel=1e-5), key
+
+
 def test_demo_command_plumbing_with_tiny_overrides(tmp_path, capsys):
     """`tdrl demo` = a cached warm start, then compare from it with the demo budget; later flags
     override the budget (tiny models here). The table is on test prompts with the warm start as a row."""

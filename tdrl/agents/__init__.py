@@ -5,10 +5,13 @@ soft-Q Learning, the paper's "IQL"), ``bd`` (Bellman Distill, the paper's method
 over A_p(s)) and ``bd-released`` (exactly as the authors' code: the max over the whole vocabulary), the on-policy
 baselines ``minillm`` and ``gkd``, and ``kd-online`` (word-level KD with the teacher run online over
 the full vocabulary: the ecosystem's usual baseline). Third-party
-agents register with :func:`register_agent` or the ``tdrl.agents`` entry-point group.
+agents register with :func:`register_agent` or the ``tdrl.agents`` entry-point group; the hooks
+the trainer reads (``needs_teacher`` / ``teacher=``, ``behaviour``, ``on_policy``, ``trainer_defaults``,
+``forward(..., auxiliary=[AuxiliaryTerm, ...])``) are described in :mod:`tdrl.agents.base`.
 """
 
-from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions, hp
+from tdrl.agents.auxiliary import AuxiliaryTerm
+from tdrl.agents.base import ON_POLICY_PRESET, Agent, AgentConfig, Policy, Transitions, hp
 from tdrl.agents.bc import BC, BCConfig
 from tdrl.agents.gkd import GKD, GKDConfig
 from tdrl.agents.iql import IQL, IQLConfig
@@ -22,6 +25,8 @@ from tdrl.agents.sql import CQL, SQL, CQLConfig, SQLConfig
 __all__ = [
     "Agent",
     "AgentConfig",
+    "AuxiliaryTerm",
+    "ON_POLICY_PRESET",
     "Transitions",
     "Policy",
     "hp",

@@ -1,5 +1,6 @@
-"""The agent contract: settings every agent shares (:class:`AgentConfig`) and the :class:`Agent` base
-class (the batch turned into transitions once, the policy view, the support term, the diagnostics).
+"""The agent contract: the :class:`Agent` base class (the batch turned into transitions once, the
+policy view, the support term, the diagnostics) and the hooks the trainer reads; the settings every
+agent shares are :class:`~tdrl.agents.config.AgentConfig`.
 
 An agent owns its maths (``loss``); the trainer owns optimisers, schedules, AMP and logging::
 
@@ -8,6 +9,24 @@ An agent owns its maths (``loss``); the trainer owns optimisers, schedules, AMP 
         Config = MyConfig                     # dataclass: loss in the docstring, defaults, metric names
         description = "one line for `tdrl agents`"
         def loss(self, t, batch) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+The hooks, each explicit (nothing is read by ``getattr``):
+
+* ``needs_teacher`` (class flag): the agent runs the teacher inside ``loss`` (kd-online). The teacher
+  is given at construction, ``Agent(student, config, teacher=teacher)`` (or ``make_agent(name,
+  student, teacher=teacher)``; ``tdrl train`` passes it to every agent), read as :attr:`Agent.teacher`,
+  and kept out of the module tree: never in ``state_dict``, never moved by ``.to()``, shared (not
+  copied) by ``copy.deepcopy``. Without one such an agent refuses to be built.
+* :meth:`Agent.behaviour`: the distribution the agent's episodes are sampled from, given the student's
+  and the teacher's per state (default: the student's own; MiniLLM mixes in the teacher).
+  :class:`tdrl.envs.StudentPolicy` samples from it.
+* ``on_policy`` (class flag): the agent trains on its own episodes only. Its trainer preset
+  (``trainer_defaults``) then collects them and fills every batch with them (:data:`ON_POLICY_PRESET`,
+  unless the agent sets those flags itself), and the kit trains it on them.
+* ``trainer_defaults``: the trainer settings the method prescribes (bd: ``lm_coef`` 1); the user's
+  flags win.
+* ``forward(batch, auxiliary=[...])``: weighted extra loss terms the caller adds
+  (:class:`~tdrl.agents.auxiliary.AuxiliaryTerm`, e.g. J_PT), each logged as ``loss/<name>``.
 
 A batch is the collated dict of :func:`tdrl.data.collate`. :meth:`Agent.forward` turns it ONCE into
 N transitions (s, a, r, s', terminal) over the response positions, flattened row-major, with one student
@@ -29,9 +48,8 @@ vocabulary. ``restrict`` says what the teacher's set A_p(s) restricts:
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
-from dataclasses import dataclass
+import inspect
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,85 +57,42 @@ import torch
 from torch import Tensor, nn
 
 from tdrl.actions import in_set
-from tdrl.agents.ops import masked_log_softmax, masked_logsumexp, pretrain_loss
+from tdrl.agents.auxiliary import AuxiliaryTerm, add_auxiliary
+from tdrl.agents.config import RESTRICT_MODES, AgentConfig, hp
+from tdrl.agents.ops import masked_log_softmax, masked_logsumexp
 from tdrl.agents.transitions import Policy, Transitions
-from tdrl.errors import ConfigError, check_field_types
-from tdrl.models.student import VOCAB_CHUNK, Student, gather_logits, support_summary, vocab_logsumexp
+from tdrl.errors import ConfigError
+from tdrl.models.student import Student, gather_logits, support_summary, vocab_logsumexp
 
-__all__ = ["Agent", "AgentConfig", "Transitions", "Policy", "RESTRICT_MODES", "TRAINER_METRIC_GROUPS", "hp"]
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "AuxiliaryTerm",
+    "Transitions",
+    "Policy",
+    "RESTRICT_MODES",
+    "TRAINER_METRIC_GROUPS",
+    "ON_POLICY_PRESET",
+    "hp",
+]
 
-RESTRICT_MODES = ("mdp", "set", "none")
 #: Metric groups the trainer logs itself; an agent's metric names never start with these.
 TRAINER_METRIC_GROUPS = ("train/", "batch/", "perf/", "eval/", "test/", "test_best/", "rollout/")
+#: The trainer preset of an ``on_policy`` agent: collect its episodes every 10 steps, train on them only.
+ON_POLICY_PRESET: dict[str, Any] = {"online_every": 10, "online_ratio": 1.0}
 
 
-def hp(default, help: str):
-    """A dataclass field of an agent's Config with its ``--help`` text (the typed agent flags)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+class _Shared:
+    """Holds an object outside an ``nn.Module``'s tree; ``copy.deepcopy`` shares it (the teacher is
+    frozen and large: a copied agent uses the same one)."""
 
+    __slots__ = ("value",)
 
-@dataclass
-class AgentConfig:
-    """Settings every agent shares.
+    def __init__(self, value):
+        self.value = value
 
-    Attributes:
-        restrict: what the teacher's set A_p(s) restricts (see :mod:`tdrl.agents.base`): ``"mdp"``
-            (default: the backups, values and targets; the student normalised over V), ``"set"``
-            (ablation: the student's softmax normalised on A_p(s) as well, which leaves its mass
-            outside the set free) or ``"none"`` (ablation: everything over V).
-        gamma: discount (the paper: 0.99).
-        top_p: re-cut the data's A_p(s) at this p (``None``: keep the annotation's p).
-        support_coef: weight of the exact support term ``E_s[-log pi_S(A_p(s)|s)]`` (the student's
-            mass outside A_p(s), as a log-loss) added by :meth:`Agent.forward` with ``restrict="mdp"``;
-            computed from the full-vocabulary normaliser at the decoding temperature. 0 by default;
-            agents whose losses leave that mass free set their own default.
-        vocab_chunk: vocabulary columns per chunk of the full-vocabulary normaliser (memory knob).
-        head_lr_scale: learning-rate multiplier of the heads an agent adds (a value head starts at zero
-            and must reach the scale of the returns, while the pretrained student needs small steps).
-    """
-
-    restrict: str = hp(
-        "mdp",
-        "what A_p(s) restricts: mdp (backups, values, targets; the student normalised over V), set "
-        "(ablation: the student normalised on A_p(s) too) or none (ablation: everything over V)",
-    )
-    gamma: float = hp(0.99, "discount (the paper: 0.99)")
-    top_p: float | None = hp(
-        None,
-        "re-cut the annotation's A_p(s) at this p: the top-p MDP's p (default: --annotation-top-p; "
-        "decoding's nucleus is --eval-top-p)",
-    )
-    support_coef: float = hp(0.0, "weight of the exact support term E_s[-log pi_S(A_p(s)|s)] (restrict=mdp)")
-    vocab_chunk: int = hp(VOCAB_CHUNK, "vocabulary columns per chunk of the full-vocabulary normaliser (memory)")
-    head_lr_scale: float = hp(1.0, "learning-rate multiplier of the heads the agent adds (value / Q heads)")
-
-    def __post_init__(self):
-        check_field_types(self)
-        if self.restrict == "topp":  # the name before the full-vocabulary normaliser existed
-            warnings.warn(
-                "restrict='topp' is now called restrict='set' (the set-only normaliser, an ablation); "
-                "the default 'mdp' normalises the student over the whole vocabulary",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            self.restrict = "set"
-        if self.restrict not in RESTRICT_MODES:
-            raise ConfigError(f"restrict must be one of {', '.join(RESTRICT_MODES)}, got {self.restrict!r}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"gamma must lie in [0, 1], got {self.gamma}")
-        if self.support_coef < 0:
-            raise ConfigError(f"support_coef must be >= 0, got {self.support_coef}")
-        if self.vocab_chunk < 1:
-            raise ConfigError(f"vocab_chunk must be >= 1, got {self.vocab_chunk}")
-        if not self.head_lr_scale > 0:
-            raise ConfigError(f"head_lr_scale must be > 0, got {self.head_lr_scale}")
-        if self.top_p is not None:
-            from tdrl.actions import validate_top_p
-
-            try:
-                validate_top_p(self.top_p)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+    def __deepcopy__(self, memo):
+        return self
 
 
 class Agent(nn.Module):
@@ -131,22 +106,53 @@ class Agent(nn.Module):
     Config: ClassVar[type[AgentConfig]] = AgentConfig
     name: ClassVar[str] = "agent"
     description: ClassVar[str] = ""
-    #: on-policy agents train on the student's own episodes; the trainer collects them by default
+    #: the agent trains on its own episodes only (sampled from :meth:`behaviour`): its trainer preset
+    #: collects them and fills every batch with them (:data:`ON_POLICY_PRESET`), the kit trains it on them
     on_policy: ClassVar[bool] = False
-    #: agents that run the teacher inside ``loss`` (kd-online); the trainer calls ``attach_teacher``
-    uses_teacher: ClassVar[bool] = False
+    #: the agent runs the teacher inside ``loss`` (kd-online): it must be built with ``teacher=``
+    needs_teacher: ClassVar[bool] = False
     #: trainer settings this agent's method prescribes (e.g. bd's J_PT weight); the user's flags win
     trainer_defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, student: Student, config: AgentConfig | None = None):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            params = inspect.signature(init).parameters.values()
+            if not any(p.name == "teacher" or p.kind is p.VAR_KEYWORD for p in params):
+                raise TypeError(
+                    f"{cls.__name__}.__init__ must accept the keyword teacher=None and pass it on: "
+                    "def __init__(self, student, config=None, *, teacher=None): "
+                    "super().__init__(student, config, teacher=teacher)"
+                )
+        if cls.on_policy:  # the preset follows the flag; what the agent sets itself wins
+            cls.trainer_defaults = {**ON_POLICY_PRESET, **cls.trainer_defaults}
+
+    def __init__(self, student: Student, config: AgentConfig | None = None, *, teacher=None):
         super().__init__()
         self.student = student
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise ConfigError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(self.config).__name__}")
+        if self.needs_teacher and teacher is None:
+            raise ConfigError(
+                f"agent {self.name!r} runs the teacher inside its loss: pass teacher= when building it "
+                f"(make_agent({self.name!r}, student, teacher=teacher); tdrl train and build_trainer do this)"
+            )
+        self._teacher = _Shared(teacher)  # not an nn.Module attribute: never saved, never moved, never copied
 
-    def attach_teacher(self, teacher) -> None:
-        """Give an agent with ``uses_teacher = True`` the teacher (not saved with the agent's state)."""
+    @property
+    def teacher(self):
+        """The teacher given at construction (``None`` if none was); not part of the agent's state."""
+        return self._teacher.value
+
+    def behaviour(self, student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
+        """The distribution this agent's episodes are sampled from, per state: ``[B, V]`` rows that
+        sum to 1, from the student's decoding policy ``student_probs`` and the teacher's
+        ``teacher_probs`` (renormalised on A_p(s), 0 elsewhere), both ``[B, V]``. Default: the
+        student's own policy. :class:`tdrl.envs.StudentPolicy` samples from it and records
+        ``log mu(a|s)`` as ``behaviour_logprob`` (importance ratios when episodes are reused)."""
+        return student_probs
 
     # ------------------------------------------------------------------ contract
     def loss(self, t: Transitions, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -159,13 +165,13 @@ class Agent(nn.Module):
         batch: dict[str, Tensor],
         *,
         diagnostics: bool = False,
-        pretrain: dict[str, Tensor] | None = None,
-        pretrain_coef: float = 0.0,
+        auxiliary: Sequence[AuxiliaryTerm] = (),
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """What the trainer minimises: ``loss(transitions(batch), batch)`` plus, with
         ``restrict="mdp"`` and ``support_coef > 0``, ``support_coef * E_s[-log pi_S(A_p(s)|s)]``
-        (metric ``loss/support``), plus ``pretrain_coef`` times MiniLLM's J_PT on the ``pretrain``
-        text (:func:`~tdrl.agents.ops.pretrain_loss`; metrics ``loss/lm*``). With ``diagnostics`` (the
+        (metric ``loss/support``), plus ``term.coef`` times each ``auxiliary`` term's value
+        (:class:`~tdrl.agents.auxiliary.AuxiliaryTerm`; metric ``loss/<name>``, unweighted, and the
+        term's own metrics: the trainer's J_PT is one, ``loss/lm*``). With ``diagnostics`` (the
         trainer's log steps) it adds ``policy/outside_mass`` (the decoding policy's exact mass outside
         A_p(s)), ``policy/entropy`` (its full-vocabulary entropy) and ``policy/mode_outside`` (how often
         its most likely token lies outside A_p(s)), from one chunked pass without gradient.
@@ -180,14 +186,7 @@ class Agent(nn.Module):
             term = -pi.log_mass_in_set().mean()
             loss = loss + cfg.support_coef * term
             metrics["loss/support"] = term.detach()
-        if pretrain is not None and pretrain_coef > 0:
-            device = self.student.device
-            lm, lm_metrics = pretrain_loss(
-                self.student, *(pretrain[k].to(device) for k in ("input_ids", "cand_ids", "cand_probs")),
-                chunk=cfg.vocab_chunk,
-            )  # fmt: skip
-            loss = loss + pretrain_coef * lm
-            metrics.update(lm_metrics)
+        loss = add_auxiliary(self, loss, metrics, auxiliary)
         if diagnostics:
             metrics.update(self.diagnostics(t))
         return loss, metrics
@@ -342,9 +341,12 @@ class Agent(nn.Module):
         if temperature not in t._log_z:
             student = self.student
             t._log_z[temperature] = vocab_logsumexp(
-                t.hidden, student.output_weight(), student.output_bias(), scale=1.0 / temperature,
+                t.hidden,
+                student.output_weight(),
+                student.output_bias(),
+                scale=1.0 / temperature,
                 chunk=self.config.vocab_chunk,
-            )  # fmt: skip
+            )
         return t._log_z[temperature]
 
     @staticmethod
@@ -368,6 +370,3 @@ class Agent(nn.Module):
         A_p(s) (``[N, K]``, ``-inf`` outside the set)."""
         rows = t.cur if rows is None else rows
         return masked_log_softmax(t.cand_logprobs[rows], t.cand_mask[rows])
-
-
-# ---------------------------------------------------------------------- registry

@@ -80,8 +80,8 @@ class IQL(Agent):
     Config = IQLConfig
     description = "Implicit Q-Learning (expectile V, TD Q head, advantage-weighted policy); not the paper's IQL"
 
-    def __init__(self, student, config=None):
-        super().__init__(student, config)
+    def __init__(self, student, config=None, *, teacher=None):
+        super().__init__(student, config, teacher=teacher)
         student.enable_value_head()
         weight = student.output_weight()
         self.q_head = nn.Linear(weight.shape[1], weight.shape[0], bias=True).to(device=weight.device)

@@ -38,13 +38,15 @@ class MiniLLMConfig(AgentConfig):
 
     * ``length_norm`` (default True): C_{t+1} is divided by the number of remaining tokens;
     * ``baseline`` ``"batch_mean"`` (default) subtracts the batch mean of C_{t+1}; ``"none"`` does not;
-    * ``teacher_mix`` alpha (MiniLLM: 0.2): episodes are sampled from mu = alpha pi_T + (1 - alpha) pi_S
-      (the trainer's collection policy does this, the teacher part renormalised on A_p(s));
+    * ``teacher_mix`` alpha (MiniLLM: 0.2): episodes are sampled from mu = alpha pi_T + (1 - alpha) pi_S,
+      the teacher part renormalised on A_p(s) (:meth:`MiniLLM.behaviour`, which the collection policy
+      :class:`tdrl.envs.StudentPolicy` samples from);
     * ``cliprange`` (MiniLLM: 0.2) and ``clip`` (|A_t| <= 10).
 
     ``restrict="set"`` (ablation) normalises both policies on A_p(s) and leaves tokens outside it out.
-    The agent is on-policy: the trainer collects student episodes for it (``--online-every``,
-    default every 10 steps, ``--online-ratio`` 1). Metrics: ``loss/minillm``, ``minillm/kl_step``,
+    The agent is on-policy (``on_policy = True``): its trainer preset collects student episodes for it
+    and trains on them only (``--online-every`` default every 10 steps, ``--online-ratio`` 1).
+    Metrics: ``loss/minillm``, ``minillm/kl_step``,
     ``minillm/reverse_kl`` (per-sequence sum of c_t), ``minillm/advantage``, ``minillm/ratio``,
     ``minillm/clipped_frac``, ``policy/entropy_in_set``.
     """
@@ -82,8 +84,12 @@ def segment_suffix_sums(values: torch.Tensor, done: torch.Tensor) -> tuple[torch
 class MiniLLM(Agent):
     Config = MiniLLMConfig
     description = "MiniLLM: policy gradient on the sequence-level reverse KL, on the student's own samples"
-    on_policy: ClassVar[bool] = True
-    trainer_defaults: ClassVar[dict] = {"online_every": 10, "online_ratio": 1.0}
+    on_policy: ClassVar[bool] = True  # preset: online_every 10, online_ratio 1 (base.ON_POLICY_PRESET)
+
+    def behaviour(self, student_probs, teacher_probs):
+        """MiniLLM's teacher-mixed sampling: mu = alpha pi_T + (1 - alpha) pi_S, alpha = ``teacher_mix``."""
+        alpha = self.config.teacher_mix
+        return alpha * teacher_probs + (1.0 - alpha) * student_probs
 
     def loss(self, t, batch):
         cfg = self.config

@@ -29,8 +29,8 @@ class OnlineKDConfig(AgentConfig):
     both distributions at ``temperature`` (1 = the plain KL). ``restrict``, ``gamma`` and ``top_p``
     are ignored: nothing here uses the teacher's set A_p(s).
 
-    Needs the teacher: the trainer attaches it (``agent.attach_teacher(teacher)``, as it does for
-    every agent with ``uses_teacher = True``); the teacher is not part of the agent's state.
+    Needs the teacher (``needs_teacher = True``): build it with ``teacher=`` (``make_agent("kd-online",
+    student, teacher=teacher)``; ``tdrl train`` passes it); the teacher is not part of the agent's state.
 
     Metrics: ``loss/kd`` (= ``policy/kl_teacher``, the full-vocabulary KL), ``policy/nll_data``.
     """
@@ -47,27 +47,16 @@ class OnlineKDConfig(AgentConfig):
 class OnlineKD(Agent):
     Config = OnlineKDConfig
     description = "baseline: word-level KD with the teacher run online, full-vocabulary forward KL (TRL GKD, lambda=0)"
-    uses_teacher = True
-
-    def __init__(self, student, config=None):
-        super().__init__(student, config)
-        self._teacher = None  # not an nn.Module attribute: never saved, never moved with the agent
-
-    def attach_teacher(self, teacher) -> None:
-        self._teacher = teacher
+    needs_teacher = True
 
     def loss(self, t, batch):
-        if self._teacher is None:
-            raise ConfigError(
-                "kd-online runs the teacher inside its loss: call agent.attach_teacher(teacher) "
-                "(tdrl train and Trainer do this for you)"
-            )
+        teacher = self.teacher
         tau = self.config.temperature
         device = self.student.device
         input_ids = batch["input_ids"].to(device)
         sel = batch["response_mask"].to(device).bool()
         with torch.no_grad():
-            teacher_logits = self._teacher.logits(input_ids, batch["attention_mask"])[sel.to(self._teacher.device)]
+            teacher_logits = teacher.logits(input_ids, batch["attention_mask"])[sel.to(teacher.device)]
         teacher_logp = torch.log_softmax(teacher_logits.to(device).float() / tau, -1)
         student_logp = torch.log_softmax(self.student.full_logits(t.hidden[t.cur]).float() / tau, -1)
         kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)

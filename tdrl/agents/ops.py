@@ -10,9 +10,14 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "masked_logsumexp", "masked_log_softmax", "log1mexp", "detached", "TargetNetwork", "expectile_loss",
+    "masked_logsumexp",
+    "masked_log_softmax",
+    "log1mexp",
+    "detached",
+    "TargetNetwork",
+    "expectile_loss",
     "pretrain_loss",
-]  # fmt: skip
+]
 
 
 def masked_logsumexp(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:

@@ -7,6 +7,7 @@ import dataclasses
 from importlib import metadata
 
 from tdrl.agents.base import Agent
+from tdrl.agents.config import AgentConfig
 from tdrl.errors import ConfigError
 from tdrl.models.student import Student
 
@@ -14,6 +15,8 @@ __all__ = ["register_agent", "get_agent", "list_agents", "make_agent"]
 
 _REGISTRY: dict[str, type[Agent]] = {}
 _ENTRY_POINTS_LOADED = False
+#: make_agent's own parameters: no agent setting may take one of these names
+_RESERVED = ("name", "student", "config", "teacher")
 
 
 def register_agent(name: str):
@@ -24,6 +27,9 @@ def register_agent(name: str):
             raise TypeError(f"@register_agent({name!r}) must decorate an Agent subclass")
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ConfigError(f"an agent named {name!r} is already registered ({_REGISTRY[name].__module__})")
+        clash = sorted({f.name for f in dataclasses.fields(cls.Config)} & set(_RESERVED))
+        if clash:
+            raise ConfigError(f"agent {name!r}: rename the setting(s) {', '.join(clash)} (make_agent's own parameters)")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -57,8 +63,14 @@ def get_agent(name: str) -> type[Agent]:
     return _REGISTRY[name]
 
 
-def make_agent(name: str, student: Student, **overrides) -> Agent:
-    """Build agent ``name`` with its config defaults updated by ``overrides`` (unknown fields raise)."""
+def make_agent(name: str, student: Student, config: AgentConfig | None = None, *, teacher=None, **overrides) -> Agent:
+    """Build agent ``name`` on ``student``.
+
+    ``config``: an instance of the agent's own Config (``get_agent(name).Config``), used as is, or
+    with ``overrides`` applied (``dataclasses.replace``, validated again); without it the Config is
+    built from its defaults updated by ``overrides``. Unknown settings, or a config of another class,
+    raise :class:`~tdrl.errors.ConfigError`. ``teacher``: the teacher, kept outside the agent's state
+    (:attr:`Agent.teacher`); agents with ``needs_teacher`` refuse to be built without one."""
     cls = get_agent(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(overrides) - fields)
@@ -66,4 +78,13 @@ def make_agent(name: str, student: Student, **overrides) -> Agent:
         raise ConfigError(
             f"agent {name!r} has no setting(s) {', '.join(unknown)}; its settings: {', '.join(sorted(fields))}"
         )
-    return cls(student, cls.Config(**overrides))
+    if config is None:
+        config = cls.Config(**overrides)
+    elif type(config) is not cls.Config:
+        raise ConfigError(
+            f"agent {name!r} takes a {cls.Config.__name__}, got a {type(config).__name__}: build it with "
+            f"get_agent({name!r}).Config(...) or pass the settings as keywords"
+        )
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    return cls(student, config, teacher=teacher)

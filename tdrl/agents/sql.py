@@ -82,8 +82,8 @@ class SQL(Agent):
     Config = SQLConfig
     description = "soft Q-learning: Q = alpha log proj_p pi_S + V(s), TD to r + gamma V(s') on the top-p MDP"
 
-    def __init__(self, student, config=None):
-        super().__init__(student, config)
+    def __init__(self, student, config=None, *, teacher=None):
+        super().__init__(student, config, teacher=teacher)
         if self.config.restrict != "set" and self.config.q_param == "duel":
             student.enable_value_head()
         self.target_student = TargetNetwork.make(student) if self.config.target == "polyak" else None

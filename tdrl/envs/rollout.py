@@ -13,13 +13,21 @@ from tdrl.records import episode_record
 
 __all__ = ["rollout"]
 
-Policy = Callable[[dict[str, np.ndarray]], Any]
+#: observation -> (actions, extras): extras a dict of per-row values (``{}`` for most policies)
+Policy = Callable[[dict[str, np.ndarray]], tuple[Any, dict[str, Any]]]
 
 
-def _step_extras(policy) -> dict[str, np.ndarray]:
-    """Per-step fields a policy reports about the action it just chose (``policy.last_extras``: e.g.
-    the log-probs it sampled from, :data:`tdrl.records.ONLINE_FIELDS`); empty for most policies."""
-    return {k: np.atleast_1d(v) for k, v in (getattr(policy, "last_extras", None) or {}).items()}
+def _act(policy: Policy, obs: dict[str, np.ndarray]) -> tuple[Any, dict[str, np.ndarray]]:
+    """The policy's ``(actions, extras)`` for ``obs``; extras as arrays with one value per row (e.g.
+    the log-probs it sampled from, :data:`tdrl.records.ONLINE_FIELDS`)."""
+    out = policy(obs)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+        raise TypeError(
+            f"a policy returns (actions, extras), extras a dict of per-row values ({{}} if none); "
+            f"{type(policy).__name__} returned {type(out).__name__}: return `actions, {{}}`"
+        )
+    actions, extras = out
+    return actions, {k: np.atleast_1d(v) for k, v in extras.items()}
 
 
 def rollout(env, policy: Policy, n_episodes: int, *, seed: int | None = None) -> list[dict]:
@@ -28,9 +36,10 @@ def rollout(env, policy: Policy, n_episodes: int, *, seed: int | None = None) ->
 
     ``env`` is a :class:`TokenGenerationEnv` (possibly wrapped, e.g. by ``gymnasium.make``) or a
     :class:`TokenGenerationVectorEnv`; ``policy`` maps an observation (batched for a vector env) to
-    action(s). ``seed`` seeds the first reset. Each record also carries ``return`` (sum of rewards),
-    and, per step, whatever the policy reports in ``policy.last_extras`` after each call (a dict of
-    per-row values, e.g. ``behaviour_logprob``).
+    ``(actions, extras)`` (:mod:`tdrl.envs.policies`). ``seed`` seeds the first reset. Each record also
+    carries ``return`` (sum of rewards), and, per step, the policy's extras (a dict of per-row values,
+    e.g. ``behaviour_logprob``; ``{}`` for most policies). The prompt text comes from the env's
+    ``prompt_text()`` (``prompt_text(row)`` for a vector env).
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
@@ -95,8 +104,7 @@ def _rollout_single(env, policy: Policy, n_episodes: int, seed: int | None) -> l
         obs, _ = env.reset(seed=seed if episode == 0 else None)
         traj = _Trajectory(obs, base.prompt_text())
         while True:
-            action = policy(obs)
-            extras = _step_extras(policy)
+            action, extras = _act(policy, obs)
             next_obs, reward, terminated, truncated, info = env.step(action)
             traj.add(obs, action, reward, info["teacher_logprob"], {k: np.ravel(v)[0] for k, v in extras.items()})
             obs = next_obs
@@ -109,20 +117,20 @@ def _rollout_single(env, policy: Policy, n_episodes: int, seed: int | None) -> l
 def _rollout_vector(env, base, policy: Policy, n_episodes: int, seed: int | None) -> list[dict]:
     obs, _ = env.reset(seed=seed)
     rows = range(base.num_envs)
-    texts = lambda row: base._mdp.prompt_texts[row]  # noqa: E731
-    trajs = [_Trajectory({k: v[row] for k, v in obs.items()}, texts(row)) for row in rows]
+    trajs = [_Trajectory({k: v[row] for k, v in obs.items()}, base.prompt_text(row)) for row in rows]
     records: list[dict] = []
     while len(records) < n_episodes:
-        actions = np.asarray(policy(obs))
-        extras = _step_extras(policy)
+        actions, extras = _act(policy, obs)
+        actions = np.asarray(actions)
         next_obs, reward, terminated, truncated, info = env.step(actions)
         for row in rows:
             if trajs[row] is None:  # this row was autoreset by this step: a new episode starts
-                trajs[row] = _Trajectory({k: v[row] for k, v in next_obs.items()}, texts(row))
+                trajs[row] = _Trajectory({k: v[row] for k, v in next_obs.items()}, base.prompt_text(row))
                 continue
             row_extras = {k: v[row] for k, v in extras.items()}
-            trajs[row].add({k: v[row] for k, v in obs.items()}, actions[row], reward[row], info["teacher_logprob"][row],
-                           row_extras)  # fmt: skip
+            trajs[row].add(
+                {k: v[row] for k, v in obs.items()}, actions[row], reward[row], info["teacher_logprob"][row], row_extras
+            )
             if terminated[row] or truncated[row]:
                 if len(records) < n_episodes:  # next-step autoreset: next_obs still shows this episode's final state
                     final = {k: v[row] for k, v in next_obs.items()}

@@ -101,27 +101,37 @@ class TokenGenerationEnv(gym.Env):
             raise ConfigError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.teacher = teacher
         self.render_mode = render_mode
-        self._mdp = TokenMDP(
-            teacher, prompts, 1, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, reward=reward,
-            off_support=off_support, off_support_penalty=off_support_penalty, gamma=gamma,
-            max_prompt_len=max_prompt_len, kv_cache=kv_cache,
-        )  # fmt: skip
-        self.action_space = spaces.Discrete(self._mdp.vocab_size)
-        self.observation_space = self._mdp.observation_space()
+        #: the :class:`~tdrl.envs.mdp.TokenMDP` behind the env (both envs share its logic); public, read-only use
+        self.mdp = TokenMDP(
+            teacher,
+            prompts,
+            1,
+            top_k=top_k,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            reward=reward,
+            off_support=off_support,
+            off_support_penalty=off_support_penalty,
+            gamma=gamma,
+            max_prompt_len=max_prompt_len,
+            kv_cache=kv_cache,
+        )
+        self.action_space = spaces.Discrete(self.mdp.vocab_size)
+        self.observation_space = self.mdp.observation_space()
         self.prompt_index = -1
         self._done = True
 
     @property
     def prompt_pool(self) -> list[list[int]]:
-        return self._mdp.pool_ids
+        return self.mdp.pool_ids
 
     def _obs(self) -> dict[str, np.ndarray]:
-        return {key: np.asarray(value[0]) for key, value in self._mdp.observation().items()}
+        return {key: np.asarray(value[0]) for key, value in self.mdp.observation().items()}
 
     def _state_info(self) -> dict[str, Any]:
-        subset = self._mdp.subset
+        subset = self.mdp.subset
         return {
-            "action_mask": self._mdp.action_mask()[0],
+            "action_mask": self.mdp.action_mask()[0],
             "prompt_index": self.prompt_index,
             "state_support_mass": float(subset.mass()[0]),
             "state_support_size": int(subset.size()[0]),
@@ -131,20 +141,20 @@ class TokenGenerationEnv(gym.Env):
         super().reset(seed=seed)
         prompt = (options or {}).get("prompt")
         if prompt is None:
-            self.prompt_index = int(self.np_random.integers(len(self._mdp.pool_ids)))
-            ids, text = self._mdp.pool_ids[self.prompt_index], self._mdp.pool_texts[self.prompt_index]
+            self.prompt_index = int(self.np_random.integers(len(self.mdp.pool_ids)))
+            ids, text = self.mdp.pool_ids[self.prompt_index], self.mdp.pool_texts[self.prompt_index]
         else:
             self.prompt_index = -1
-            ids, text = self._mdp.encode(prompt), prompt if isinstance(prompt, str) else ""
-        self._mdp.begin([0], [ids], [text])
+            ids, text = self.mdp.encode(prompt), prompt if isinstance(prompt, str) else ""
+        self.mdp.begin([0], [ids], [text])
         self._done = False
         return self._obs(), self._state_info()
 
     def step(self, action):
         if self._done:
             raise ResetNeeded("the episode has ended (or never started): call reset() before step()")
-        actions = self._mdp.check_actions(np.asarray(action).reshape(1))
-        out = self._mdp.advance(actions)
+        actions = self.mdp.check_actions(np.asarray(action).reshape(1))
+        out = self.mdp.advance(actions)
         terminated, truncated = bool(out["terminated"][0]), bool(out["truncated"][0])
         self._done = terminated or truncated
         info = self._state_info()
@@ -158,20 +168,21 @@ class TokenGenerationEnv(gym.Env):
 
     def action_masks(self) -> np.ndarray:
         """bool ``[V]``: True on A_p(s) at the current state (sb3-contrib MaskablePPO)."""
-        return self._mdp.action_mask()[0].astype(bool)
+        return self.mdp.action_mask()[0].astype(bool)
 
     def render(self) -> str | None:
         if self.render_mode != "ansi":
             return None
-        if self._mdp.state is None:
+        if self.mdp.state is None:
             return ""
-        return self._mdp.render_row(0)
+        return self.mdp.render_row(0)
 
     def response_text(self) -> str:
-        return self.teacher.tokenizer.decode([t for t, _ in self._mdp.history[0]])
+        return self.teacher.tokenizer.decode([t for t, _ in self.mdp.history[0]])
 
     def prompt_text(self) -> str:
-        return self._mdp.prompt_texts[0]
+        """The current episode's prompt as text (``""`` for a prompt given as token ids)."""
+        return self.mdp.prompt_texts[0]
 
 
 class TokenGenerationVectorEnv(VectorEnv):
@@ -210,14 +221,23 @@ class TokenGenerationVectorEnv(VectorEnv):
         if render_mode not in (None, "ansi"):
             raise ConfigError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.teacher, self.num_envs, self.render_mode = teacher, num_envs, render_mode
-        self._mdp = TokenMDP(
-            teacher, prompts, num_envs, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, reward=reward,
-            off_support=off_support, off_support_penalty=off_support_penalty, gamma=gamma,
-            max_prompt_len=max_prompt_len, kv_cache=kv_cache,
-        )  # fmt: skip
-        self.single_action_space = spaces.Discrete(self._mdp.vocab_size)
-        self.action_space = spaces.MultiDiscrete(np.full(num_envs, self._mdp.vocab_size))
-        self.single_observation_space = self._mdp.observation_space()
+        self.mdp = TokenMDP(
+            teacher,
+            prompts,
+            num_envs,
+            top_k=top_k,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            reward=reward,
+            off_support=off_support,
+            off_support_penalty=off_support_penalty,
+            gamma=gamma,
+            max_prompt_len=max_prompt_len,
+            kv_cache=kv_cache,
+        )
+        self.single_action_space = spaces.Discrete(self.mdp.vocab_size)
+        self.action_space = spaces.MultiDiscrete(np.full(num_envs, self.mdp.vocab_size))
+        self.single_observation_space = self.mdp.observation_space()
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
         self._needs_reset = np.zeros(num_envs, dtype=bool)
@@ -225,9 +245,9 @@ class TokenGenerationVectorEnv(VectorEnv):
         self._started = False
 
     def _draw(self, row: int) -> tuple[list[int], str]:
-        index = int(self._rngs[row].integers(len(self._mdp.pool_ids)))
+        index = int(self._rngs[row].integers(len(self.mdp.pool_ids)))
         self.prompt_index[row] = index
-        return self._mdp.pool_ids[index], self._mdp.pool_texts[index]
+        return self.mdp.pool_ids[index], self.mdp.pool_texts[index]
 
     def reset(self, *, seed: int | Sequence[int] | None = None, options: dict[str, Any] | None = None):
         if seed is not None:
@@ -244,20 +264,20 @@ class TokenGenerationVectorEnv(VectorEnv):
                 row_ids, text = self._draw(row)
             else:
                 self.prompt_index[row] = -1
-                row_ids, text = self._mdp.encode(prompts[row]), prompts[row] if isinstance(prompts[row], str) else ""
+                row_ids, text = self.mdp.encode(prompts[row]), prompts[row] if isinstance(prompts[row], str) else ""
             ids.append(row_ids)
             texts.append(text)
-        self._mdp.state = None
-        self._mdp.begin(list(range(self.num_envs)), ids, texts)
+        self.mdp.state = None
+        self.mdp.begin(list(range(self.num_envs)), ids, texts)
         self._needs_reset[:] = False
         self._started = True
-        return self._mdp.observation(), self._state_info()
+        return self.mdp.observation(), self._state_info()
 
     def _state_info(self) -> dict[str, Any]:
-        subset = self._mdp.subset
+        subset = self.mdp.subset
         every = np.ones(self.num_envs, dtype=bool)
         return {
-            "action_mask": self._mdp.action_mask(),
+            "action_mask": self.mdp.action_mask(),
             "_action_mask": every,
             "prompt_index": self.prompt_index.copy(),
             "_prompt_index": every,
@@ -273,8 +293,8 @@ class TokenGenerationVectorEnv(VectorEnv):
         actions = np.asarray(actions).reshape(self.num_envs).copy()
         resetting = self._needs_reset.copy()
         if resetting.any():  # ignored actions: any valid token keeps the batched forward uniform
-            actions[resetting] = self._mdp.subset.ids[torch.as_tensor(resetting), 0].numpy()
-        out = self._mdp.advance(self._mdp.check_actions(actions))
+            actions[resetting] = self.mdp.subset.ids[torch.as_tensor(resetting), 0].numpy()
+        out = self.mdp.advance(self.mdp.check_actions(actions))
         stepped = ~resetting
         reward = np.where(stepped, out["reward"], 0.0)
         terminated = out["terminated"] & stepped
@@ -282,19 +302,26 @@ class TokenGenerationVectorEnv(VectorEnv):
         if resetting.any():
             rows = np.flatnonzero(resetting).tolist()
             drawn = [self._draw(row) for row in rows]
-            self._mdp.begin(rows, [d[0] for d in drawn], [d[1] for d in drawn])
+            self.mdp.begin(rows, [d[0] for d in drawn], [d[1] for d in drawn])
         self._needs_reset = terminated | truncated
         info = self._state_info()
         for key in ("teacher_logprob", "in_support", "support_mass", "support_size"):
             info[key] = out[key]
             info[f"_{key}"] = stepped
-        return self._mdp.observation(), reward, terminated, truncated, info
+        return self.mdp.observation(), reward, terminated, truncated, info
 
     def action_masks(self) -> np.ndarray:
         """bool ``[N, V]``: True on A_p(s) at each sub-env's current state."""
-        return self._mdp.action_mask().astype(bool)
+        return self.mdp.action_mask().astype(bool)
+
+    def prompt_text(self, row: int) -> str:
+        """The prompt of sub-env ``row``'s current episode as text (``""`` for a prompt given as token
+        ids). After an autoreset it is the new episode's prompt."""
+        if not 0 <= row < self.num_envs:
+            raise IndexError(f"row {row} is not a sub-env: valid rows are 0 .. {self.num_envs - 1}")
+        return self.mdp.prompt_texts[row]
 
     def render(self) -> tuple[str, ...] | None:
-        if self.render_mode != "ansi" or self._mdp.state is None:
+        if self.render_mode != "ansi" or self.mdp.state is None:
             return None
-        return tuple(self._mdp.render_row(row) for row in range(self.num_envs))
+        return tuple(self.mdp.render_row(row) for row in range(self.num_envs))

@@ -50,9 +50,12 @@ def reference_records(
 
     bundled = isinstance(source, str) and source == "bundled"
     ds = load_source(
-        source, split=split or ("validation" if bundled else None), prompt_column=prompt_column,
-        response_column=reference_column, context_column=context_column,
-    )  # fmt: skip
+        source,
+        split=split or ("validation" if bundled else None),
+        prompt_column=prompt_column,
+        response_column=reference_column,
+        context_column=context_column,
+    )
     if n is not None:
         if n < 1:
             raise DataError(f"the number of evaluation prompts must be >= 1, got {n}")
@@ -65,10 +68,13 @@ def reference_records(
         return r.get("reference") if bundled and (not heldout or short) else None
 
     rows = [
-        {"prompt": r["prompt"], "answer": answer(r),
-         "human_reference": r.get("reference") if heldout else None if bundled else r.get("response")}
+        {
+            "prompt": r["prompt"],
+            "answer": answer(r),
+            "human_reference": r.get("reference") if heldout else None if bundled else r.get("response"),
+        }
         for r in ds.to_list()
-    ]  # fmt: skip
+    ]
     key = json.dumps([teacher.weights_fingerprint(), records_fingerprint(ds), max_new_tokens])
     path = tdrl_cache_dir() / "data" / f"references-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():

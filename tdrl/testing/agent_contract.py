@@ -16,29 +16,31 @@ at all for ``restrict="set"``); ``state_dict`` round-trips (target networks and 
 training is deterministic under a seed; on a :class:`~tdrl.testing.MarkovTeacher` problem with a
 tabular student the decoded policy converges to its method's fixed point on A_p(s), computed by
 brute force (the teacher's policy for every loss that targets it); a network student whose most
-likely token lies outside A_p(s) at half of the states keeps its mass on A_p(s); and a student
-started from a teacher-like table keeps its mass on A_p(s) while it trains (V >> K).
+likely token lies outside A_p(s) at half of the states keeps its mass on A_p(s); a student
+started from a teacher-like table keeps its mass on A_p(s) while it trains (V >> K); and the hooks
+the trainer reads (the teacher given at construction, ``behaviour``, ``on_policy``'s preset,
+auxiliary loss terms, the student policy's extras: :mod:`tdrl.testing.hooks`). Agents with
+``needs_teacher`` get the problem's teacher (:func:`kit_teacher` on the tiny-model batches).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
 
 from tdrl.agents.base import TRAINER_METRIC_GROUPS, Agent
-from tdrl.agents.registry import make_agent
-from tdrl.models import Student
-from tdrl.records import record_tensors
 from tdrl.testing.fixed_points import markov_fixed_point, markov_transitions
+from tdrl.testing.hooks import check_auxiliary_term, check_behaviour, check_student_policy, check_teacher_hook
+from tdrl.testing.problems import TabularStudent, contract_batch, kit_teacher, markov_batch
+from tdrl.testing.problems import kit_agent as _agent
 
 __all__ = [
     "TabularStudent",
+    "kit_teacher",
     "contract_batch",
     "markov_batch",
     "check_loss_and_metrics",
@@ -52,104 +54,14 @@ __all__ = [
     "markov_transitions",
     "check_keeps_support",
     "check_keeps_support_network",
+    "check_teacher_hook",
+    "check_behaviour",
+    "check_auxiliary_term",
+    "check_student_policy",
     "support_run",
     "CHECKS",
     "run_agent_contract",
 ]
-
-
-class _Table(nn.Module):
-    def __init__(self, vocab_size: int):
-        super().__init__()
-        self.weight = nn.Parameter(0.01 * torch.randn(vocab_size, vocab_size))  # not 0: avoid the symmetric saddle
-        self.config = SimpleNamespace(vocab_size=vocab_size)
-
-
-class TabularStudent(Student):
-    """A Q-table as a student: the state is the last token, ``logits(s) = W[:, s]`` (W is ``[V, V]``).
-
-    ``hidden_states`` is the one-hot of each token, so the output embedding is the table itself and
-    every agent's maths runs unchanged. For exact checks on Markov teachers.
-    """
-
-    def __init__(self, vocab_size: int, tokenizer=None, *, value_head: bool = False):
-        super().__init__(_Table(vocab_size), tokenizer, value_head=value_head)
-
-    def hidden_states(self, input_ids, attention_mask=None):
-        return nn.functional.one_hot(input_ids, self.model.weight.shape[0]).to(self.model.weight.dtype)
-
-    def output_weight(self):
-        return self.model.weight
-
-    def output_bias(self):
-        return None
-
-    def full_logits(self, hidden):
-        return nn.functional.linear(hidden, self.model.weight)
-
-
-def _tiny_student():
-    from tdrl.models import load_student
-
-    torch.manual_seed(0)
-    return load_student("tiny")
-
-
-def contract_batch(num_records: int = 4, max_new_tokens: int = 6, top_k: int = 16, top_p: float = 0.8, seed: int = 0):
-    """A collated batch of tiny-teacher responses with their annotation (built once, then copied)."""
-    return {k: v.clone() for k, v in _contract_batch(num_records, max_new_tokens, top_k, top_p, seed).items()}
-
-
-@functools.lru_cache(maxsize=4)
-def _contract_batch(num_records: int, max_new_tokens: int, top_k: int, top_p: float, seed: int):
-    from tdrl.data import collate
-    from tdrl.envs import TeacherPolicy, TokenGenerationEnv, rollout
-    from tdrl.testing import tiny_teacher
-
-    teacher = tiny_teacher()
-    prompts = ["What is the capital of France?", "Name three colors.", "hi", "Define gravity."]
-    env = TokenGenerationEnv(teacher, prompts, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
-    records = rollout(env, TeacherPolicy(seed=seed, temperature=1.5), num_records, seed=seed)
-    items = [record_tensors(r) for r in records]
-    batch = collate(items, teacher.pad_token_id)
-    # make row 0's second action a token outside its A_p(s), so every agent meets that case (the agents
-    # derive membership from the sets and the next token: nothing else to change)
-    pos = int(torch.nonzero(batch["response_mask"][0])[1])
-    outside = next(a for a in range(teacher.vocab_size) if a not in set(batch["cand_ids"][0, pos].tolist()))
-    batch["input_ids"][0, pos + 1] = outside
-    return batch
-
-
-def markov_batch(
-    vocab_size: int = 5,
-    episodes: int = 64,
-    horizon: int = 6,
-    top_p: float = 0.8,
-    seed: int = 3,
-    top_k: int | None = None,
-    scale: float = 2.0,
-):
-    """Episodes of the Markov teacher's own policy (projected on A_p), collated, and the teacher."""
-    return _markov_batch(vocab_size, episodes, horizon, top_p, seed, top_k, scale)
-
-
-@functools.lru_cache(maxsize=4)
-def _markov_batch(vocab_size, episodes, horizon, top_p, seed, top_k, scale):
-    from tdrl.data import collate
-    from tdrl.envs import TeacherPolicy, TokenGenerationVectorEnv, rollout
-    from tdrl.testing import MarkovTeacher
-
-    teacher = MarkovTeacher(vocab_size=vocab_size, seed=seed, eos_bias=-1.0, scale=scale)
-    env = TokenGenerationVectorEnv(
-        teacher, [[0]], num_envs=8, top_k=top_k or vocab_size, top_p=top_p, max_new_tokens=horizon
-    )
-    records = rollout(env, TeacherPolicy(seed=seed), episodes, seed=seed)
-    items = [record_tensors(r) for r in records]
-    return collate(items, teacher.pad_token_id), teacher
-
-
-def _agent(name: str, student=None, **overrides) -> Agent:
-    return make_agent(name, student if student is not None else _tiny_student(), **overrides)
 
 
 def _trainable(agent: Agent):
@@ -301,7 +213,7 @@ def learn_on_markov(name: str, steps: int = 600, **overrides) -> tuple[float, fl
     student = TabularStudent(teacher.vocab_size, teacher.tokenizer)
     with torch.no_grad():
         student.model.weight.copy_(-teacher.model.table.T.float())
-    agent = _agent(name, student, **overrides)
+    agent = _agent(name, student, teacher, **overrides)
     oracle, description, tol = markov_fixed_point(agent)  # tdrl.testing.fixed_points
     from tdrl.testing.support import own_episodes
 
@@ -337,7 +249,7 @@ def support_run(name: str, steps: int = 300, lr: float = 0.05, **overrides) -> t
     with torch.no_grad():
         start = teacher.logprobs.float().T  # logits(s) = W[:, s]
         student.model.weight.copy_(start + 0.1 * torch.randn_like(start))
-    agent = _agent(name, student, **overrides)
+    agent = _agent(name, student, teacher, **overrides)
 
     def mass() -> float:
         with torch.no_grad():
@@ -376,6 +288,10 @@ CHECKS = (
     check_learns_on_markov,
     check_keeps_support,
     check_keeps_support_network,
+    check_teacher_hook,
+    check_behaviour,
+    check_auxiliary_term,
+    check_student_policy,
 )
 
 

@@ -309,9 +309,10 @@ class SupportRun:
 
 
 def own_episodes(agent: Agent, teacher, *, top_k: int, top_p: float, horizon: int, episodes: int = 64):
-    """For an on-policy agent, ``collect(step)`` for the kit's ``_train``: ``episodes`` fresh episodes of the
-    student's own policy on the Markov teacher's env (seeded by the step); ``None`` for an offline agent,
-    which trains on the given batch."""
+    """For an on-policy agent (``agent.on_policy``), ``collect(step)`` for the kit's ``_train``:
+    ``episodes`` fresh episodes sampled from the agent's behaviour (:meth:`~tdrl.agents.Agent.behaviour`)
+    on the Markov teacher's env (seeded by the step); ``None`` for an offline agent, which trains on the
+    given batch."""
     if not agent.on_policy:
         return None
     from tdrl.data import collate
@@ -319,10 +320,9 @@ def own_episodes(agent: Agent, teacher, *, top_k: int, top_p: float, horizon: in
     from tdrl.records import record_tensors
 
     env = TokenGenerationVectorEnv(teacher, [[0]], num_envs=8, top_k=top_k, top_p=top_p, max_new_tokens=horizon)
-    mix = getattr(agent.config, "teacher_mix", 0.0)
 
-    def collect(step: int):
-        records = rollout(env, StudentPolicy(agent, seed=step, teacher_mix=mix), episodes, seed=step)
+    def collect(step: int):  # sampled from the agent's behaviour (MiniLLM: its teacher mixture)
+        records = rollout(env, StudentPolicy(agent, seed=step), episodes, seed=step)
         return collate([record_tensors(r) for r in records], teacher.pad_token_id)
 
     return collect
@@ -350,7 +350,7 @@ def network_support_run(
     student = NetworkStudent(teacher.vocab_size, teacher.tokenizer)
     student.load_state_dict(state)
     torch.manual_seed(seed)
-    agent = make_agent(name, student, **overrides)
+    agent = make_agent(name, student, teacher=teacher, **overrides)
     before = decoded_mass_in_set(agent, batch)
     # an on-policy agent learns from its own episodes (as in the trainer), not from the teacher's batch
     _train(agent, batch, steps=steps, lr=lr, collect=own_episodes(agent, teacher, top_k=8, top_p=0.8, horizon=6))

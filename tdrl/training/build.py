@@ -4,7 +4,6 @@ teacher, student, agent, data and evaluation prompts into a :class:`~tdrl.traini
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def build_trainer(
     teacher = teacher or load_teacher(args.teacher, dtype=args.teacher_dtype, device=device)
     student = load_student(args.student, teacher=teacher).to(device)
     check_same_vocabulary(teacher.tokenizer, student.tokenizer)
-    agent = make_agent(args.agent, student, **dataclasses.asdict(args.agent_config)).to(device)
+    agent = make_agent(args.agent, student, args.agent_config, teacher=teacher).to(device)
     data, settings = args.data, args.eval
     # one process builds the cached data, the others read it
     with PartialState(cpu=torch.device(args.device).type == "cpu").main_process_first():

@@ -1,5 +1,7 @@
-"""What a run adds to its offline data: the student's own episodes (GKD / MiniLLM) and the text of
-MiniLLM's pre-training term J_PT (with the teacher's top-k of every chunk computed once)."""
+"""What a run adds to its offline data: the student's own episodes (GKD / MiniLLM), sampled from the
+agent's ``behaviour`` hook, and MiniLLM's pre-training term J_PT on plain text (with the teacher's
+top-k of every chunk computed once), handed to the agent as an auxiliary loss term
+(:meth:`PretrainText.term`)."""
 
 from __future__ import annotations
 
@@ -9,21 +11,35 @@ import numpy as np
 import torch
 
 from tdrl.actions import in_set
+from tdrl.agents import AuxiliaryTerm
+from tdrl.agents.ops import pretrain_loss
 from tdrl.errors import DataError
 
 __all__ = ["collect_episodes", "lm_chunks", "PretrainText"]
 
 
-def collect_episodes(agent, teacher, prompts: list[str], *, num_envs: int, episodes: int, max_new_tokens: int,
-                     top_k: int, top_p: float, seed: int) -> tuple[list[dict], dict[str, float]]:  # fmt: skip
-    """Student episodes through the vector env (the teacher scores and masks every step), sampled the
-    way the student decodes (with MiniLLM's teacher mixing where the agent has one); returns the
-    records and the ``rollout/*`` metrics."""
+def collect_episodes(
+    agent,
+    teacher,
+    prompts: list[str],
+    *,
+    num_envs: int,
+    episodes: int,
+    max_new_tokens: int,
+    top_k: int,
+    top_p: float,
+    seed: int,
+) -> tuple[list[dict], dict[str, float]]:
+    """Student episodes through the vector env (the teacher scores and masks every step), sampled from
+    the agent's behaviour distribution (:meth:`tdrl.agents.Agent.behaviour`: the student's decoding
+    policy, or MiniLLM's teacher mixture); returns the records and the ``rollout/*`` metrics. The
+    trainer collects them when ``online_every`` > 0, which an ``on_policy`` agent's preset sets."""
     from tdrl.envs import StudentPolicy, TokenGenerationVectorEnv, rollout
 
-    env = TokenGenerationVectorEnv(teacher, prompts, num_envs=num_envs, top_k=top_k, top_p=top_p,
-                                   max_new_tokens=max_new_tokens)  # fmt: skip
-    policy = StudentPolicy(agent, seed=seed, teacher_mix=getattr(agent.config, "teacher_mix", 0.0))
+    env = TokenGenerationVectorEnv(
+        teacher, prompts, num_envs=num_envs, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens
+    )
+    policy = StudentPolicy(agent, seed=seed)
     records = rollout(env, policy, episodes, seed=seed)
     lengths = [len(r["response_ids"]) for r in records]
     inside = sum(
@@ -60,7 +76,8 @@ def lm_chunks(tokenizer, corpus: str, seq_len: int) -> torch.Tensor:
 class PretrainText:
     """J_PT's inputs: chunks of a corpus, each with the teacher's top-k next-token distribution
     (renormalised), computed the first time the chunk is drawn and kept (the corpus is fixed, the
-    teacher frozen). :meth:`batch` draws ``batch_size`` chunks with a generator seeded by the step."""
+    teacher frozen). :meth:`batch` draws ``batch_size`` chunks with a generator seeded by the step;
+    :meth:`term` wraps them as the auxiliary loss term the trainer passes to ``agent(batch, auxiliary=...)``."""
 
     def __init__(self, teacher, corpus: str, seq_len: int, batch_size: int, top_k: int, seed: int):
         self.teacher, self.batch_size, self.top_k, self.seed = teacher, batch_size, top_k, seed
@@ -80,3 +97,17 @@ class PretrainText:
             "cand_ids": torch.stack([self.targets[int(i)][0] for i in picks]),
             "cand_probs": torch.stack([self.targets[int(i)][1] for i in picks]),
         }
+
+    def term(self, index: int, coef: float) -> AuxiliaryTerm:
+        """J_PT on micro-batch ``index``'s chunks (:meth:`batch`) as an :class:`~tdrl.agents.AuxiliaryTerm`
+        named ``lm`` with weight ``coef``: its value ``0.5 * NLL + 0.5 * KD`` is
+        :func:`~tdrl.agents.ops.pretrain_loss`, logged as ``loss/lm`` (unweighted) with ``loss/lm_nll``
+        and ``loss/lm_kd``."""
+        return AuxiliaryTerm("lm", coef, self.batch(index), _pretrain_term)
+
+
+def _pretrain_term(agent, inputs: dict[str, torch.Tensor]):
+    """The J_PT term's function: :func:`~tdrl.agents.ops.pretrain_loss` of the agent's student."""
+    device = agent.student.device
+    ids, cand_ids, cand_probs = (inputs[k].to(device) for k in ("input_ids", "cand_ids", "cand_probs"))
+    return pretrain_loss(agent.student, ids, cand_ids, cand_probs, chunk=agent.config.vocab_chunk)

@@ -80,26 +80,10 @@ class Trainer:
         self.accelerator = make_accelerator(args)
         self.progress = progress and self.accelerator.is_main_process
         self.callbacks = [TensorBoardCallback(), *(callbacks or [])]
-        if agent.uses_teacher:  # e.g. kd-online: the teacher runs inside the loss
-            agent.attach_teacher(teacher)
-        self.validation = Evaluator(
-            agent.student.model,
-            agent.student.tokenizer,
-            teacher,
-            eval_records,
-            args.eval.protocol(),
-            decode_temperature=agent.decode_temperature,
-        )
-        self.testing = None  # the test's protocol: the validation's, the test seeds, and one greedy pass
-        if test_records:
-            self.testing = Evaluator(
-                agent.student.model,
-                agent.student.tokenizer,
-                teacher,
-                test_records,
-                args.eval.protocol(seeds=args.test_seeds, also_greedy=True),
-                decode_temperature=agent.decode_temperature,
-            )
+        self.validation = self._evaluator(eval_records, args.eval.protocol())
+        # the test's protocol: the validation's, with the test seeds and one greedy pass
+        protocol = args.eval.protocol(seeds=args.test_seeds, also_greedy=True)
+        self.testing = self._evaluator(test_records, protocol) if test_records else None
         self.sampler = BucketBatchSampler(train_dataset.lengths, args.optim.batch_size, seed=args.seed)
         loader = DataLoader(train_dataset, batch_sampler=self.sampler, collate_fn=list)
         optim = args.optim
@@ -269,11 +253,10 @@ class Trainer:
         tokens = 0
         for micro in range(accum):
             batch = self._collate(next(batches), micro)
-            pretrain = self.pretrain.batch(self.state.step * accum + micro) if self.pretrain else None
+            index = self.state.step * accum + micro  # J_PT's chunks: drawn by the micro-batch counter
+            auxiliary = [self.pretrain.term(index, self.args.lm.coef)] if self.pretrain else []
             with self.accelerator.accumulate(self.model):
-                loss, metrics = self.model(
-                    batch, diagnostics=log and micro == accum - 1, pretrain=pretrain, pretrain_coef=self.args.lm.coef
-                )
+                loss, metrics = self.model(batch, diagnostics=log and micro == accum - 1, auxiliary=auxiliary)
                 check_metric_names(metrics)
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients:
@@ -343,6 +326,11 @@ class Trainer:
                     self.out / "best",
                     {"metrics.json": best, RUN_FILE: self.run_info().to_dict()},
                 )
+
+    def _evaluator(self, records: list[dict], protocol) -> Evaluator:
+        """One evaluator per record set: the student's model wrapped once, its weights read at each run."""
+        model, tokenizer, temperature = self.student.model, self.student.tokenizer, self.agent.decode_temperature
+        return Evaluator(model, tokenizer, self.teacher, records, protocol, decode_temperature=temperature)
 
     def test(self, greedy: bool = True, seeds: list[int] | None = None) -> TestResult:
         """The last and the best-validation model on the test records (sampled with the evaluation
