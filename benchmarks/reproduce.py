@@ -31,7 +31,6 @@ reproduction continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -46,7 +45,8 @@ from tdrl.compare import results_table, start_row
 from tdrl.data import annotate, load_source, prepare_bundled_data
 from tdrl.integrity import write_json_atomic
 from tdrl.models import load_teacher
-from tdrl.training import TrainConfig, build_trainer
+from tdrl.training import RunSummary, TrainConfig, build_trainer
+from tdrl.training.config import config_leaves
 from tdrl.training.warmstart import RECIPE, WARM_START_FILE, warm_start, warm_start_config
 
 MAIN = [
@@ -91,44 +91,115 @@ ONLINE = ("KD, teacher online, full V", "kd-online")
 
 BUDGETS = {
     "smoke": dict(
-        teacher="tiny", student="tiny", train_prompts=64, response_tokens=12, steps=24, batch_size=8, lr=1e-3,
-        eval_every=8, eval_prompts=8, eval_max_new_tokens=12, test_prompts=16, seeds=3, curve_seeds=1,
-        warm_start_steps=8, warm_start_lr=1e-3,
+        teacher="tiny",
+        student="tiny",
+        train_prompts=64,
+        response_tokens=12,
+        steps=24,
+        batch_size=8,
+        lr=1e-3,
+        eval_every=8,
+        eval_prompts=8,
+        eval_max_new_tokens=12,
+        test_prompts=16,
+        seeds=3,
+        curve_seeds=1,
+        warm_start_steps=8,
+        warm_start_lr=1e-3,
     ),
     "cpu": dict(
-        teacher="bundled", student="layers:0,10,20,29", train_prompts=192, response_tokens=40, steps=32,
-        batch_size=8, lr=2e-5, eval_every=8, eval_prompts=10, eval_max_new_tokens=24, test_prompts=24, seeds=3,
-        curve_seeds=1, warm_start_steps=64, warm_start_lr=1e-4,
+        teacher="bundled",
+        student="layers:0,10,20,29",
+        train_prompts=192,
+        response_tokens=40,
+        steps=32,
+        batch_size=8,
+        lr=2e-5,
+        eval_every=8,
+        eval_prompts=10,
+        eval_max_new_tokens=24,
+        test_prompts=24,
+        seeds=3,
+        curve_seeds=1,
+        warm_start_steps=64,
+        warm_start_lr=1e-4,
     ),
     # The paper's protocol: AdamW (0.9, 0.95), lr 5e-6, effective batch 64 (8 x 8 accumulated), 10% warm-up
     # then cosine, about one pass over the training responses (1,810 / 64 = 29 steps), best-validation
     # selection (bundled validation prompts), 5 test sampling seeds on the held-out prompts; from the
     # recipe's warm start (RECIPE: 16-layer cut, 256 steps).
     "paper": dict(
-        teacher="bundled", teacher_dtype="bfloat16", mixed_precision="bf16", student=RECIPE["student"],
-        train_prompts=0, response_tokens=40, steps=29, batch_size=8, grad_accum=8, lr=5e-6, adam_beta1=0.9,
-        adam_beta2=0.95, schedule="cosine", warmup_steps=3, eval_every=10, eval_prompts=24, eval_split="validation",
-        eval_max_new_tokens=32, test_prompts=64, test_split="heldout", test_seeds="0,1,2,3,4", seeds=3,
-        curve_seeds=1, warm_start_steps=256, warm_start_lr=RECIPE["lr"], warm_start=RECIPE,
-        main=PAPER_MAIN, ablations=PAPER_ABLATIONS, curve_bd="bd:max_over=set",
+        teacher="bundled",
+        teacher_dtype="bfloat16",
+        mixed_precision="bf16",
+        student=RECIPE["student"],
+        train_prompts=0,
+        response_tokens=40,
+        steps=29,
+        batch_size=8,
+        grad_accum=8,
+        lr=5e-6,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        schedule="cosine",
+        warmup_steps=3,
+        eval_every=10,
+        eval_prompts=24,
+        eval_split="validation",
+        eval_max_new_tokens=32,
+        test_prompts=64,
+        test_split="heldout",
+        test_seeds=[0, 1, 2, 3, 4],
+        seeds=3,
+        curve_seeds=1,
+        warm_start_steps=256,
+        warm_start_lr=RECIPE["lr"],
+        warm_start=RECIPE,
+        main=PAPER_MAIN,
+        ablations=PAPER_ABLATIONS,
+        curve_bd="bd:max_over=set",
     ),
     "gpu": dict(
-        teacher="bundled", student="layers:0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,29", train_prompts=0,
-        response_tokens=64, steps=1500, batch_size=32, lr=5e-5, eval_every=100, eval_prompts=64,
-        eval_max_new_tokens=64, test_prompts=225, seeds=3, curve_seeds=3, eval_seeds="0,1,2,3,4",
-        warm_start_steps=500, warm_start_lr=5e-5,
+        teacher="bundled",
+        student="layers:0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,29",
+        train_prompts=0,
+        response_tokens=64,
+        steps=1500,
+        batch_size=32,
+        lr=5e-5,
+        eval_every=100,
+        eval_prompts=64,
+        eval_max_new_tokens=64,
+        test_prompts=225,
+        seeds=3,
+        curve_seeds=3,
+        eval_seeds=[0, 1, 2, 3, 4],
+        warm_start_steps=500,
+        warm_start_lr=5e-5,
     ),
-}  # fmt: skip
+}
 
 
 def base_config(budget: dict, device: str, out: Path) -> TrainConfig:
-    keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in budget.items() if k in keys}
+    """The settings every run of ``budget`` shares (the budget's keys that are config flags). Validation
+    starts after training has (no step-0 evaluation): the curves, the best-validation model and the
+    records' keys are those of the runs before the trainer learnt to evaluate the starting student."""
+    flags = {flag for _, _, flag in config_leaves()}
+    values = {k: v for k, v in budget.items() if k in flags}
     values.setdefault("warmup_steps", max(1, budget["steps"] // 10))
-    return TrainConfig(
-        **values, device=device, data="bundled", log_every=4, checkpoint_every=budget["steps"], keep_last=1,
-        annotation_top_k=64, annotation_top_p=0.8, out=str(out), overwrite=True,
-    )  # fmt: skip
+    values.update(
+        device=device,
+        data="bundled",
+        log_every=4,
+        checkpoint_every=budget["steps"],
+        keep_last=1,
+        annotation_top_k=64,
+        annotation_top_p=0.8,
+        out=str(out),
+        overwrite=True,
+        eval_on_start=False,
+    )
+    return TrainConfig.from_dict(values)
 
 
 def drop_checkpoints(run_dir: Path) -> None:
@@ -137,11 +208,43 @@ def drop_checkpoints(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "best", ignore_errors=True)
 
 
-def run_key(config: TrainConfig, store: dict | None = None, prefix: str = "", suffix: str = "") -> str:
-    """The key of a run's record: every setting but where it is written, with a warm-started student named
-    by its fingerprint, not its path (``--out runs/x`` and ``--out /abs/runs/x`` reuse the same records).
-    With ``store``, a record filed under the path-based key of earlier versions is moved to this key."""
-    keep = {k: v for k, v in config.to_dict().items() if k != "out"}
+def record_settings(config: TrainConfig, agent_args: str | None = None) -> dict:
+    """What a record's key hashes: every setting but ``out``, by the flat names and in the plain types of
+    tdrl 0.1 (``agent_args`` the spec's settings string, seeds comma-separated strings, an unset
+    ``test_split`` the old default ``heldout``), so the records.json files of earlier versions stay
+    valid. ``agent_args``: the settings string of the spec ``config.agent_config`` was built from
+    (checked against it); needed whenever the config has agent settings. ``eval_on_start``, a setting
+    tdrl 0.1 had not, joins the key only when it is on (0.1's runs were those without it)."""
+    flat = config.flat()
+    agent_config, on_start = flat.pop("agent_config"), flat.pop("eval_on_start")
+    if agent_args is None:
+        if agent_config is not None:
+            raise ValueError("the config has agent settings: pass agent_args, the spec's settings string")
+        agent_args = ""
+    elif TrainConfig.from_dict({"agent": config.agent, "agent_args": agent_args}).flat()["agent_config"] != (
+        agent_config
+    ):
+        raise ValueError(f"agent_args {agent_args!r} are not the config's agent settings {agent_config}")
+    values = {k: v for k, v in flat.items() if k != "out"}
+    values.update(
+        agent_args=agent_args,
+        eval_seeds=",".join(map(str, flat["eval_seeds"])),
+        test_seeds="" if flat["test_seeds"] is None else ",".join(map(str, flat["test_seeds"])),
+        test_split="heldout" if flat["test_split"] is None else flat["test_split"],
+    )
+    if on_start:
+        values["eval_on_start"] = True
+    return values
+
+
+def run_key(
+    config: TrainConfig, store: dict | None = None, prefix: str = "", suffix: str = "", agent_args: str | None = None
+) -> str:
+    """The key of a run's record: every setting but where it is written (:func:`record_settings`), with a
+    warm-started student named by its fingerprint, not its path (``--out runs/x`` and ``--out /abs/runs/x``
+    reuse the same records). With ``store``, a record filed under the path-based key of earlier versions
+    is moved to this key."""
+    keep = record_settings(config, agent_args)
     legacy = prefix + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16] + suffix
     marker = Path(config.student) / WARM_START_FILE
     if marker.is_file():
@@ -159,30 +262,56 @@ def run_one(label, spec, seed, base, teacher, store, out, keep_checkpoints=False
     tag = "".join(c if c.isalnum() or c in "=.-" else "_" for c in spec)
     run_dir = out / "runs" / f"{prefix}{tag}-seed{seed}"
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in trainer_args.split(",") if kv)}
-    config = dataclasses.replace(base, agent=name, agent_args=args, seed=seed, out=str(run_dir), **overrides)
-    key = run_key(config, store)
+    config = base.replace(agent=name, agent_config=args or None, seed=seed, out=str(run_dir), **overrides)
+    key = run_key(config, store, agent_args=args)
     if key in store:
         return store[key]
     summary = build_trainer(config, teacher=teacher, progress=False).train()
     record = {
-        "label": label, "spec": spec, "seed": seed, "steps": summary["steps"],
-        "wall_time_s": summary["wall_time_s"], "train_time_s": summary["train_time_s"],
-        "history": [{"step": h["step"], "train_time_s": h["train_time_s"], "rougeL": h["metrics"]["eval/rougeL"]}
-                    for h in summary["history"]],
-        "test": summary.get("test"), "outside_mass": summary["outside_mass"], "mode_outside": summary["mode_outside"],
-    }  # fmt: skip
+        "label": label,
+        "spec": spec,
+        "seed": seed,
+        "steps": summary.steps,
+        "wall_time_s": summary.wall_time_s,
+        "train_time_s": summary.train_time_s,
+        "history": [
+            {"step": h.step, "train_time_s": h.train_time_s, "rougeL": h.metrics["eval/rougeL"]}
+            for h in summary.history
+        ],
+        "test": summary.test.to_dict() if summary.test is not None else None,
+        "outside_mass": summary.probe["outside_mass"],
+        "mode_outside": summary.probe["mode_outside"],
+    }
     store[key] = record
     write_json_atomic(out / "records.json", store)
     if not keep_checkpoints:  # keep events and summary; checkpoints of 40 runs would fill a disk
         drop_checkpoints(run_dir)
-    print(f"  {label} seed {seed}: test Rouge-L last {record['test']['last']['eval/rougeL']:.2f}, "
-          f"outside mass {record['outside_mass']:.2f}, {record['wall_time_s']:.0f} s", flush=True)  # fmt: skip
+    last = record["test"]["last"]["eval/rougeL"]
+    print(
+        f"  {label} seed {seed}: test Rouge-L last {last:.2f}, outside mass {record['outside_mass']:.2f}, "
+        f"{record['wall_time_s']:.0f} s",
+        flush=True,
+    )
     return record
+
+
+def as_summary(record: dict, label: str) -> RunSummary:
+    """A record as the :class:`~tdrl.training.RunSummary` :func:`tdrl.compare.results_table` reads, labelled
+    ``label``: a run's record (its history holds validation Rouge-L alone), or a start row (a summary's
+    dict, of this version or of tdrl 0.1)."""
+    values = {**record, "label": label}
+    values.setdefault("agent", record.get("spec", label))
+    if "spec" in record:
+        values["history"] = [
+            {"step": h["step"], "train_time_s": h["train_time_s"], "metrics": {"eval/rougeL": h["rougeL"]}}
+            for h in record["history"]
+        ]
+    return RunSummary.from_dict(values)
 
 
 def table(rows: list[tuple[str, list[dict]]]) -> str:
     """:func:`tdrl.compare.results_table` over the records, each labelled with its row's name."""
-    return results_table([{**r, "label": label} for label, records in rows for r in records])
+    return results_table([as_summary(r, label) for label, records in rows for r in records])
 
 
 def _stats(records: list[dict], which: str = "last") -> tuple[float, float]:
@@ -223,9 +352,10 @@ def _best(records):
     """Mean over seeds of (best validation Rouge-L, training time to it, seconds per step)."""
     best = [max(r["history"], key=lambda h: h["rougeL"]) for r in records]
     return (
-        float(np.mean([b["rougeL"] for b in best])), float(np.mean([b["train_time_s"] for b in best])),
+        float(np.mean([b["rougeL"] for b in best])),
+        float(np.mean([b["train_time_s"] for b in best])),
         float(np.mean([r["train_time_s"] / r["steps"] for r in records])),
-    )  # fmt: skip
+    )
 
 
 def curve_section(curves: dict[str, list[dict]], annotate_s: float | None, out: Path) -> str:
@@ -241,8 +371,10 @@ def curve_section(curves: dict[str, list[dict]], annotate_s: float | None, out: 
     (bd_label, (bd_r, bd_t, bd_s)), *others = results.items()
     text = []
     for label, (r, t, per) in others:
-        faster = f"BD reaches its best {t / max(bd_t, 1e-9):.2f}x sooner" if bd_t < t else (
-            f"BD reaches its best {bd_t / max(t, 1e-9):.2f}x later")  # fmt: skip
+        if bd_t < t:
+            faster = f"BD reaches its best {t / max(bd_t, 1e-9):.2f}x sooner"
+        else:
+            faster = f"BD reaches its best {bd_t / max(t, 1e-9):.2f}x later"
         compare_best = "higher" if bd_r > r else "lower"
         text.append(
             f"Against {label}: per step BD is {per / bd_s:.2f}x as fast ({bd_s:.2f} s against {per:.2f} s); {faster} "
@@ -254,8 +386,15 @@ def curve_section(curves: dict[str, list[dict]], annotate_s: float | None, out: 
             f"BD's one-off cost, annotating the training data (top-K log-probs, one teacher forward per response), "
             f"took {annotate_s:.1f} s, amortised over every run and agent that reads the cache."
         )
-    lines += ["", " ".join(text), "", "Validation Rouge-L against training time (evaluation excluded), seed 0:", "",
-              "| method | step | training time (s) | validation Rouge-L |", "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        " ".join(text),
+        "",
+        "Validation Rouge-L against training time (evaluation excluded), seed 0:",
+        "",
+        "| method | step | training time (s) | validation Rouge-L |",
+        "|---|---|---|---|",
+    ]
     for label, records in curves.items():
         for h in records[0]["history"]:
             lines.append(f"| {label} | {h['step']} | {h['train_time_s']:.1f} | {h['rougeL']:.2f} |")
@@ -272,8 +411,8 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for (label, records), colour in zip(curves.items(), ("C0", "C1", "C2", "C3")):
         for i, r in enumerate(records):
-            ax.plot([h["train_time_s"] for h in r["history"]], [h["rougeL"] for h in r["history"]], marker="o",
-                    color=colour, alpha=0.8, label=label if i == 0 else None)  # fmt: skip
+            times, rouge = [h["train_time_s"] for h in r["history"]], [h["rougeL"] for h in r["history"]]
+            ax.plot(times, rouge, marker="o", color=colour, alpha=0.8, label=label if i == 0 else None)
     ax.set_xlabel("training time (s, evaluation excluded)")
     ax.set_ylabel("validation Rouge-L")
     ax.grid(alpha=0.3)
@@ -285,10 +424,15 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> None:
 
 def bundled_data(teacher, base: TrainConfig) -> Path:
     """The cached annotation of the bundled training prompts the runs of ``base`` read."""
+    data = base.data
     return prepare_bundled_data(
-        teacher, train_prompts=base.train_prompts, response_tokens=base.response_tokens,
-        top_k=base.annotation_top_k, top_p=base.annotation_top_p, progress=False,
-    )  # fmt: skip
+        teacher,
+        train_prompts=data.train_prompts,
+        response_tokens=data.response_tokens,
+        top_k=data.annotation_top_k,
+        top_p=data.annotation_top_p,
+        progress=False,
+    )
 
 
 def annotation_seconds(teacher, base: TrainConfig) -> float:
@@ -297,8 +441,8 @@ def annotation_seconds(teacher, base: TrainConfig) -> float:
     responses = load_source(data_dir.parent / "responses")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        annotate(teacher, responses, Path(tmp) / "a", top_k=base.annotation_top_k, top_p=base.annotation_top_p,
-                 progress=False)  # fmt: skip
+        top_k, top_p = base.data.annotation_top_k, base.data.annotation_top_p
+        annotate(teacher, responses, Path(tmp) / "a", top_k=top_k, top_p=top_p, progress=False)
         return time.perf_counter() - start
 
 
@@ -341,7 +485,7 @@ def main(argv=None) -> str:
         recipe = budget.get("warm_start") or {"warmup_steps": max(1, budget["warm_start_steps"] // 10)}
         warm_config = warm_start_config(base, budget["warm_start_steps"], budget["warm_start_lr"], recipe)
         path, warm = warm_start(warm_config, out / "warm-start", teacher=teacher, progress=False)
-        base = dataclasses.replace(base, student=str(path))
+        base = base.replace(student=str(path))
     seeds = list(range(budget["seeds"]))
     run = lambda label, spec, seed: run_one(label, spec, seed, base, teacher, store, out, args.keep_checkpoints)  # noqa: E731
 
@@ -353,7 +497,8 @@ def main(argv=None) -> str:
 
     def start():
         if key not in store:
-            store[key] = start_row(dataclasses.replace(base, out=str(out)), teacher, seeds=seeds)
+            rows = start_row(base.replace(out=str(out)), teacher, seeds=seeds)
+            store[key] = [row.to_dict() for row in rows]
             write_json_atomic(out / "records.json", store)
         return [("warm start (no further training)" if warm else "start (no training)", store[key])]
 
@@ -381,22 +526,23 @@ def main(argv=None) -> str:
         if warm
         else f"`{raw_student}`"
     )
+    b = base.flat()
     sections = [
-        f"Budget `{args.budget}` on {args.device}: teacher {base.teacher}, student {origin}, "
-        f"{base.train_prompts or 'all'} bundled training prompts x 1 teacher response of up to {base.response_tokens} "
-        f"tokens (K = 64, p = 0.8), {base.steps} steps x batch {base.batch_size} x {base.grad_accum} accumulated, "
-        f"lr {base.lr:g}, AdamW ({base.adam_beta1:g}, {base.adam_beta2:g}) ({base.schedule}, "
-        f"{base.warmup_steps} warm-up), seeds {', '.join(map(str, seeds))}. Validation: {base.eval_prompts} prompts "
-        f"every {base.eval_every} steps; test: {base.test_prompts} {base.test_split} prompts, sampling seeds "
-        f"{','.join(map(str, base.test_seed_list()))}, last and best-validation model, "
-        f"sampling top-p 0.8 / T = 1 (no top-k cap), {base.eval_max_new_tokens} new tokens.",
+        f"Budget `{args.budget}` on {args.device}: teacher {b['teacher']}, student {origin}, "
+        f"{b['train_prompts'] or 'all'} bundled training prompts x 1 teacher response of up to "
+        f"{b['response_tokens']} tokens (K = 64, p = 0.8), {b['steps']} steps x batch {b['batch_size']} x "
+        f"{b['grad_accum']} accumulated, lr {b['lr']:g}, AdamW ({b['adam_beta1']:g}, {b['adam_beta2']:g}) "
+        f"({b['schedule']}, {b['warmup_steps']} warm-up), seeds {', '.join(map(str, seeds))}. Validation: "
+        f"{b['eval_prompts']} prompts every {b['eval_every']} steps; test: {b['test_prompts']} "
+        f"{base.test.split_name} prompts, sampling seeds {','.join(map(str, base.test_seeds))}, last and "
+        f"best-validation model, sampling top-p 0.8 / T = 1 (no top-k cap), {b['eval_max_new_tokens']} new tokens.",
         "",
         table(start + [(label, by_spec[spec]) for label, spec in main_rows]),
         verdict(by_spec, labels, [spec for _, spec in main_rows if spec in TD or spec.startswith("bd")]),
     ]
     if not args.no_ablations:
-        sections += ["", "**Ablations of BD** (same budget and seeds):", "",
-                     table(start + [(label, by_spec[spec]) for label, spec in ablation_rows])]  # fmt: skip
+        ablation_table = table(start + [(label, by_spec[spec]) for label, spec in ablation_rows])
+        sections += ["", "**Ablations of BD** (same budget and seeds):", "", ablation_table]
     if not args.no_curve:
         online = [run(ONLINE[0], ONLINE[1], s) for s in range(budget["curve_seeds"])]
         key = run_key(base, store, "annotation-")
@@ -405,12 +551,14 @@ def main(argv=None) -> str:
             write_json_atomic(out / "records.json", store)
         bd = budget.get("curve_bd", "bd")
         curves = {"BD (cached annotation)": by_spec[bd], "MiniLLM": by_spec["minillm"], ONLINE[0]: online}
-        sections += ["", "**Time to quality: BD against MiniLLM and against KD with the teacher online**", "",
-                     curve_section(curves, store[key], out)]  # fmt: skip
+        title = "**Time to quality: BD against MiniLLM and against KD with the teacher online**"
+        sections += ["", title, "", curve_section(curves, store[key], out)]
     if warm:
-        raw_base = dataclasses.replace(base, student=raw_student)
-        raw = [(label, run_one(label, spec, 0, raw_base, teacher, store, out, prefix="raw-"))
-               for label, spec in (("BD", "bd"), ONLINE)]  # fmt: skip
+        raw_base = base.replace(student=raw_student)
+        raw = [
+            (label, run_one(label, spec, 0, raw_base, teacher, store, out, prefix="raw-"))
+            for label, spec in (("BD", "bd"), ONLINE)
+        ]
         sections += [
             "",
             f"**Without the warm start** (from the raw `{raw_student}`, seed 0, same steps): test Rouge-L "
@@ -423,8 +571,11 @@ def main(argv=None) -> str:
     reused = [r for r in store.values() if id(r) in recorded_before and isinstance(r, dict) and "spec" in r]
     line = f"Reproduction wall time: {elapsed:.0f} s"
     if reused:  # say what the table cost, not what this call cost
-        line += (f"; {len(reused)} runs were recorded by an earlier call and reused (their training runs took "
-                 f"{sum(r['wall_time_s'] for r in reused):.0f} s of wall time, test scoring not counted)")  # fmt: skip
+        seconds = sum(r["wall_time_s"] for r in reused)
+        line += (
+            f"; {len(reused)} runs were recorded by an earlier call and reused (their training runs took "
+            f"{seconds:.0f} s of wall time, test scoring not counted)"
+        )
     sections += ["", line + f" (finished runs are recorded in {out}/records.json and reused)."]
     text = "\n".join(sections)
     (out / "results.md").write_text(text + "\n")

@@ -1,8 +1,8 @@
-"""Print the README's configuration reference: one row per TrainConfig field (flag, default, help),
+"""Print the configuration reference: one table per TrainConfig group, one row per setting (flag, default, help),
 then the settings every agent shares and each agent's own (its typed flags, `tdrl train --agent X`),
 then the evaluation metrics (`tdrl.evaluation.METRICS`: name, meaning, which decoding pass).
 
-python scripts/config_table.py        # tests/test_cli.py checks the README holds exactly this text
+python scripts/config_table.py        # tests/test_cli.py checks docs/reference/ holds exactly this text
 """
 
 from __future__ import annotations
@@ -11,33 +11,44 @@ import dataclasses
 
 from tdrl.agents import AgentConfig, get_agent, list_agents
 from tdrl.evaluation import METRICS
-from tdrl.training.args import TrainConfig
+from tdrl.training.config import GROUPS, config_leaves
+
+PRESETS = ("online_every", "online_ratio", "lm_coef")
 
 
-def _default(f: dataclasses.Field, value=dataclasses.MISSING) -> str:
-    value = f.default if value is dataclasses.MISSING else value
+def _default(f: dataclasses.Field, flag: str) -> str:
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if value is None:
-        return "agent's preset" if f.name in ("online_every", "online_ratio", "lm_coef") else "`None`"
+        return "agent's preset" if flag in PRESETS else "unset"
+    if isinstance(value, list):
+        value = " ".join(map(str, value))
     return '`""`' if value == "" else f"`{value}`"
 
 
-def _rows(fields, defaults=None) -> list[str]:
+def _rows(fields_and_flags) -> list[str]:
     lines = ["| flag | default | meaning |", "|---|---|---|"]
-    for f in fields:
-        shown = _default(f, (defaults or {}).get(f.name, dataclasses.MISSING))
+    for f, flag in fields_and_flags:
         meaning = f.metadata.get("help", "").replace("|", "\\|")  # a | inside a cell would end it
-        lines.append(f"| `--{f.name.replace('_', '-')}` | {shown} | {meaning} |")
+        lines.append(f"| `--{flag.replace('_', '-')}` | {_default(f, flag)} | {meaning} |")
     return lines
 
 
 def config_table() -> str:
-    return "\n".join(_rows(dataclasses.fields(TrainConfig)))
+    """Per group of TrainConfig (the run's own settings first), a table of its flags."""
+    out = ["Run (`TrainConfig`):", ""]
+    leaves = [(f, flag) for group, f, flag in config_leaves() if group is None and f.name != "agent_config"]
+    out += _rows(leaves)
+    for name, cls in GROUPS.items():
+        doc = (cls.__doc__ or "").strip().split("\n")[0]
+        out += ["", f"`{name}` (`{cls.__name__}`): {doc}", ""]
+        out += _rows([(f, flag) for group, f, flag in config_leaves() if group == name])
+    return "\n".join(out)
 
 
 def agent_tables() -> str:
     """The shared agent settings, then per agent its own fields and the shared ones it presets."""
     shared = {f.name for f in dataclasses.fields(AgentConfig)}
-    out = ["Every agent (`AgentConfig`):", "", *_rows(dataclasses.fields(AgentConfig))]
+    out = ["Every agent (`AgentConfig`):", "", *_rows((f, f.name) for f in dataclasses.fields(AgentConfig))]
     for name in list_agents():
         cls = get_agent(name)
         if not cls.__module__.startswith("tdrl."):
@@ -51,7 +62,7 @@ def agent_tables() -> str:
         }
         presets = ", ".join(f"`{k}` = `{v}`" for k, v in preset.items())
         out += ["", f"`{name}` (`{cls.Config.__name__}`){': presets ' + presets if presets else ''}", ""]
-        out += _rows(own) if own else ["no settings of its own"]
+        out += _rows((f, f.name) for f in own) if own else ["no settings of its own"]
     return "\n".join(out)
 
 

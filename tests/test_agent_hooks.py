@@ -194,8 +194,9 @@ def test_on_policy_sets_the_trainer_preset_and_the_kits_episodes():
     fills every batch with them (an agent's own preset wins), the trainer config takes it, and the
     kit collects episodes for it (none for an offline agent)."""
     assert get_agent("minillm").on_policy and get_agent("minillm").trainer_defaults == ON_POLICY_PRESET
-    args = TrainConfig().with_agent_defaults(get_agent("minillm").trainer_defaults)
-    assert (args.online_every, args.online_ratio) == (10, 1.0)
+    args = TrainConfig(agent="minillm").resolve()
+    assert (args.online.every, args.online.ratio) == (10, 1.0)
+    assert TrainConfig.from_dict({"agent": "minillm", "online_every": 0}).resolve().online.every == 0  # the user's
 
     class Own(BC):
         on_policy = True

@@ -290,7 +290,7 @@ def test_messages_name_the_file_and_the_interrupt(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(tdrl.cli, "cmd_agents", interrupted)
     parser_func = tdrl.cli.build_parser
-    monkeypatch.setattr(tdrl.cli, "build_parser", lambda: _with_agents(parser_func(), interrupted))
+    monkeypatch.setattr(tdrl.cli, "build_parser", lambda argv=(): _with_agents(parser_func(argv), interrupted))
     assert main(["agents"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("tdrl: interrupted") and err.strip() != "tdrl:"

@@ -14,9 +14,15 @@ __all__ = ["AgentConfig", "RESTRICT_MODES", "hp"]
 RESTRICT_MODES = ("mdp", "set", "none")
 
 
-def hp(default, help: str):
-    """A dataclass field of an agent's Config with its ``--help`` text (the typed agent flags)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def hp(default, help: str, *, flag: str | None = None, factory=None):
+    """A field of a config dataclass with its ``--help`` text: an agent's Config (its typed flags) and the
+    trainer's groups (:mod:`tdrl.training.groups`) both declare their settings with it. ``flag``
+    overrides the flag name (the trainer's groups: default the group's prefix + the field's name);
+    ``factory`` gives a mutable default (a list)."""
+    meta = {"help": help, **({"flag": flag} if flag else {})}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass

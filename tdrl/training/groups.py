@@ -5,9 +5,10 @@ name, or its own ``flag``); each group checks its own ranges when built."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
+from tdrl.agents.config import hp as setting
 from tdrl.errors import ConfigError, check_field_types
 
 __all__ = [
@@ -22,15 +23,6 @@ __all__ = [
     "at_least",
     "seed_list",
 ]
-
-
-def setting(default, help: str, *, flag: str | None = None, factory=None):
-    """A config field with its ``--help`` text; ``flag`` overrides its flag name (default: the group's
-    prefix + the field's name)."""
-    meta = {"help": help, **({"flag": flag} if flag else {})}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def at_least(instance, minimum: int, *names: str) -> None:
@@ -229,6 +221,8 @@ class TestSettings:
     seeds: list[int] | None = setting(None, "sampling seeds of the test (the paper: 5 seeds); default: --eval-seeds")
 
     def __post_init__(self):
+        if isinstance(self.seeds, str) and not self.seeds.strip():
+            self.seeds = None  # tdrl 0.1 wrote "" for "the validation's seeds"
         self.seeds = seed_list("test_seeds", self.seeds)
         _check_types(self)
         at_least(self, 0, "prompts")
