@@ -1,7 +1,8 @@
-"""Print the README's configuration reference: one row per TrainConfig field (flag, default, help),
-then the settings every agent shares and each agent's own (its typed flags, `tdrl train --agent X`).
+"""Print the configuration reference of docs/reference/configuration.md: one row per TrainConfig field
+(flag, default, help), then the settings every agent shares and each agent's own (its typed flags,
+`tdrl train --agent X`).
 
-python scripts/config_table.py        # tests/test_cli.py checks the README holds exactly this text
+python scripts/config_table.py        # tests/test_cli.py checks that docs page holds exactly this text
 """
 
 from __future__ import annotations
