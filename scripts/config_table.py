@@ -1,8 +1,9 @@
-"""Print the configuration reference: one table per TrainConfig group, one row per setting (flag, default, help),
-then the settings every agent shares and each agent's own (its typed flags, `tdrl train --agent X`),
-then the evaluation metrics (`tdrl.evaluation.METRICS`: name, meaning, which decoding pass).
+"""Print the reference tables of docs/reference/: one table per TrainConfig group, one row per setting
+(flag, default, help), then the settings every agent shares and each agent's own (its typed flags,
+`tdrl train --agent X`) for configuration.md, then the evaluation metrics (`tdrl.evaluation.METRICS`:
+name, meaning, which decoding pass) for metrics.md.
 
-python scripts/config_table.py        # tests/test_cli.py checks docs/reference/ holds exactly this text
+python scripts/config_table.py        # tests/test_cli.py checks those pages hold exactly this text
 """
 
 from __future__ import annotations

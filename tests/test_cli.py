@@ -43,9 +43,9 @@ def test_agent_specs_keep_their_own_commas():
     ]
 
 
-def test_readme_configuration_reference_is_the_current_one():
-    """The README's flag tables are exactly what scripts/config_table.py prints from TrainConfig and from
-    every registered agent's Config."""
+def test_docs_configuration_reference_is_the_current_one():
+    """docs/reference/configuration.md's flag tables are exactly what scripts/config_table.py prints from
+    TrainConfig and from every registered agent's Config."""
     import importlib.util
     from pathlib import Path
 
@@ -53,23 +53,23 @@ def test_readme_configuration_reference_is_the_current_one():
     spec = importlib.util.spec_from_file_location("config_table", root / "scripts" / "config_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    readme = (root / "README.md").read_text()
-    assert module.config_table() in readme, "rerun python scripts/config_table.py"
-    assert module.agent_tables() in readme, "rerun python scripts/config_table.py"
+    page = (root / "docs" / "reference" / "configuration.md").read_text()
+    assert module.config_table() in page, "rerun python scripts/config_table.py into docs/reference/configuration.md"
+    assert module.agent_tables() in page, "rerun python scripts/config_table.py into docs/reference/configuration.md"
     assert "| `--expert-term` | `topp_mean` |" in module.agent_tables()  # bd's own default, from its Config
 
 
-def test_readme_metric_names_are_what_each_agent_logs():
-    """The README's agent table names exactly the metrics each built-in agent returns (besides the
-    diagnostics every agent logs: policy/outside_mass, policy/entropy, policy/mode_outside)."""
+def test_docs_metric_names_are_what_each_agent_logs():
+    """docs/reference/metrics.md's agent table names exactly the metrics each built-in agent returns
+    (besides the diagnostics every agent logs: policy/outside_mass, policy/entropy, policy/mode_outside)."""
     import re
     from pathlib import Path
 
     from tdrl.agents import get_agent, list_agents
     from tdrl.testing.agent_contract import _agent, contract_batch
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z-]+)` \|.*\| ([^|]*)\|$", readme, re.M)}
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "metrics.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z-]+)` \|.*\| ([^|]*)\|$", page, re.M)}
     diagnostics = {"policy/outside_mass", "policy/entropy", "policy/mode_outside"}
 
     def documented(name: str) -> set[str]:
