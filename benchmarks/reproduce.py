@@ -217,13 +217,10 @@ def record_settings(config: TrainConfig, agent_args: str | None = None) -> dict:
     tdrl 0.1 had not, joins the key only when it is on (0.1's runs were those without it)."""
     flat = config.flat()
     agent_config, on_start = flat.pop("agent_config"), flat.pop("eval_on_start")
-    if agent_args is None:
-        if agent_config is not None:
-            raise ValueError("the config has agent settings: pass agent_args, the spec's settings string")
-        agent_args = ""
-    elif TrainConfig.from_dict({"agent": config.agent, "agent_args": agent_args}).flat()["agent_config"] != (
-        agent_config
-    ):
+    if agent_args is None and agent_config is not None:
+        raise ValueError("the config has agent settings: pass agent_args, the spec's settings string")
+    agent_args = agent_args or ""
+    if TrainConfig.from_dict({"agent": config.agent, "agent_args": agent_args}).flat()["agent_config"] != agent_config:
         raise ValueError(f"agent_args {agent_args!r} are not the config's agent settings {agent_config}")
     values = {k: v for k, v in flat.items() if k != "out"}
     values.update(

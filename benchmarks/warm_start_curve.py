@@ -27,35 +27,52 @@ from tdrl.training import TrainConfig
 from tdrl.training.warmstart import RECIPE, warm_start
 
 KEYS = (
-    ("sampled", "eval/rougeL"), ("greedy", "eval/rougeL_greedy"), ("vs human", "eval/rougeL_reference"),
-    ("entropy", "eval/entropy"), ("outside mass", "eval/outside_mass"), ("mode outside", "eval/mode_outside"),
-)  # fmt: skip
+    ("sampled", "eval/rougeL"),
+    ("greedy", "eval/rougeL_greedy"),
+    ("vs human", "eval/rougeL_reference"),
+    ("entropy", "eval/entropy"),
+    ("outside mass", "eval/outside_mass"),
+    ("mode outside", "eval/mode_outside"),
+)
 
 
 def curve_config(steps: int, out: Path, eval_prompts: int, student: str | None = None) -> TrainConfig:
     """The recipe, scored on the LAST ``eval_prompts`` held-out prompts: the demo and the reproduction
-    test on the first ones, so the recipe is not chosen on the prompts it is tested on."""
+    test on the first ones, so the recipe is not chosen on the prompts it is tested on. The trainer does
+    not evaluate the starting student (the raw cut is scored apart: :func:`score_raw`)."""
     values = dict(RECIPE, student=student or RECIPE["student"])
-    return TrainConfig(
-        **values, teacher="bundled", data="bundled", steps=steps, eval_data="bundled",
+    values.update(
+        teacher="bundled",
+        data="bundled",
+        steps=steps,
+        eval_data="bundled",
         eval_split=f"heldout[-{eval_prompts}:]",
-        eval_prompts=eval_prompts, eval_max_new_tokens=32, eval_seeds="0", eval_also_greedy=True,
-        checkpoint_every=max(steps // 4, 1), log_every=16, out=str(out),
-    )  # fmt: skip
+        eval_prompts=eval_prompts,
+        eval_max_new_tokens=32,
+        eval_seeds=[0],
+        eval_also_greedy=True,
+        eval_on_start=False,
+        checkpoint_every=max(steps // 4, 1),
+        log_every=16,
+        out=str(out),
+    )
+    return TrainConfig.from_dict(values)
 
 
 def score(model_dir: str, teacher, config: TrainConfig) -> tuple[dict, list]:
     student = load_student(model_dir, teacher=teacher)
     records = reference_records(
-        teacher, config.eval_data, split=config.eval_split, n=config.eval_prompts, max_new_tokens=32
+        teacher, config.eval.data, split=config.eval.split, n=config.eval.prompts, max_new_tokens=32
     )
     eval_config = EvalConfig(max_new_tokens=32, seeds=[0], also_greedy=True)
     return evaluate(student.model, student.tokenizer, teacher, records, eval_config)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| student | steps | training time (s) | " + " | ".join(k for k, _ in KEYS) + " |",
-             "|---|---|---|" + "---|" * len(KEYS)]  # fmt: skip
+    lines = [
+        "| student | steps | training time (s) | " + " | ".join(k for k, _ in KEYS) + " |",
+        "|---|---|---|" + "---|" * len(KEYS),
+    ]
     for r in rows:
         cells = [f"{r['metrics'].get(key, float('nan')):.2f}" for _, key in KEYS]
         lines.append(f"| {r['label']} | {r['step']} | {r['train_time_s']:.0f} | " + " | ".join(cells) + " |")
@@ -94,9 +111,10 @@ def main(argv=None) -> str:
     (out / "curve.md").write_text(text + "\n")
     print(text)
     final = load_student(str(path), teacher=teacher)
-    _, samples = evaluate(final.model, final.tokenizer, teacher,
-                          reference_records(teacher, config.eval_data, split=config.eval_split, n=6, max_new_tokens=32),
-                          EvalConfig(max_new_tokens=32, seeds=[0], samples=6))  # fmt: skip
+    records = reference_records(teacher, config.eval.data, split=config.eval.split, n=6, max_new_tokens=32)
+    _, samples = evaluate(
+        final.model, final.tokenizer, teacher, records, EvalConfig(max_new_tokens=32, seeds=[0], samples=6)
+    )
     print(json.dumps(samples, indent=1))
     (out / "samples.json").write_text(json.dumps(samples, indent=1))
     return text

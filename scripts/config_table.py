@@ -3,12 +3,16 @@
 `tdrl train --agent X`) for configuration.md, then the evaluation metrics (`tdrl.evaluation.METRICS`:
 name, meaning, which decoding pass) for metrics.md.
 
-python scripts/config_table.py        # tests/test_cli.py checks those pages hold exactly this text
+python scripts/config_table.py           # print them
+python scripts/config_table.py --write   # rewrite the marked sections of those pages (tests/test_cli.py
+                                         # checks the pages hold exactly this text)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 from tdrl.agents import AgentConfig, get_agent, list_agents
 from tdrl.evaluation import METRICS
@@ -83,7 +87,30 @@ def eval_metric_table() -> str:
     return "\n".join(lines)
 
 
+#: page -> the generators whose output it holds between ``<!-- generated: NAME -->`` and ``<!-- /generated -->``
+PAGES = {
+    "docs/reference/configuration.md": ("config_table", "agent_tables"),
+    "docs/reference/metrics.md": ("eval_metric_table",),
+}
+
+
+def write_pages(root: Path) -> None:
+    """Replace each marked section of the reference pages with its generator's output."""
+    for page, names in PAGES.items():
+        path = root / page
+        text = path.read_text()
+        for name in names:
+            start, end = f"<!-- generated: {name} -->\n", "\n<!-- /generated -->"
+            a = text.index(start) + len(start)
+            b = text.index(end, a)
+            text = text[:a] + globals()[name]() + text[b:]
+        path.write_text(text)
+
+
 if __name__ == "__main__":
+    if "--write" in sys.argv:
+        write_pages(Path(__file__).resolve().parents[1])
+        sys.exit(0)
     print(config_table())
     print()
     print(agent_tables())

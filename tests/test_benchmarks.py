@@ -1,6 +1,5 @@
 """The benchmark helpers measure what they say (no timings asserted), and reproduce.py's plumbing runs."""
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -68,12 +67,14 @@ def test_paper_budget_is_the_papers_protocol():
 
     budget = reproduce.BUDGETS["paper"]
     config = reproduce.base_config(budget, "cpu", Path("/tmp/unused"))
-    assert (config.lr, config.adam_beta1, config.adam_beta2, config.schedule) == (5e-6, 0.9, 0.95, "cosine")
-    assert config.batch_size * config.grad_accum == 64 and 0 < config.warmup_steps < config.steps // 5
+    optim = config.optim
+    assert (optim.lr, optim.adam_beta1, optim.adam_beta2, optim.schedule) == (5e-6, 0.9, 0.95, "cosine")
+    assert optim.batch_size * optim.grad_accum == 64 and 0 < optim.warmup_steps < optim.steps // 5
     responses = len(load_source("bundled", split="train"))
-    assert config.train_prompts == 0 and abs(config.steps * 64 - responses) < 64  # one pass
-    assert config.test_split == "heldout" and config.test_seed_list() == [0, 1, 2, 3, 4]
-    assert config.eval_split == "validation" and config.student == RECIPE["student"]
+    assert config.data.train_prompts == 0 and abs(optim.steps * 64 - responses) < 64  # one pass
+    assert config.test.split_name == "heldout" and config.test_seeds == [0, 1, 2, 3, 4]
+    assert config.eval.split == "validation" and config.student == RECIPE["student"]
+    assert not config.eval.on_start  # the runs' histories start after training has, as they always did
     assert budget["warm_start_lr"] == RECIPE["lr"] and budget["warm_start_steps"] == WARM_START_STEPS
     specs = [spec for _, spec in budget["main"] + budget["ablations"]]
     released = {"bd:max_over=vocab", "bd:max_over=vocab,chi2=false", "bd:max_over=vocab,top_p=1.0"}
@@ -85,25 +86,29 @@ def test_demo_and_paper_budget_share_one_warm_start():
     setting that shapes the weights agrees, so one cached warm start (one fingerprint) serves both."""
     from tdrl.commands import DEMO_DEFAULTS, WARM_START_STEPS
     from tdrl.training.args import parse_train_args
-    from tdrl.training.warmstart import _SHAPING, RECIPE, warm_start_config
+    from tdrl.training.warmstart import RECIPE, shaping_settings, warm_start_config
 
     budget = reproduce.BUDGETS["paper"]
     paper = reproduce.base_config(budget, "cpu", Path("/tmp/unused"))
     paper = warm_start_config(paper, budget["warm_start_steps"], budget["warm_start_lr"], budget["warm_start"])
-    demo, _ = parse_train_args([], defaults=DEMO_DEFAULTS, agent_flags=False, prog="tdrl demo")
+    demo, _ = parse_train_args([], presets=DEMO_DEFAULTS, agent_flags=False, prog="tdrl demo")
     demo = warm_start_config(demo, WARM_START_STEPS, RECIPE["lr"])
-    assert {k: getattr(demo, k) for k in _SHAPING} == {k: getattr(paper, k) for k in _SHAPING}
-    assert (demo.steps, demo.lr, demo.batch_size, demo.schedule) == (256, RECIPE["lr"], 8, "constant")
-    assert demo.warmup_steps == RECIPE["warmup_steps"] and demo.grad_accum == 1 and demo.seed == 0
-    assert warm_start_config(demo, 4, 1e-3).warmup_steps == 4  # the warm-up never outlasts the run
+    assert shaping_settings(demo) == shaping_settings(paper)
+    d = demo.flat()
+    assert (d["steps"], d["lr"], d["batch_size"], d["schedule"]) == (256, RECIPE["lr"], 8, "constant")
+    assert d["warmup_steps"] == RECIPE["warmup_steps"] and d["grad_accum"] == 1 and d["seed"] == 0
+    assert warm_start_config(demo, 4, 1e-3).optim.warmup_steps == 4  # the warm-up never outlasts the run
     # the paper budget sets the recipe's data and precision itself (the helper takes only its optimisation)
-    assert all(getattr(paper, k) == RECIPE[k] for k in RECIPE if k != "lr")
+    p = paper.flat()
+    assert all(p[k] == RECIPE[k] for k in RECIPE if k != "lr")
     # a budget whose recipe is only a warm-up keeps its own batch and schedule
     cpu = reproduce.BUDGETS["cpu"]
-    base = reproduce.base_config(cpu, "cpu", Path("/tmp/unused"))
-    warm = warm_start_config(base, cpu["warm_start_steps"], cpu["warm_start_lr"], {"warmup_steps": 6})
-    assert (warm.batch_size, warm.schedule, warm.warmup_steps) == (base.batch_size, base.schedule, 6)
-    assert (warm.steps, warm.lr, warm.grad_accum, warm.seed) == (64, 1e-4, 1, 0) and base.schedule != "constant"
+    config = reproduce.base_config(cpu, "cpu", Path("/tmp/unused"))
+    warm = warm_start_config(config, cpu["warm_start_steps"], cpu["warm_start_lr"], {"warmup_steps": 6}).flat()
+    base = config.flat()
+    assert (warm["batch_size"], warm["schedule"], warm["warmup_steps"]) == (base["batch_size"], base["schedule"], 6)
+    assert (warm["steps"], warm["lr"], warm["grad_accum"], warm["seed"]) == (64, 1e-4, 1, 0)
+    assert base["schedule"] != "constant"
 
 
 def test_reproduce_only_prints_the_table_of_those_specs(tmp_path, monkeypatch):
@@ -121,16 +126,38 @@ def test_reproduce_only_prints_the_table_of_those_specs(tmp_path, monkeypatch):
     store = json.loads(Path("r/records.json").read_text())
     warm = json.loads(Path("r/warm-start/tdrl-warm-start.json").read_text())["fingerprint"]
     budget = {**reproduce.BUDGETS["smoke"], "steps": 2, "eval_every": 1}  # what --steps 2 makes of it
-    base = dataclasses.replace(reproduce.base_config(budget, "cpu", Path("r")), student="r/warm-start")
-    config = dataclasses.replace(base, agent="bc", agent_args="mode=sft", seed=0)
+    base = reproduce.base_config(budget, "cpu", Path("r")).replace(student="r/warm-start")
+    config = base.replace(agent="bc", agent_config="mode=sft", seed=0)
 
     def digest(values):
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
-    values = {k: v for k, v in config.to_dict().items() if k != "out"}
+    values = reproduce.record_settings(config, "mode=sft")
+    assert "out" not in values and values["agent_args"] == "mode=sft"
     new, old = digest({**values, "student": f"warm-start:{warm}"}), digest(values)
-    assert reproduce.run_key(config) == new and new in store
+    assert reproduce.run_key(config, agent_args="mode=sft") == new and new in store
     legacy = {old: store[new], "other": 1}
-    assert reproduce.run_key(config, legacy) == new and legacy == {new: store[new], "other": 1}
-    plain = dataclasses.replace(config, student="tiny")  # not a warm start: the key is the settings' hash
-    assert reproduce.run_key(plain) == digest({k: v for k, v in plain.to_dict().items() if k != "out"})
+    assert reproduce.run_key(config, legacy, agent_args="mode=sft") == new and legacy == {new: store[new], "other": 1}
+    plain = config.replace(student="tiny")  # not a warm start: the key is the settings' hash
+    assert reproduce.run_key(plain, agent_args="mode=sft") == digest(reproduce.record_settings(plain, "mode=sft"))
+    with pytest.raises(ValueError, match="agent_args"):  # agent settings without the spec's string: no key
+        reproduce.run_key(plain)
+    with pytest.raises(ValueError, match="not the config's agent settings"):
+        reproduce.run_key(plain, agent_args="mode=kd")
+
+
+def test_record_keys_are_those_of_tdrl_0_1():
+    """records.json of earlier versions stays valid: a run's key hashes its settings by tdrl 0.1's flat
+    names and plain types (agent_args the spec's string, seeds comma-separated), and these digests are
+    the keys tdrl 0.1's reproduce.py gave the same settings (they change when a default of TrainConfig
+    does: that invalidates the records, as it should)."""
+    from tdrl.training import TrainConfig
+
+    values = {"agent": "bc", "agent_args": "mode=sft", "teacher": "tiny", "student": "tiny", "steps": 2}
+    config = TrainConfig.from_dict({**values, "eval_seeds": [0, 1], "test_seeds": [3], "eval_on_start": False})
+    assert reproduce.run_key(config, agent_args="mode=sft") == "042a92f643d8b881"
+    assert reproduce.run_key(TrainConfig.from_dict({"eval_on_start": False})) == "0dc798ea3b1dc9da"
+    settings = reproduce.record_settings(config, "mode=sft")
+    assert (settings["eval_seeds"], settings["test_seeds"], settings["test_split"]) == ("0,1", "3", "heldout")
+    # the step-0 evaluation, which 0.1 never ran, makes other runs: another key
+    assert reproduce.run_key(TrainConfig()) != "0dc798ea3b1dc9da"

@@ -57,6 +57,10 @@ def test_docs_configuration_reference_is_the_current_one():
     assert module.config_table() in page, "rerun python scripts/config_table.py into docs/reference/configuration.md"
     assert module.agent_tables() in page, "rerun python scripts/config_table.py into docs/reference/configuration.md"
     assert "| `--expert-term` | `topp_mean` |" in module.agent_tables()  # bd's own default, from its Config
+    assert "| `--eval-every` | `50` |" in module.config_table()  # a group's leaf, under its flag name
+    metrics_page = (root / "docs" / "reference" / "metrics.md").read_text()
+    assert module.eval_metric_table() in metrics_page, "rerun python scripts/config_table.py into metrics.md"
+    assert "`eval/rougeL_greedy`" in module.eval_metric_table()  # every metric of tdrl.evaluation.METRICS
 
 
 def test_docs_metric_names_are_what_each_agent_logs():
