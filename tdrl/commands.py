@@ -216,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tdrl.integrity import read_json
     from tdrl.models import load_student, load_teacher
     from tdrl.training.checkpoints import find_checkpoint
-    from tdrl.training.state import RUN_FILE
+    from tdrl.training.state import RUN_FILE, RunInfo
 
     path = Path(args.checkpoint)
     if not path.exists():
@@ -227,9 +227,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if model_dir is None:
         checkpoint = find_checkpoint(path, verify=True)
         model_dir, run = checkpoint / "student", checkpoint / RUN_FILE
-    info = read_json(run, "run record") if run is not None and run.is_file() else {}
-    teacher_name = args.teacher or info.get("teacher") or "bundled"  # the run's own teacher unless told otherwise
-    teacher = load_teacher(teacher_name, dtype=info.get("teacher_dtype", "float32"), device=args.device)
+    info = RunInfo.from_dict(read_json(run, "run record")) if run is not None and run.is_file() else None
+    teacher_name = args.teacher or (info.teacher if info else "bundled")  # the run's own teacher unless told otherwise
+    teacher = load_teacher(teacher_name, dtype=info.teacher_dtype if info else "float32", device=args.device)
     student = load_student(str(model_dir)).to(args.device)
     split = args.split or ("heldout" if args.data == "bundled" else None)
     records = reference_records(
@@ -250,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         greedy=args.greedy,
         also_greedy=not args.greedy,
     )
-    temperature = info.get("decode_temperature", 1.0)
+    temperature = info.decode_temperature if info else 1.0
     metrics, samples = evaluate(
         student.model, student.tokenizer, teacher, records, config, decode_temperature=temperature
     )
@@ -288,14 +288,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _compare(config, agents: str, seeds: int, start: str = "start", teacher=None) -> int:
     from pathlib import Path
 
-    from tdrl.compare import compare, results_table, split_agent_specs
+    from tdrl.compare import CURVES_PNG, RESULTS_CSV, RESULTS_MD, compare, results_table, split_agent_specs
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     out = Path(config.out)
     summaries = compare(split_agent_specs(agents), list(range(seeds)), config, out, start=start, teacher=teacher)
     print(results_table(summaries))
-    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'eval_curves.png'}")
+    print(f"results: {out / RESULTS_MD}, {out / RESULTS_CSV}, {out / CURVES_PNG}")
     print(f"TensorBoard: tdrl tensorboard {out / 'runs'}   (then open http://127.0.0.1:6006/)")
     return 0
 

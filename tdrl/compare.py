@@ -33,6 +33,9 @@ from tdrl.training.config import resolve_device
 
 __all__ = ["parse_agent_spec", "split_agent_specs", "compare", "results_table", "separations", "start_row", "COLUMNS"]
 
+#: What a comparison writes into its output directory (beside ``runs/``).
+RESULTS_CSV, RESULTS_MD, CURVES_PNG = "results.csv", "results.md", "eval_curves.png"
+
 ALIASES = {"kd": "bc:mode=kd", "sft": "bc:mode=sft", "seqkd": "bc:mode=sft"}
 
 
@@ -174,7 +177,7 @@ def compare(
 
 def write_results(summaries: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "results.csv").open("w", newline="") as fh:
+    with (out / RESULTS_CSV).open("w", newline="") as fh:
         writer = csv.writer(fh)
         fields = ["label", "seed", "steps", "wall_time_s", "train_time_s", "best_step"]
         writer.writerow(["agent", *fields[1:]] + [name for name, _ in COLUMNS])
@@ -182,8 +185,8 @@ def write_results(summaries: list[dict], out: Path) -> None:
             label, seed, steps, wall, train, best_step = (_metric(s, "run", f) for f in fields)
             row = [label, seed, steps, f"{wall:.1f}", f"{train:.1f}", best_step]
             writer.writerow(row + [f"{get(s):.4f}" for _, get in COLUMNS])
-    (out / "results.md").write_text(results_table(summaries))
-    _plot(summaries, out / "eval_curves.png")
+    (out / RESULTS_MD).write_text(results_table(summaries))
+    _plot(summaries, out / CURVES_PNG)
 
 
 def _groups(summaries: list[dict]) -> dict[str, list[dict]]:

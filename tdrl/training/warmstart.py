@@ -21,6 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
+from tdrl.data import ANNOTATION_META
 from tdrl.errors import CheckpointNotFoundError, DataError
 from tdrl.integrity import atomic_dir, read_json
 from tdrl.training.config import TrainConfig, config_leaves, resolve_device
@@ -90,8 +91,8 @@ def warm_start_fingerprint(config: TrainConfig, teacher) -> tuple[str, dict]:
     settings["agent"] = ":".join(WARM_START_AGENT)
     settings["teacher_weights"] = teacher.weights_fingerprint()
     data = Path(config.data.source)
-    if config.data.source != "bundled" and (data / "tdrl-annotation.json").is_file():
-        settings["data_fingerprint"] = read_json(data / "tdrl-annotation.json", "annotation metadata").get(
+    if config.data.source != "bundled" and (data / ANNOTATION_META).is_file():
+        settings["data_fingerprint"] = read_json(data / ANNOTATION_META, "annotation metadata").get(
             "fingerprint"
         )
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
