@@ -391,8 +391,8 @@ def test_demo_command_plumbing_with_tiny_overrides(tmp_path, capsys):
     """`tdrl demo` = a cached warm start, then compare from it with the demo budget; later flags
     override the budget (tiny models here). The table is on test prompts with the warm start as a row."""
     out = tmp_path / "demo"
-    argv = ["demo", "--agents", "kd,bd", "--seeds", "2", *TINY, "--steps", "1", "--eval-every", "0",
-            "--warm-start-steps", "2", "--test-prompts", "2", "--out", str(out)]  # fmt: skip
+    flags = "--agents kd,bd --seeds 2 --steps 1 --eval-every 0 --warm-start-steps 2 --test-prompts 2".split()
+    argv = ["demo", *flags, *TINY, "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "| warm start | 2 |" in text and "| kd | 2 |" in text and "| bd | 2 |" in text
@@ -433,9 +433,12 @@ def test_eval_on_the_users_own_data_with_references(tmp_path, capsys):
     assert {"last", "best", "best_step"} <= set(summary["test"])
     assert "eval/rougeL_greedy" in summary["test"]["last"] and 0 <= summary["probe"]["outside_mass"] <= 1
     data = tmp_path / "my.jsonl"
-    rows = [{"prompt": "What is the capital of France?", "reference": "Paris is the capital of France."},
-            {"prompt": "Name three colors.", "reference": "Red, green and blue."},
-            {"prompt": "Say hi.", "reference": "Hi!"}]  # fmt: skip
+    pairs = [
+        ("What is the capital of France?", "Paris is the capital of France."),
+        ("Name three colors.", "Red, green and blue."),
+        ("Say hi.", "Hi!"),
+    ]
+    rows = [{"prompt": prompt, "reference": reference} for prompt, reference in pairs]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     capsys.readouterr()
     assert (
@@ -518,8 +521,8 @@ def hparams_of(run_dir) -> dict:
 
 def test_typed_agent_flags_reach_the_agent_the_summary_and_tensorboard(tmp_path, capsys):
     out = tmp_path / "typed"
-    argv = ["train", "--agent", "iqlearn", "--expert-term", "topp_mean", "--no-chi2", "--alpha", "0.25",
-            "--steps", "1", "--eval-every", "0", "--out", str(out), *TINY]  # fmt: skip
+    flags = "--agent iqlearn --expert-term topp_mean --no-chi2 --alpha 0.25 --steps 1 --eval-every 0".split()
+    argv = ["train", *flags, "--out", str(out), *TINY]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     settings = summary["config"]["agent_config"]
@@ -560,8 +563,8 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path, capsys):
     losses = {}
     for precision in ("no", "bf16"):
         out = tmp_path / precision
-        argv = ["train", "--agent", "bc", "--steps", "2", "--eval-every", "0", "--log-every", "1", "--lr", "0",
-                "--mixed-precision", precision, "--out", str(out), *TINY]  # fmt: skip
+        flags = f"--agent bc --steps 2 --eval-every 0 --log-every 1 --lr 0 --mixed-precision {precision}".split()
+        argv = ["train", *flags, "--out", str(out), *TINY]
         assert main(argv) == 0
         acc = EventAccumulator(str(out))
         acc.Reload()
@@ -575,8 +578,8 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path, capsys):
 
 
 def test_best_model_on_a_chosen_metric_and_direction(tmp_path):
-    config = tiny_config(tmp_path / "nll", agent="bc", steps=4, eval_every=1, lr=5e-3,
-                         metric_for_best_model="eval/teacher_nll", greater_is_better=False)  # fmt: skip
+    selection = dict(metric_for_best_model="eval/teacher_nll", greater_is_better=False)
+    config = tiny_config(tmp_path / "nll", agent="bc", steps=4, eval_every=1, lr=5e-3, **selection)
     trainer = build_trainer(config, progress=False)
     trainer.train()
     nll = {h.step: h.metrics["eval/teacher_nll"] for h in trainer.state.history}
@@ -588,8 +591,8 @@ def test_best_model_on_a_chosen_metric_and_direction(tmp_path):
 
 
 def test_warm_up_runs_its_full_length_and_accumulation_steps_once_per_group(tmp_path):
-    config = tiny_config(tmp_path / "wu", agent="bc", steps=4, warmup_steps=8, schedule="constant", lr=1e-3,
-                         eval_every=0, grad_accum=2, batch_size=2)  # fmt: skip
+    schedule = dict(steps=4, warmup_steps=8, schedule="constant", lr=1e-3)
+    config = tiny_config(tmp_path / "wu", agent="bc", eval_every=0, grad_accum=2, batch_size=2, **schedule)
     trainer = build_trainer(config, progress=False)
     trainer.train()
     acc = EventAccumulator(str(tmp_path / "wu"))

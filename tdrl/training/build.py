@@ -1,4 +1,4 @@
-"""From names to objects: :func:`build_trainer` resolves a :class:`~tdrl.training.args.TrainConfig`'s
+"""From names to objects: :func:`build_trainer` resolves a :class:`~tdrl.training.config.TrainConfig`'s
 teacher, student, agent, data and evaluation prompts into a :class:`~tdrl.training.trainer.Trainer`;
 :func:`resume_trainer` rebuilds one from a run's newest intact checkpoint."""
 
