@@ -27,7 +27,7 @@ from tdrl.commands import (
     cmd_warm_start,
     warm_start_defaults,
 )
-from tdrl.errors import ConfigError, TdrlError
+from tdrl.errors import TdrlError
 
 TRAINING_COMMANDS = ("train", "compare", "demo", "warm-start")
 
@@ -42,12 +42,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser that parses it. ``tdrl train``'s typed agent flags are those of the agent ``argv`` names
     (``--agent``, its ``--config`` file's agent, else the default agent)."""
     from tdrl.agents import get_agent
-    from tdrl.training.args import add_config_arguments, agent_from_argv
+    from tdrl.training.args import add_config_arguments, agent_from_argv, one_line_errors
+    from tdrl.training.config import TrainConfig
 
     argv = list(argv)
     parser = argparse.ArgumentParser(
         prog="tdrl", description="LM distillation as offline RL on the top-p token MDP.", allow_abbrev=False
     )
+    named = argv[0] if argv and not argv[0].startswith("-") else None
+    parser.error = one_line_errors(parser, f"tdrl {named}" if named else "tdrl")  # e.g. an unknown flag
     parser.add_argument(
         "--debug", action="store_true", help="show the full traceback of an error (anywhere on the line)"
     )
@@ -55,7 +58,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     def command(name: str, help: str, *parents: argparse.ArgumentParser, **kw) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, parents=list(parents), allow_abbrev=False, **kw)
-        p.error = _one_line(p)
+        p.error = one_line_errors(p)
         return p
 
     teacher_args = argparse.ArgumentParser(add_help=False)
@@ -124,7 +127,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     command("agents", "list the registered agents (built in and plug-ins)").set_defaults(func=cmd_agents)
 
-    agent = agent_from_argv(argv[1:]) if argv[:1] == ["train"] else None
+    agent = agent_from_argv(argv[1:]) if argv[:1] == ["train"] else TrainConfig.agent
     train = command(
         "train",
         "train one agent (every TrainConfig setting is a flag; the chosen --agent's own settings too)",
@@ -133,7 +136,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", default=None, help="continue the run in this directory (or checkpoint); only --steps may change"
     )
-    add_config_arguments(train, agent_config=get_agent(agent).Config if agent else None)
+    chosen = get_agent(agent)
+    add_config_arguments(train, agent_config=chosen.Config, agent_presets=chosen.trainer_defaults)
     train.set_defaults(func=cmd_train)
 
     evaluate = command("eval", "evaluate a checkpoint, a run directory or an exported model")
@@ -163,14 +167,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     warm = command("warm-start", "train the shared starting student (full-vocabulary KD) and export it")
-    add_config_arguments(warm, presets=_command_presets("warm-start"))
+    # the warm start fixes its agent (KD), runs no test, collects no episodes and adds no J_PT: no such flags
+    add_config_arguments(warm, presets=_command_presets("warm-start"), agent=False, groups=("optim", "data", "eval"))
     warm.set_defaults(func=cmd_warm_start)
 
     specs = "comma-separated agent specs (name, name:key=value, or kd / sft / seqkd)"
     comp = command("compare", "train several agents on the same data, budget and seeds")
     comp.add_argument("--agents", default=COMPARE_AGENTS, help=f"{specs} (default: {COMPARE_AGENTS})")
     comp.add_argument("--seeds", type=int, default=1, help="number of seeds (0 .. N-1) (default: 1)")
-    add_config_arguments(comp)
+    add_config_arguments(comp, agent=False)  # the agents and their settings come from --agents specs
     comp.set_defaults(func=cmd_compare)
 
     board = command("tensorboard", "serve TensorBoard for a run directory on 127.0.0.1")
@@ -199,16 +204,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         default=RECIPE["lr"],
         help=f"warm start's learning rate (default: {RECIPE['lr']})",
     )
-    add_config_arguments(demo, presets=_command_presets("demo"))
+    add_config_arguments(demo, presets=_command_presets("demo"), agent=False)
     demo.set_defaults(func=cmd_demo)
     return parser
-
-
-def _one_line(parser: argparse.ArgumentParser):
-    def error(message: str):  # a bad command line is a ConfigError: one line, status 2
-        raise ConfigError(f"{message} (see `{parser.prog} --help`)")
-
-    return error
 
 
 def _as_list(value) -> list:

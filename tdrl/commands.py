@@ -30,7 +30,7 @@ WARM_START_STEPS = 256
 def warm_start_defaults() -> dict:
     from tdrl.training.warmstart import RECIPE
 
-    return {**RECIPE, "steps": WARM_START_STEPS, "out": "runs/warm-start"}
+    return {**RECIPE, "steps": WARM_START_STEPS, "out": "runs/warm-start", "eval_every": 0}
 
 
 #: The demo: the recipe's warm start (cached in runs/demo/warm-start), then the paper's agents from it,
@@ -193,7 +193,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tdrl.training.config import config_leaves
 
     if args.resume:
-        given = sorted(k for k in vars(args) if k.startswith("agent.") or k in {f for *_, f in config_leaves()})
+        leaves = {f for *_, f in config_leaves()} | {"agent_args"}
+        given = sorted(k for k in vars(args) if k.startswith("agent.") or k in leaves)
         if args.config or set(given) - {"steps"}:
             changed = ", ".join(["--config"] * bool(args.config) + [f"--{k.replace('_', '-')}" for k in given])
             raise ConfigError(
@@ -271,7 +272,7 @@ def cmd_warm_start(args: argparse.Namespace) -> int:
     from tdrl.training.warmstart import warm_start
 
     config = _config(args)
-    out, record = warm_start(config, config.out, overwrite=config.overwrite)
+    out, record = warm_start(config, config.out, overwrite=config.overwrite, eval_every=config.eval.every)
     validation = record["validation"]
     rouge = f", validation Rouge-L {validation['eval/rougeL']:.2f}" if "eval/rougeL" in validation else ""
     print(

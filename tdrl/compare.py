@@ -175,7 +175,7 @@ def compare(
     return summaries
 
 
-def write_results(summaries: list[dict], out: Path) -> None:
+def write_results(summaries: list[RunSummary], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / RESULTS_CSV).open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -189,8 +189,8 @@ def write_results(summaries: list[dict], out: Path) -> None:
     _plot(summaries, out / CURVES_PNG)
 
 
-def _groups(summaries: list[dict]) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
+def _groups(summaries: list[RunSummary]) -> dict[str, list[RunSummary]]:
+    groups: dict[str, list[RunSummary]] = {}
     for s in summaries:
         groups.setdefault(_metric(s, "run", "label"), []).append(s)
     return groups
@@ -203,7 +203,7 @@ def _cell(values: np.ndarray) -> str:
     return f"{values.mean():.2f}" if len(values) == 1 else f"{values.mean():.2f} ± {values.std():.2f}"
 
 
-def separations(summaries: list[dict], column: str = "Rouge-L last") -> list[str]:
+def separations(summaries: list[RunSummary], column: str = "Rouge-L last") -> list[str]:
     """Pairs of agents whose mean ``column`` differs by more than the sum of their standard deviations
     over seeds, largest gap first. A group with fewer than two finite values has no spread and takes no
     part: one seed's difference is no evidence of a separation."""
@@ -247,7 +247,7 @@ def _legend(shown: set[str], start_row: bool) -> str:
     return text
 
 
-def results_table(summaries: list[dict]) -> str:
+def results_table(summaries: list[RunSummary]) -> str:
     """Markdown: per agent, mean ± std over seeds of each test column, the separations, a legend."""
     shown = [(name, get) for name, get in COLUMNS if any(np.isfinite(get(s)) for s in summaries)]
     header = ["agent", "seeds", "train s/run"] + [name for name, _ in shown]
@@ -276,7 +276,7 @@ def results_table(summaries: list[dict]) -> str:
 CURVES = (("eval/rougeL", "validation Rouge-L"), ("eval/entropy", "validation entropy (nats)"))
 
 
-def _curves(summaries: list[dict], key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def _curves(summaries: list[RunSummary], key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Per agent with a validation history: (steps, mean, min, max) of ``key`` over its seeds, on the steps
     every seed evaluated (runs of different lengths are cut to the common steps). Rows without a history (the
     starting student) are left out."""
@@ -290,7 +290,7 @@ def _curves(summaries: list[dict], key: str) -> dict[str, tuple[np.ndarray, np.n
     return out
 
 
-def _plot(summaries: list[dict], path: Path):
+def _plot(summaries: list[RunSummary], path: Path):
     """``eval_curves.png`` (:data:`CURVES`): per agent the mean over seeds (line) and the min..max band.
     Returns the matplotlib Figure (closed: its data stay readable)."""
     import matplotlib

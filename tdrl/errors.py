@@ -75,8 +75,8 @@ def check_field_types(instance, name_of=None) -> None:
                 raise ConfigError(f"{name} must be a list of {item.__name__}, got {list(value)!r}")
             setattr(instance, f.name, list(value))
             continue
-        if allowed == (str,) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            setattr(instance, f.name, str(value))  # YAML reads `student: 7` as a number
+        if str in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(instance, f.name, str(value))  # YAML reads `student: 7` or `test_split: 2024` as a number
             continue
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             setattr(instance, f.name, float(value))

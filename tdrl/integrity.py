@@ -123,18 +123,21 @@ def atomic_file(path: str | os.PathLike) -> Iterator[TextIO]:
 
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike, *, token: str | None = None) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, *, token: str | None = None, shared: bool = False) -> Iterator[Path]:
     """Write a directory all at once: yields an empty temporary sibling of ``target``
     (``.<name>.tmp-<token>``), and when the block ends without an error renames it to ``target``,
     replacing what was there (the old directory is moved aside first, then deleted, so ``target`` is
     at every moment either the old complete directory or the new one). On an error, in the block or
     in the renames, the temporary directory is removed and ``target`` is left as it was. ``token``
-    names the temporary directory (processes that write one directory together pass the same one, and
-    a rerun with the same token clears what a killed writer left); default: random."""
+    names the temporary directory (default: random); a temporary directory of that name left by a
+    killed writer is cleared first, unless ``shared``: other processes write into it too (a
+    checkpoint's ranks, whose token is fresh for every checkpoint)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{token or uuid.uuid4().hex[:8]}")
-    tmp.mkdir(exist_ok=token is not None)  # other processes sharing the token may have made it
+    if tmp.exists() and not shared:
+        shutil.rmtree(tmp)  # a killed writer's leftovers never join the new directory
+    tmp.mkdir(exist_ok=shared)  # other processes sharing the token may have made it
     try:
         yield tmp
         _swap_in(tmp, target)

@@ -155,3 +155,52 @@ def test_the_warm_start_fingerprint_is_the_one_the_flat_config_gave(tiny_teacher
     assert warm_start_fingerprint(warm_start_config(config, 256, 1e-4), tiny_teacher)[0] == "aeb31d5d5326115e"
     assert warm_start_fingerprint(config.replace(eval_every=3), tiny_teacher)[0] == "7b0f2730e407ab6c"
     assert warm_start_fingerprint(config.replace(adam_beta2=0.9), tiny_teacher)[0] != "7b0f2730e407ab6c"
+
+
+def test_commands_accept_only_the_flags_they_use(capsys):
+    """compare and demo take their agents from --agents specs, warm-start fixes its agent and runs no test,
+    collects no episodes and adds no J_PT: such flags are refused (one line), not accepted and ignored."""
+    from tdrl.cli import main
+
+    for argv, flag in (
+        (["compare", "--agent-args", "top_p=0.5"], "--agent-args"),
+        (["demo", "--agent", "sql"], "--agent"),
+        (["warm-start", "--test-prompts", "4"], "--test-prompts"),
+        (["warm-start", "--lm-coef", "1"], "--lm-coef"),
+        (["train", "--resume", "runs/x", "--agent-args", "top_p=0.5"], "only --steps may change"),
+        (["train", "--bogus"], "see `tdrl train --help`"),
+        (["train", "--eval-seeds", "a"], "seeds must be integers"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert flag in err and err.count("\n") == 1, (argv, err)
+    assert main(["train", "--agent", "gkd", "--help"]) == 0
+    assert "(default: 10)" in capsys.readouterr().out  # gkd's preset of --online-every, not "unset"
+
+
+def test_a_resolved_config_refuses_a_new_agent_and_replace_takes_groups_and_instances():
+    resolved = TrainConfig(agent="gkd").resolve()
+    with pytest.raises(ConfigError, match="resolved for gkd"):
+        resolved.replace(agent="bc")  # its online_every 10 is gkd's preset, not the user's
+    assert resolved.replace(agent="bc", online_every=0, online_ratio=0.5, lm_coef=0.0).online.every == 0
+    assert TrainConfig().replace(eval={"every": 0}).eval.every == 0
+    assert TrainConfig().replace(data={"train_prompts": 5}).data.train_prompts == 5
+    with pytest.raises(ConfigError, match="IQLearnConfig"):
+        TrainConfig(agent="iqlearn").replace(agent_config=get_agent("bc").Config())
+    assert TrainConfig.from_dict({"test_data": "my.jsonl", "test_split": 2024}).test.split == "2024"  # YAML: a number
+
+
+def test_atomic_dir_clears_a_killed_writers_leftovers_unless_shared(tmp_path):
+    from tdrl.integrity import atomic_dir
+
+    stale = tmp_path / ".out.tmp-tok"
+    stale.mkdir()
+    (stale / "stale.bin").write_text("x")
+    with atomic_dir(tmp_path / "out", token="tok") as tmp:
+        (tmp / "new").write_text("1")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new"]
+    stale.mkdir()
+    (stale / "rank1.pkl").write_text("written by another rank")
+    with atomic_dir(tmp_path / "out", token="tok", shared=True) as tmp:
+        (tmp / "rank0.pkl").write_text("1")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rank0.pkl", "rank1.pkl"]

@@ -23,7 +23,16 @@ from typing import Any
 import yaml
 
 from tdrl.errors import ConfigError
-from tdrl.training.config import GROUPS, TrainConfig, agent_fields, agent_values, config_leaves, seed_list
+from tdrl.training.config import (
+    GROUPS,
+    TrainConfig,
+    agent_fields,
+    agent_values,
+    config_leaves,
+    merge_once,
+    put_once,
+    seed_list,
+)
 
 __all__ = [
     "parse_agent_args",
@@ -87,16 +96,10 @@ def flatten(values: dict[str, Any], where: str = "settings") -> dict[str, Any]:
                 flag = flags.get((key, name))
                 if flag is None:
                     raise ConfigError(f"{where}: {key} has no setting {name!r}")
-                _put(out, flag, inner, where)
+                put_once(out, flag, inner, f"{where}: {key}.{name}")
         else:
-            _put(out, key, value, where)
+            put_once(out, key, value, f"{where}: {key}")
     return out
-
-
-def _put(out: dict, key: str, value, where: str) -> None:
-    if key in out:
-        raise ConfigError(f"{where}: setting {key} given twice: keep one")
-    out[key] = value
 
 
 def _kind(hint) -> tuple[Any, dict]:
@@ -113,7 +116,10 @@ def _kind(hint) -> tuple[Any, dict]:
 
 
 def _int_list(text: str) -> list[int]:
-    return seed_list("seeds", text)
+    try:
+        return seed_list("seeds", text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers, e.g. 0 1 2 or 0,1,2; got {text!r}") from None
 
 
 def _shown(value) -> str:
@@ -125,27 +131,41 @@ def _shown(value) -> str:
 
 
 def add_config_arguments(
-    parser: argparse.ArgumentParser, *, agent_config: type | None = None, presets: dict[str, Any] | None = None
+    parser: argparse.ArgumentParser,
+    *,
+    agent_config: type | None = None,
+    presets: dict[str, Any] | None = None,
+    agent: bool = True,
+    groups: tuple[str, ...] = tuple(GROUPS),
+    agent_presets: dict[str, Any] | None = None,
 ) -> None:
-    """Every TrainConfig leaf as a flag (grouped as the config is), ``--config`` and ``--agent-args``,
-    and with ``agent_config`` (an agent's Config class) that agent's typed flags. Flags default to
-    "not given" (argparse.SUPPRESS) so that the file and the presets below them are kept; the help shows
-    the effective default (``presets``, else the dataclass default)."""
-    presets = presets or {}
+    """Every TrainConfig leaf of the run and of ``groups`` as a flag (grouped as the config is),
+    ``--config``, and (``agent``) ``--agent`` and ``--agent-args``; with ``agent_config`` (an agent's
+    Config class) that agent's typed flags. A command that chooses the agent itself (``compare``: its
+    specs; ``warm-start``: KD) passes ``agent=False``, and one that fixes a group leaves it out of
+    ``groups``, so that no flag is accepted and then ignored. Flags default to "not given"
+    (argparse.SUPPRESS) so that the file and the presets below them are kept; the help shows the
+    effective default: ``presets``, else the agent's ``agent_presets`` (its ``trainer_defaults``), else
+    the dataclass default."""
+    presets, agent_presets = presets or {}, agent_presets or {}
     parser.add_argument("--config", default=None, help="YAML or JSON file of settings (flags override it)")
-    parser.add_argument(
-        "--agent-args",
-        default=argparse.SUPPRESS,
-        help="agent settings as key=value pairs separated by commas, or a JSON object",
-    )
+    if agent:
+        parser.add_argument(
+            "--agent-args",
+            default=argparse.SUPPRESS,
+            help="agent settings as key=value pairs separated by commas, or a JSON object",
+        )
     sections = {None: parser.add_argument_group("run")}
-    sections.update({name: parser.add_argument_group(f"{name} ({cls.__name__})") for name, cls in GROUPS.items()})
+    sections.update({name: parser.add_argument_group(f"{name} ({GROUPS[name].__name__})") for name in groups})
     hints = {None: typing.get_type_hints(TrainConfig)}
     hints.update({name: typing.get_type_hints(cls) for name, cls in GROUPS.items()})
     for group, f, flag in config_leaves():
-        if group is None and f.name == "agent_config":
+        if (group is None and (f.name == "agent_config" or (f.name == "agent" and not agent))) or (
+            group is not None and group not in groups
+        ):
             continue
-        default = presets.get(flag, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = presets.get(flag, agent_presets.get(flag, default))
         kind, extra = _kind(hints[group][f.name])
         text = f"{f.metadata.get('help', '')} (default: {_shown(default)})".replace("%", "%%")
         sections[group].add_argument(
@@ -193,7 +213,7 @@ def config_from_args(ns: argparse.Namespace, presets: dict[str, Any] | None = No
     given = {k: _flat_list(v) for k, v in vars(ns).items() if k in {flag for _, _, flag in config_leaves()}}
     typed = {k.split(".", 1)[1]: v for k, v in vars(ns).items() if k.startswith("agent.")}
     if "agent_args" in vars(ns):
-        typed = _merge_agent(typed, parse_agent_args(ns.agent_args), "--agent-args and a typed flag")
+        typed = merge_once(typed, parse_agent_args(ns.agent_args), "--agent-args and a typed flag")
     values = {**(presets or {})}
     file_values = load_config_file(ns.config) if getattr(ns, "config", None) else {}
     agent = given.get("agent", file_values.get("agent", values.get("agent", TrainConfig.agent)))
@@ -201,13 +221,16 @@ def config_from_args(ns: argparse.Namespace, presets: dict[str, Any] | None = No
     leaves = {flag for _, _, flag in config_leaves()}
     unknown = sorted(set(file_values) - leaves - fields - set(_AGENT_KEYS))
     if unknown:
-        raise ConfigError(f"{ns.config}: unknown setting(s) {', '.join(unknown)} (see `tdrl train --help`)")
+        raise ConfigError(
+            f"{ns.config}: unknown setting(s) {', '.join(unknown)} (not trainer settings, nor settings of the agent "
+            f"{agent}: see `tdrl train --agent {agent} --help`)"
+        )
     file_agent: dict[str, Any] = {}
     for key, value in file_values.items():
         if key in _AGENT_KEYS:
-            file_agent = _merge_agent(file_agent, agent_values(value), f"{ns.config} ({key})")
+            file_agent = merge_once(file_agent, agent_values(value), f"{ns.config} ({key})")
         elif key in fields and key not in leaves:
-            file_agent = _merge_agent(file_agent, {key: value}, str(ns.config))
+            file_agent = merge_once(file_agent, {key: value}, str(ns.config))
         else:
             values[key] = value
     values.update(given)
@@ -226,16 +249,12 @@ def _flat_list(value):
     return value
 
 
-def _merge_agent(old: dict, new: dict, where: str) -> dict:
-    twice = sorted(set(old) & set(new))
-    if twice:
-        raise ConfigError(f"agent setting(s) {', '.join(twice)} given twice ({where}): keep one")
-    return {**old, **new}
+def one_line_errors(parser: argparse.ArgumentParser, prog: str | None = None):
+    """An ``error`` for ``parser`` that raises a ConfigError (one line from the CLI, status 2) naming the
+    help to read, instead of argparse's usage dump."""
 
-
-def _error(parser: argparse.ArgumentParser):
-    def error(message: str):  # a bad flag value is a ConfigError (one line from the CLI), not a usage dump
-        raise ConfigError(f"{message} (see `{parser.prog} --help`)")
+    def error(message: str):
+        raise ConfigError(f"{message} (see `{prog or parser.prog} --help`)")
 
     return error
 
@@ -249,7 +268,7 @@ def parse_train_args(
     from tdrl.agents import get_agent
 
     parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
-    parser.error = _error(parser)
+    parser.error = one_line_errors(parser)
     agent_config = get_agent(agent_from_argv(argv, presets)).Config if agent_flags else None
     add_config_arguments(parser, agent_config=agent_config, presets=presets)
     ns, rest = parser.parse_known_args(argv)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from tdrl.agents import get_agent, make_agent
+from tdrl.agents import AgentConfig, get_agent, make_agent
 from tdrl.data import DistillDataset, check_same_vocabulary, prepare_bundled_data
 from tdrl.errors import ConfigError, DataError
 from tdrl.evaluation import reference_records
@@ -31,7 +31,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_rewards_fit_agent(settings: dict, config) -> None:
+def check_rewards_fit_agent(settings: dict, config: AgentConfig) -> None:
     """The cached reward is derived at annotation time: with ``inverse_soft_q`` it is
     ``z(s, a) - gamma V(s')`` at the annotation's gamma, which goes stale under an agent that discounts
     with another gamma. Refuse that pairing (ConfigError naming both fixes)."""

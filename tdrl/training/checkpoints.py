@@ -153,7 +153,11 @@ def save_checkpoint(
         broadcast_object_list(token)
     tied = logging.getLogger("accelerate.utils.other")  # it warns on every save that a tied head is
     level = tied.level  # stored once; load_state restores the tie (tested by the bit-exact resume)
-    with atomic_dir(final, token=token[0]) if accelerator.is_main_process else _shared(final, token[0]) as tmp:
+    with (
+        atomic_dir(final, token=token[0], shared=True)
+        if accelerator.is_main_process
+        else _shared(final, token[0]) as tmp
+    ):
         tied.setLevel(logging.ERROR)
         try:
             accelerator.save_state(str(tmp), safe_serialization=True)

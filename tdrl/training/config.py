@@ -25,7 +25,6 @@ the agent's Config once, before a run; the device is checked when the run starts
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -162,19 +161,19 @@ class TrainConfig:
         for name in list(values):
             if name in GROUPS and isinstance(values[name], dict):
                 for key, value in values.pop(name).items():
-                    _put(groups[name], key, value, f"{name}.{key}")
+                    put_once(groups[name], key, value, f"{name}.{key}")
         by_flag = _flags()
         own = agent_fields(values.get("agent", cls.agent))
         for key, value in values.items():
             if key in ("agent_config", "agent_args"):
-                settings = _merge(settings, agent_values(value), key)
+                settings = merge_once(settings, agent_values(value), key)
             elif key in _TOP:
                 top[key] = value
             elif key in by_flag:
                 group, name = by_flag[key]
-                _put(groups[group], name, value, key)
+                put_once(groups[group], name, value, key)
             elif key in own:
-                settings = _merge(settings, {key: value}, key)
+                settings = merge_once(settings, {key: value}, key)
             else:
                 raise ConfigError(f"unknown setting {key!r} (see `tdrl train --help`)")
         agent = top.get("agent", cls.agent)
@@ -183,17 +182,27 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with settings changed by flag name (``replace(lr=1e-3, eval_every=0)``), group
-        (``optim=OptimConfig(...)``) or ``agent_config``; a new ``agent`` drops the old agent's settings
-        unless ``agent_config`` comes with it."""
+        (``optim=OptimConfig(...)`` or a dict of its fields) or ``agent_config`` (an instance, a dict or
+        ``"key=value,..."``). A new ``agent`` drops the old agent's settings unless ``agent_config`` comes
+        with it; on a resolved config it is refused unless the preset settings come with it too (they
+        hold the old agent's presets, which cannot be told from values the user set)."""
         values = self.to_dict()
-        if "agent" in changes and changes["agent"] != self.agent and "agent_config" not in changes:
+        new_agent = "agent" in changes and changes["agent"] != self.agent
+        if new_agent and "agent_config" not in changes:
             values["agent_config"] = None
-        flat = {}
+        if new_agent and self.resolved and not set(_PRESETS) <= set(changes):
+            raise ConfigError(
+                f"this config is resolved for {self.agent} (its presets fill {', '.join(_PRESETS)}): change the "
+                "agent on the config before resolve(), or pass those settings too"
+            )
+        instance, flat = None, {}
         for key, value in changes.items():
-            if key in GROUPS and dataclasses.is_dataclass(value):
-                values[key] = dataclasses.asdict(value)
+            if key in GROUPS and (dataclasses.is_dataclass(value) or isinstance(value, dict)):
+                values[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+            elif key == "agent_config" and dataclasses.is_dataclass(value):
+                instance, values[key] = value, None
             elif key == "agent_config":
-                values[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+                values[key] = value
             else:
                 flat[key] = value
         by_flag = _flags()
@@ -205,7 +214,8 @@ class TrainConfig:
                 values[group][name] = value
             else:
                 raise ConfigError(f"unknown setting {key!r}")
-        return TrainConfig.from_dict(values)
+        config = TrainConfig.from_dict(values)
+        return dataclasses.replace(config, agent_config=instance) if instance is not None else config
 
     # ------------------------------------------------------------------ presets
     @property
@@ -220,10 +230,12 @@ class TrainConfig:
         (``online_every``, ``online_ratio``, ``lm_coef``) set: the user's value, else the agent's preset
         (:attr:`~tdrl.agents.Agent.trainer_defaults`), else :data:`UNSET_DEFAULTS`. A resolved config
         is returned as is: presets are resolved once."""
-        if self.resolved:
-            return self
         from tdrl.agents import get_agent
 
+        if agent_cls is not None and agent_cls.name != self.agent:
+            raise ConfigError(f"resolve({agent_cls.__name__}) on a config for agent {self.agent!r}: make them agree")
+        if self.resolved:
+            return self
         agent_cls = agent_cls or get_agent(self.agent)
         changes: dict[str, Any] = {"agent_config": self.agent_config or agent_cls.Config()}
         for flag, (group, name) in _PRESETS.items():
@@ -239,9 +251,6 @@ class TrainConfig:
         values = {k: flat[k] for k in keep}
         values.update({f"agent.{k}": v for k, v in (flat["agent_config"] or {}).items()})
         return values
-
-    def json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 #: The top-level leaves of TrainConfig (the groups and agent_config aside).
@@ -260,13 +269,15 @@ def _flags() -> dict[str, tuple[str, str]]:
     return {flag: (group, f.name) for group, f, flag in config_leaves() if group is not None}
 
 
-def _put(target: dict, key: str, value, where: str) -> None:
+def put_once(target: dict, key: str, value, where: str) -> None:
+    """``target[key] = value``, refusing a setting given twice (``where`` names it in the error)."""
     if key in target:
         raise ConfigError(f"setting {where} given twice: keep one")
     target[key] = value
 
 
-def _merge(old: dict, new: dict, where: str) -> dict:
+def merge_once(old: dict, new: dict, where: str) -> dict:
+    """Two mappings of agent settings joined, refusing a setting given in both."""
     twice = sorted(set(old) & set(new))
     if twice:
         raise ConfigError(f"agent setting(s) {', '.join(twice)} given twice ({where}): keep one")

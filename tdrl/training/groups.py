@@ -68,7 +68,8 @@ def _check_top_p(name: str, value: float) -> None:
 
 def _check_seeds(name: str, seeds) -> None:
     if not seeds:
-        raise ConfigError(f"{name} must name at least one seed")
+        omit = " (omit it to use --eval-seeds)" if name == "test_seeds" else ""
+        raise ConfigError(f"{name} must name at least one seed{omit}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{name} repeats a seed ({seeds}): repeated seeds are not independent samples")
 

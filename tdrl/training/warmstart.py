@@ -92,9 +92,7 @@ def warm_start_fingerprint(config: TrainConfig, teacher) -> tuple[str, dict]:
     settings["teacher_weights"] = teacher.weights_fingerprint()
     data = Path(config.data.source)
     if config.data.source != "bundled" and (data / ANNOTATION_META).is_file():
-        settings["data_fingerprint"] = read_json(data / ANNOTATION_META, "annotation metadata").get(
-            "fingerprint"
-        )
+        settings["data_fingerprint"] = read_json(data / ANNOTATION_META, "annotation metadata").get("fingerprint")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return digest, settings
 
