@@ -182,10 +182,19 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, *, agent: bool = True):
+    """The command's TrainConfig; a command that chooses its agents itself (``agent=False``: compare and
+    demo take them from --agents specs, warm-start is KD) refuses an agent or agent settings in the file."""
     from tdrl.training.args import config_from_args
+    from tdrl.training.config import TrainConfig
 
-    return config_from_args(args, args.presets)
+    config = config_from_args(args, args.presets)
+    if not agent and (config.agent != TrainConfig.agent or config.agent_config is not None):
+        how = "KD" if args.command == "warm-start" else "--agents specs, e.g. --agents 'bd:alpha=0.2'"
+        raise ConfigError(
+            f"tdrl {args.command} chooses its agents itself ({how}): drop agent and agent settings from --config"
+        )
+    return config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -271,7 +280,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_warm_start(args: argparse.Namespace) -> int:
     from tdrl.training.warmstart import warm_start
 
-    config = _config(args)
+    config = _config(args, agent=False)
     out, record = warm_start(config, config.out, overwrite=config.overwrite, eval_every=config.eval.every)
     validation = record["validation"]
     rouge = f", validation Rouge-L {validation['eval/rougeL']:.2f}" if "eval/rougeL" in validation else ""
@@ -283,7 +292,7 @@ def cmd_warm_start(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    return _compare(_config(args), args.agents, args.seeds)
+    return _compare(_config(args, agent=False), args.agents, args.seeds)
 
 
 def _compare(config, agents: str, seeds: int, start: str = "start", teacher=None) -> int:
@@ -329,7 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tdrl.training.warmstart import warm_start, warm_start_config
 
     start = time.perf_counter()
-    config = _config(args)
+    config = _config(args, agent=False)
     steps = args.warm_start_steps
     warm = warm_start_config(config, steps, args.warm_start_lr)
     print(f"warm start: {steps} steps of full-vocabulary KD of {config.student} (reused when cached) ...", flush=True)

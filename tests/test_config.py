@@ -204,3 +204,11 @@ def test_atomic_dir_clears_a_killed_writers_leftovers_unless_shared(tmp_path):
     with atomic_dir(tmp_path / "out", token="tok", shared=True) as tmp:
         (tmp / "rank0.pkl").write_text("1")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rank0.pkl", "rank1.pkl"]
+
+
+def test_compare_refuses_agent_settings_from_its_config_file(tmp_path, capsys):
+    from tdrl.cli import main
+
+    (tmp_path / "a.yaml").write_text("agent: sql\nalpha: 0.5\n")
+    assert main(["compare", "--config", str(tmp_path / "a.yaml"), "--teacher", "tiny"]) == 2
+    assert "chooses its agents itself" in capsys.readouterr().err
