@@ -165,6 +165,10 @@ def compare(
     if not seeds:
         raise ConfigError("compare needs at least one seed (--seeds N with N >= 1)")
     runs = run_specs(base, agents, seeds, out)
+    if (out / RESULTS_MD).exists() and not base.overwrite:
+        raise ConfigError(
+            f"{out} already holds a comparison ({RESULTS_MD}): choose another --out, or --overwrite to replace it"
+        )
     teacher = teacher or load_teacher(base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device))
     summaries = start_row(base.replace(out=str(out)), teacher, progress, start, seeds) if start else []
     for label, config in runs:

@@ -8,6 +8,7 @@ exits non-zero) can catch them all; each also derives from the matching builtin 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 
@@ -19,6 +20,7 @@ __all__ = [
     "MissingDependencyError",
     "DataError",
     "CheckpointNotFoundError",
+    "NonFiniteError",
     "check_field_types",
 ]
 
@@ -51,9 +53,14 @@ class CheckpointNotFoundError(TdrlError, FileNotFoundError):
     """A checkpoint directory to resume from or evaluate does not exist or is incomplete."""
 
 
+class NonFiniteError(TdrlError, FloatingPointError):
+    """Training diverged: the loss or the weights are no longer finite numbers (NaN or inf)."""
+
+
 def check_field_types(instance, name_of=None) -> None:
     """Each field of a dataclass instance has its annotated type (ints given for floats become floats;
-    None only where the annotation allows it; ``list[int]`` fields hold lists of ints); else
+    None only where the annotation allows it; ``list[int]`` fields hold lists of ints; no float is NaN or
+    infinite: ``alpha=.inf`` or ``--lr nan`` would only surface as NaN weights later); else
     :class:`~tdrl.errors.ConfigError` naming the field (``name_of(field name)``, e.g. its flag name).
     YAML, JSON and ``key=value`` strings reach the configs untyped: this is where ``steps: null`` or
     ``alpha=abc`` is caught, before any arithmetic on it."""
@@ -81,6 +88,8 @@ def check_field_types(instance, name_of=None) -> None:
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             setattr(instance, f.name, float(value))
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
         if bool not in allowed and isinstance(value, bool) and (int in allowed or float in allowed):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         if not isinstance(value, allowed):

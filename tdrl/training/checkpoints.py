@@ -32,6 +32,7 @@ __all__ = [
     "STATE_FILE",
     "SCHEDULER_FILE",
     "RUN_OUTPUTS",
+    "RUN_MARKER",
     "find_checkpoint",
     "run_directory",
     "claim_run_directory",
@@ -49,6 +50,9 @@ COMPLETE = "tdrl-checkpoint.json"
 CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
+#: Written when a run claims its directory: what is there was written by tdrl (a failed start's
+#: leftovers are cleared; a directory without it is the user's, and nothing in it is deleted unasked).
+RUN_MARKER = ".tdrl-run.json"
 #: What a run writes in its directory (cleared by --overwrite, and when a failed start left them).
 RUN_OUTPUTS = ("checkpoints", "best", SUMMARY_FILE)
 
@@ -92,22 +96,39 @@ def run_directory(path: str | Path) -> Path:
 
 
 def claim_run_directory(out: Path, *, resumed: bool, overwrite: bool) -> None:
-    """One run per directory: refuse to start a new run over an existing one unless resuming it or
-    told to ``overwrite``; clear what a failed start left behind (no checkpoint, no summary)."""
-    has_run = (out / SUMMARY_FILE).is_file() or any((out / "checkpoints").glob("step-*"))
+    """One run per directory, and nothing of the user's lost: refuse to start a new run over an existing
+    one unless resuming it or told to ``overwrite``; refuse a directory whose ``best/``, ``checkpoints/``,
+    summary or event files no tdrl run of this directory wrote (it has no :data:`RUN_MARKER`) unless
+    told to ``overwrite``; never follow a symbolic link there (a linked ``checkpoints/`` would write
+    into, and rotate, another run's checkpoints). Clears what a failed start of this run left behind,
+    then marks the directory as this run's."""
+    links = [out / name for name in RUN_OUTPUTS if (out / name).is_symlink()]
+    if links and (resumed or not overwrite):
+        raise ConfigError(
+            f"{links[0]} is a symbolic link: tdrl never writes through links in a run directory; remove it, "
+            "choose another --out" + ("" if resumed else ", or pass --overwrite (removes the link, not its target)")
+        )
     if resumed:
         return
+    for link in links:
+        link.unlink()  # the link only: its target belongs to someone else
+    has_run = (out / SUMMARY_FILE).is_file() or any((out / "checkpoints").glob("step-*"))
     if has_run and not overwrite:
         raise ConfigError(
             f"{out} already holds a run: continue it with `tdrl train --resume {out}`, replace it with "
             "--overwrite, or choose another --out"
         )
-    if out.is_dir():
-        for name in RUN_OUTPUTS:
-            target = out / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        for events in out.glob("events.out.tfevents.*"):
-            events.unlink()
+    present = [out / name for name in RUN_OUTPUTS if (out / name).exists()] + sorted(out.glob("events.out.tfevents.*"))
+    if present and not overwrite and not (out / RUN_MARKER).is_file():
+        names = ", ".join(str(p.relative_to(out)) for p in present)
+        raise ConfigError(
+            f"{out} holds {names}, which no tdrl run of this directory wrote: choose another --out, or pass "
+            "--overwrite to delete them"
+        )
+    for target in present:
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MARKER).write_text(json.dumps({"run": "tdrl"}))
 
 
 def export_model(student, state_dict: dict, target: Path, files: dict[str, object]) -> None:

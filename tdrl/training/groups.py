@@ -70,6 +70,8 @@ def _check_seeds(name: str, seeds) -> None:
     if not seeds:
         omit = " (omit it to use --eval-seeds)" if name == "test_seeds" else ""
         raise ConfigError(f"{name} must name at least one seed{omit}")
+    if any(not 0 <= seed < 2**31 for seed in seeds):
+        raise ConfigError(f"{name} must lie in [0, 2**31), got {seeds}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{name} repeats a seed ({seeds}): repeated seeds are not independent samples")
 
@@ -190,6 +192,14 @@ class EvalSettings:
             raise ConfigError(f"eval_temperature must be > 0 (use --eval-greedy for greedy), got {self.temperature}")
         if not self.metric_for_best_model.startswith("eval/"):
             raise ConfigError(f"metric_for_best_model must be an eval/* metric, got {self.metric_for_best_model!r}")
+        from tdrl.evaluation import METRICS
+
+        names = [m.name for m in METRICS]
+        if self.metric_for_best_model.removesuffix("_std") not in names:
+            raise ConfigError(
+                f"metric_for_best_model {self.metric_for_best_model!r} is not an evaluation metric: choose one of "
+                f"{', '.join(names)} (tdrl.evaluation.METRICS)"
+            )
 
     def protocol(self, seeds: list[int] | None = None, also_greedy: bool | None = None):
         """The evaluation's :class:`~tdrl.evaluation.EvalConfig` (decoding and scoring) of these

@@ -13,7 +13,7 @@ from tdrl.errors import ConfigError
 if TYPE_CHECKING:
     from tdrl.training.config import TrainConfig
 
-__all__ = ["SCHEDULES", "make_accelerator", "check_metric_names"]
+__all__ = ["SCHEDULES", "make_accelerator", "check_metric_names", "all_finite"]
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -43,3 +43,9 @@ def check_metric_names(metrics: dict) -> None:
                 f"agent metric {key!r} uses a group the trainer logs itself ({', '.join(TRAINER_METRIC_GROUPS)}): "
                 "rename it"
             )
+
+
+def all_finite(parameters) -> bool:
+    """Whether every parameter holds finite numbers only (one device sync)."""
+    flags = [torch.isfinite(p).all() for p in parameters]
+    return bool(torch.stack(flags).all()) if flags else True

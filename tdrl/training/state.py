@@ -142,6 +142,21 @@ class RunSummary:
     def last(self) -> Evaluation | None:
         return self.history[-1] if self.history else None
 
+    @classmethod
+    def of(cls, config: dict[str, Any], state: TrainerState, *, interrupted: bool, wall_time_s: float) -> RunSummary:
+        """The summary of a run with the resolved ``config`` (its dict) that stopped at ``state``."""
+        return cls(
+            agent=config["agent"],
+            seed=config["seed"],
+            steps=state.step,
+            interrupted=interrupted,
+            wall_time_s=wall_time_s,
+            train_time_s=state.train_time_s,
+            history=list(state.history),
+            best=state.best,
+            config=config,
+        )
+
     @property
     def out(self) -> str | None:
         return self.config.get("out")

@@ -13,6 +13,7 @@ uninterrupted one (tested bit for bit).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 
 from tdrl.agents.base import Agent
 from tdrl.data import BucketBatchSampler, DistillDataset, batch_statistics, collate
-from tdrl.errors import ConfigError
+from tdrl.errors import ConfigError, NonFiniteError
 from tdrl.evaluation import Evaluator, support_probe
 from tdrl.integrity import DirectoryLock, write_json_atomic
 from tdrl.models import Teacher, model_fingerprint
@@ -30,7 +31,7 @@ from tdrl.training.callbacks import TensorBoardCallback, TrainerCallback
 from tdrl.training.checkpoints import claim_run_directory, export_model, load_checkpoint, save_checkpoint
 from tdrl.training.config import TrainConfig, check_device
 from tdrl.training.online import PretrainText, collect_episodes
-from tdrl.training.plumbing import SCHEDULES, check_metric_names, make_accelerator
+from tdrl.training.plumbing import SCHEDULES, all_finite, check_metric_names, make_accelerator
 from tdrl.training.signals import StopSignal
 from tdrl.training.state import RUN_FILE, SUMMARY_FILE, Evaluation, RunInfo, RunSummary, TestResult, TrainerState
 
@@ -110,6 +111,7 @@ class Trainer:
         )
         self._prompts: list[str] | None = None  # prompts of online episodes (first 512 distinct training prompts)
         self.resumed = False  # set by load_checkpoint(): continue the run in out instead of refusing it
+        self._last_loss = float("nan")  # the last logged train/loss (named when a run diverges)
 
     @property
     def step(self) -> int:
@@ -131,8 +133,7 @@ class Trainer:
             state.epoch, state.consumed = state.epoch + 1, 0
 
     def _collate(self, items: list[dict], micro: int) -> dict:
-        """A batch of the data order, with ``online_ratio`` of it replaced by the latest student
-        episodes when online (chosen by a generator seeded by the step)."""
+        """A batch of the data order, ``online_ratio`` of it the latest student episodes (seeded by the step)."""
         online = self.state.online
         if online:
             n_online = round(self.args.online.ratio * len(items))
@@ -194,6 +195,9 @@ class Trainer:
                         callback.on_step_end(args, state)
                     if log:
                         metrics = {k: float(v) for k, v in metrics.items()}  # the one device sync per log step
+                        self._last_loss = metrics["train/loss"]
+                        if not math.isfinite(metrics["train/loss"]):
+                            raise self._diverged(f"train/loss is {metrics['train/loss']}")
                         metrics["perf/tokens_per_s"] = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                         for callback in callbacks:
                             callback.on_log(args, state, metrics)
@@ -201,6 +205,8 @@ class Trainer:
                     if (args.eval.every and state.step % args.eval.every == 0) or state.step == steps:
                         self._evaluate(callbacks)
                     if state.step % args.checkpoint_every == 0 or state.step == steps or stop.raised:
+                        if not all_finite(self.agent.parameters()):  # a diverged run never writes a checkpoint
+                            raise self._diverged("the weights are no longer finite")
                         self.save_checkpoint()
                     if stop.raised:
                         interrupted = True
@@ -208,17 +214,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        summary = RunSummary(
-            agent=args.agent,
-            seed=args.seed,
-            steps=state.step,
-            interrupted=interrupted,
-            wall_time_s=time.perf_counter() - started,
-            train_time_s=state.train_time_s,
-            history=list(state.history),
-            best=state.best,
-            config=args.to_dict(),
-        )
+        wall_time = time.perf_counter() - started
+        summary = RunSummary.of(args.to_dict(), state, interrupted=interrupted, wall_time_s=wall_time)
         if self.accelerator.num_processes > 1:  # every rank must end with the same weights
             from accelerate.utils import gather_object
 
@@ -234,6 +231,15 @@ class Trainer:
         if interrupted:
             raise KeyboardInterrupt(f"interrupted at step {state.step}; resume with --resume {self.out}")
         return summary
+
+    def _diverged(self, what: str) -> NonFiniteError:
+        """The error of a run whose loss or weights left the finite numbers: the loss, and what is intact."""
+        kept = sorted(p.name for p in (self.out / "checkpoints").glob("step-*"))
+        return NonFiniteError(
+            f"training diverged at step {self.state.step}: {what} (last logged train/loss {self._last_loss}); "
+            + (f"the last checkpoint ({kept[-1]}) is intact" if kept else "no checkpoint was written")
+            + f"; none with non-finite weights is written: lower --lr (now {self.args.optim.lr:g}) or check the loss"
+        )
 
     def _bar(self):
         if not self.progress:
@@ -349,8 +355,7 @@ class Trainer:
         return TestResult(last=last, best=best, best_step=best_step)
 
     def probe(self, n: int = 64) -> dict[str, float]:
-        """The decoding policy's ``outside_mass`` and ``mode_outside`` on the first ``n`` training
-        records' response states (:func:`tdrl.evaluation.support_probe`)."""
+        """Outside mass and mode outside on the first ``n`` training rows (:func:`~tdrl.evaluation.support_probe`)."""
         return support_probe(self.agent, self.dataset, self.teacher.pad_token_id, n)
 
     # ------------------------------------------------------------------ records and checkpoints
@@ -366,8 +371,7 @@ class Trainer:
         )
 
     def save_checkpoint(self) -> Path:
-        """Write a complete checkpoint atomically and keep the newest ``keep_last``
-        (:func:`tdrl.training.checkpoints.save_checkpoint`)."""
+        """Write a complete checkpoint atomically (:func:`tdrl.training.checkpoints.save_checkpoint`)."""
         return save_checkpoint(
             self.accelerator,
             self.model,

@@ -1,0 +1,143 @@
+"""Issue 21's data-loss cases and the guard against non-finite training, each with its reproduction:
+nothing of the user's is deleted unasked, no link in a run directory is written through, a diverged run
+never writes (or rotates in) a checkpoint, a comparison is not silently replaced, and bad values are
+refused when the config is built, not after training."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from tdrl.agents import BC, register_agent
+from tdrl.agents.bc import BCConfig
+from tdrl.cli import main
+from tdrl.training.checkpoints import find_checkpoint
+
+TINY = (
+    "--teacher tiny --student tiny --data bundled --train-prompts 16 --response-tokens 6 --batch-size 4 "
+    "--eval-prompts 2 --eval-max-new-tokens 4 --test-prompts 0 --eval-every 0"
+).split()
+
+
+def fails(capsys, argv, *needles) -> str:
+    """``tdrl argv`` exits 2 with one line on stderr holding every needle, no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tdrl:")]  # progress bars may precede it
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def train(out, *extra) -> int:
+    return main(["train", "--agent", "bc", "--steps", "2", "--checkpoint-every", "1", "--out", str(out), *TINY, *extra])
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TDRL_CACHE", str(tmp_path_factory.getbasetemp() / "tdrl-cache"))
+
+
+def test_d1_the_users_files_in_out_are_never_deleted_unasked(tmp_path, capsys):
+    out = tmp_path / "u"
+    (out / "best").mkdir(parents=True)
+    (out / "checkpoints").mkdir()
+    (out / "best" / "w.bin").write_text("x")
+    (out / "checkpoints" / "README").write_text("n")
+    (out / "events.out.tfevents.1.x").touch()
+    fails(capsys, ["train", "--agent", "bc", "--steps", "1", "--out", str(out), *TINY], "no tdrl run", "--overwrite")
+    assert (out / "best" / "w.bin").read_text() == "x" and (out / "checkpoints" / "README").is_file()
+    assert (out / "events.out.tfevents.1.x").is_file()
+    # a run's own leftovers (a start that failed before its first checkpoint) are cleared by the rerun
+    run = tmp_path / "r"
+    assert train(run, "--steps", "1") == 0
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints")
+    assert train(run) == 0 and find_checkpoint(run).name == "step-0000002"
+
+
+def test_d3_no_link_in_a_run_directory_is_written_through(tmp_path, capsys):
+    other = tmp_path / "other"
+    assert train(other) == 0
+    theirs = sorted(p.name for p in (other / "checkpoints").iterdir())
+    out = tmp_path / "r" / "s"
+    out.mkdir(parents=True)
+    (out / "checkpoints").symlink_to(other / "checkpoints")
+    fails(capsys, ["train", "--agent", "bc", "--steps", "1", "--out", str(out), *TINY], "symbolic link")
+    fails(capsys, ["train", "--resume", str(out)], "symbolic link")
+    assert train(out, "--overwrite", "--keep-last", "2") == 0  # removes the link, never its target
+    assert not (out / "checkpoints").is_symlink() and find_checkpoint(out).name == "step-0000002"
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == theirs
+
+
+@register_agent("test-turns-nan")
+class TurnsNaN(BC):
+    """bc whose loss turns NaN from its third step on (a plug-in agent gone wrong)."""
+
+    Config = BCConfig
+    description = "test only"
+
+    def loss(self, t, batch):
+        self.calls = getattr(self, "calls", 0) + 1
+        loss, metrics = super().loss(t, batch)
+        return (loss * float("nan") if self.calls >= 3 else loss), metrics
+
+
+def test_d4_a_diverged_run_names_the_loss_and_keeps_its_last_finite_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    argv = ["train", "--agent", "test-turns-nan", "--steps", "6", "--checkpoint-every", "1", "--keep-last", "1"]
+    fails(capsys, [*argv, "--log-every", "5", "--out", str(out), *TINY], "diverged at step 3", "step-0000002")
+    checkpoint = find_checkpoint(out, verify=True)
+    assert checkpoint.name == "step-0000002"  # the finite one was not rotated out by a NaN one
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "student" / "model.safetensors"))
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+    fails(capsys, [*argv, "--log-every", "1", "--out", str(tmp_path / "n2"), *TINY], "train/loss is nan")
+
+
+def test_d6_a_comparison_is_not_replaced_silently(tmp_path, capsys):
+    out = tmp_path / "c"
+    flags = ["--seeds", "1", "--steps", "1", *TINY, "--out", str(out)]
+    assert main(["compare", "--agents", "bc", *flags, "--no-eval-on-start"]) == 0
+    before = (out / "results.md").read_text()
+    fails(capsys, ["compare", "--agents", "sql", *flags], "already holds a comparison", "--overwrite")
+    assert (out / "results.md").read_text() == before and "bc" in before
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--lr", "inf"], "lr must be a finite number"),  # S1
+        (["--agent", "sql", "--support-coef", "nan"], "support_coef must be a finite number"),  # S3
+        (["--agent", "bd", "--agent-args", "alpha=.inf"], "alpha must be a finite number"),  # B7
+        (["--metric-for-best-model", "eval/rouge"], "not an evaluation metric"),  # B1
+        (["--eval-temperature", "0"], "eval_temperature must be > 0"),  # B2
+        (["--eval-seeds", ","], "at least one seed"),  # B4
+        (["--eval-seeds", "99999999999999999999"], "must lie in [0, 2**31)"),  # B5
+        (["--eval-seeds", "0", "0", "0"], "repeats a seed"),  # S7
+        (["--checkpoint-every", "0"], "checkpoint_every must be >= 1"),  # T2
+        (["--lm-seq-len", "0"], "lm_seq_len must be >= 1"),  # T3
+        (["--train-prompts", "-1"], "train_prompts must be >= 0"),  # B9
+    ],
+)
+def test_bad_values_are_refused_before_anything_runs(flags, needle, tmp_path, capsys):
+    out = tmp_path / "x"
+    fails(capsys, ["train", "--steps", "1", *TINY, *flags, "--out", str(out)], needle)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_compare_refuses_a_spec_given_twice_before_training(tmp_path, capsys):  # S10, B10
+    out = tmp_path / "c"
+    fails(capsys, ["compare", "--agents", "bc,bc", "--steps", "1", *TINY, "--out", str(out)], "given twice")
+    fails(capsys, ["compare", "--agents", "bc,bd:alpha=abc", "--steps", "1", *TINY, "--out", str(out)], "alpha")
+    assert not (out / "runs").exists()
+
+
+def test_nan_is_not_a_number_the_best_model_can_have():
+    from tdrl.training import Evaluation, TrainerState
+
+    state = TrainerState(best=Evaluation(step=0, metrics={"eval/rougeL": 1.0}))
+    assert not state.improves({"eval/rougeL": math.nan}, "eval/rougeL", True)
