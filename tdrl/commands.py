@@ -221,12 +221,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from tdrl.data import check_same_vocabulary
     from tdrl.errors import CheckpointNotFoundError
     from tdrl.evaluation import EvalConfig, evaluate, reference_records
     from tdrl.integrity import read_json
     from tdrl.models import load_student, load_teacher
     from tdrl.training.checkpoints import find_checkpoint
+    from tdrl.training.config import resolve_device
     from tdrl.training.state import RUN_FILE, RunInfo
+    from tdrl.training.warmstart import WARM_START_FILE
 
     path = Path(args.checkpoint)
     if not path.exists():
@@ -238,9 +241,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         checkpoint = find_checkpoint(path, verify=True)
         model_dir, run = checkpoint / "student", checkpoint / RUN_FILE
     info = RunInfo.from_dict(read_json(run, "run record")) if run is not None and run.is_file() else None
-    teacher_name = args.teacher or (info.teacher if info else "bundled")  # the run's own teacher unless told otherwise
-    teacher = load_teacher(teacher_name, dtype=info.teacher_dtype if info else "float32", device=args.device)
-    student = load_student(str(model_dir)).to(args.device)
+    teacher_name, dtype = (info.teacher, info.teacher_dtype) if info else (None, "float32")
+    warm = model_dir / WARM_START_FILE
+    if info is None and warm.is_file():  # a warm start: its record names the teacher it was distilled from
+        settings = read_json(warm, "warm start record").get("settings", {})
+        teacher_name, dtype = settings.get("teacher"), settings.get("teacher_dtype", "float32")
+    teacher_name = args.teacher or teacher_name  # the run's own teacher unless told otherwise
+    if teacher_name is None:
+        raise ConfigError(
+            f"{model_dir} has no {RUN_FILE} (it is not a tdrl export): pass --teacher, the teacher it was distilled "
+            "from (references, NLL and coverage are the teacher's)"
+        )
+    device = resolve_device(args.device)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    teacher = load_teacher(teacher_name, dtype=dtype, device=device)
+    student = load_student(str(model_dir)).to(device)
+    check_same_vocabulary(teacher.tokenizer, student.tokenizer)
+    limits = [n for n in (teacher.max_length, getattr(student.model.config, "max_position_embeddings", None)) if n]
+    if limits and args.max_new_tokens >= min(limits):
+        raise ConfigError(
+            f"--max-new-tokens {args.max_new_tokens} does not fit the models' context of {min(limits)} tokens"
+        )
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds repeats a seed ({args.seeds}): repeated seeds are not independent samples")
     split = args.split or ("heldout" if args.data == "bundled" else None)
     records = reference_records(
         teacher,

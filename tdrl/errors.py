@@ -85,6 +85,13 @@ def check_field_types(instance, name_of=None) -> None:
         if str in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
             setattr(instance, f.name, str(value))  # YAML reads `student: 7` or `test_split: 2024` as a number
             continue
+        if float in allowed and isinstance(value, str):
+            try:  # YAML 1.1 reads `1e-3` (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+            else:
+                setattr(instance, f.name, value)
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             setattr(instance, f.name, float(value))
             continue

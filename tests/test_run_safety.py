@@ -141,3 +141,83 @@ def test_nan_is_not_a_number_the_best_model_can_have():
 
     state = TrainerState(best=Evaluation(step=0, metrics={"eval/rougeL": 1.0}))
     assert not state.improves({"eval/rougeL": math.nan}, "eval/rougeL", True)
+
+
+@pytest.mark.parametrize(
+    "agent, settings, needle",
+    [
+        ("iqlearn", {"q_min": 5.0}, "q_min must be < 0"),  # S4: every Q clipped, zero gradient
+        ("cql", {"cql_alpha": -100.0}, "cql_alpha must be >= 0"),  # S5: an unbounded loss
+        ("minillm", {"clip": -1.0}, "clip must be > 0"),  # S6
+        ("iql", {"tau": 5.0}, "tau must lie in (0, 1]"),  # S2
+    ],
+)
+def test_every_agent_checks_its_ranges(agent, settings, needle):
+    from tdrl.agents import get_agent
+    from tdrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        get_agent(agent).Config(**settings)
+
+
+def test_b6_an_exponent_without_a_dot_is_a_number_not_a_string(tmp_path):
+    from tdrl.training import TrainConfig
+    from tdrl.training.args import parse_train_args
+
+    assert TrainConfig.from_dict({"agent": "bd", "agent_args": "alpha=1e-3"}).agent_config.alpha == 1e-3
+    (tmp_path / "run.yaml").write_text("lr: 3e-4\nagent: bd\nalpha: 2e-3\n")  # YAML 1.1 reads both as strings
+    config, _ = parse_train_args(["--config", str(tmp_path / "run.yaml")])
+    assert (config.optim.lr, config.agent_config.alpha) == (3e-4, 2e-3)
+
+
+def test_t18_s19_an_agent_needs_a_student_and_a_plain_name():
+    from tdrl.agents import make_agent, register_agent
+    from tdrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a student"):
+        make_agent("bc", None)
+    for bad in ("", "BC", "../../evil", "bd:x", 7):
+        with pytest.raises(ConfigError, match="agent name"):
+            register_agent(bad)
+
+
+def test_t19_s21_a_broken_or_clashing_entry_point_is_named_not_fatal(monkeypatch):
+    from importlib import metadata
+
+    import tdrl.agents.registry as registry
+
+    points = [
+        metadata.EntryPoint(name="broken", value="no_such_module_xyz:Agent", group="tdrl.agents"),
+        metadata.EntryPoint(name="bc", value="tdrl.agents.sql:SQL", group="tdrl.agents"),  # claims a built-in name
+    ]
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: points)
+    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
+    with pytest.warns(UserWarning) as caught:
+        names = registry.list_agents()
+    messages = " ".join(str(w.message) for w in caught)
+    assert "'broken'" in messages and "failed to import" in messages and "'bc'" in messages and "ignored" in messages
+    assert "bc" in names and "broken" not in names and registry.get_agent("bc").__name__ == "BC"
+
+
+def test_t6_to_t10_eval_checks_its_inputs_before_any_work(tmp_path, capsys):
+    from tdrl.models import load_student
+
+    student = load_student("tiny")
+    bare = tmp_path / "bare"
+    student.save_pretrained(bare)  # an exported model without tdrl-run.json
+    fails(capsys, ["eval", "--checkpoint", str(bare), "--prompts", "1"], "pass --teacher")  # T6 / T7
+    fails(capsys, ["eval", "--checkpoint", str(bare), "--teacher", "tiny", "--device", "banana"], "unknown device")
+    flags = ["--teacher", "tiny", "--prompts", "1", "--max-new-tokens"]
+    fails(capsys, ["eval", "--checkpoint", str(bare), *flags, "100000"], "does not fit the models' context")  # T9
+    fails(capsys, ["eval", "--checkpoint", str(bare), *flags, "2", "--seeds", "5", "5"], "repeats a seed")
+    student.tokenizer.add_tokens(["zzzunseen"])  # another vocabulary
+    other = tmp_path / "other"
+    student.save_pretrained(other)
+    fails(capsys, ["eval", "--checkpoint", str(other), *flags, "2"], "vocabular")  # T8
+    assert main(["eval", "--checkpoint", str(bare), *flags, "2", "--seeds", "0"]) == 0
+    import json
+
+    (bare / "tdrl-warm-start.json").write_text(json.dumps({"settings": {"teacher": "tiny"}}))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(bare), "--prompts", "1", "--max-new-tokens", "2", "--seeds", "0"]) == 0
+    assert "teacher tiny" in capsys.readouterr().out  # a warm start's record names its teacher

@@ -130,6 +130,10 @@ class Agent(nn.Module):
 
     def __init__(self, student: Student, config: AgentConfig | None = None, *, teacher=None):
         super().__init__()
+        if not (isinstance(student, nn.Module) and callable(getattr(student, "hidden_states", None))):
+            raise ConfigError(
+                f"{type(self).__name__} needs a student (tdrl.models.load_student(...)), got {type(student).__name__}"
+            )
         self.student = student
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):

@@ -103,6 +103,10 @@ class IQLearnConfig(AgentConfig):
             raise ConfigError(f"expert_term must be one of {', '.join(EXPERT_TERMS)}, got {self.expert_term!r}")
         if not self.alpha > 0:
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        if not self.q_min < 0:
+            raise ConfigError(
+                f"q_min must be < 0: Q = logit - max is <= 0, so q_min >= 0 clips every Q, got {self.q_min}"
+            )
 
 
 @register_agent("iqlearn")

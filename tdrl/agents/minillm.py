@@ -65,6 +65,8 @@ class MiniLLMConfig(AgentConfig):
             raise ConfigError(f"teacher_mix must lie in [0, 1), got {self.teacher_mix}")
         if not 0.0 < self.cliprange < 1.0:
             raise ConfigError(f"cliprange must lie in (0, 1), got {self.cliprange}")
+        if not self.clip > 0:
+            raise ConfigError(f"clip must be > 0 (the bound on |advantage|), got {self.clip}")
 
 
 def segment_suffix_sums(values: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,8 @@ advertise theirs in the ``tdrl.agents`` entry-point group."""
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 from importlib import metadata
 
 from tdrl.agents.base import Agent
@@ -17,10 +19,18 @@ _REGISTRY: dict[str, type[Agent]] = {}
 _ENTRY_POINTS_LOADED = False
 #: make_agent's own parameters: no agent setting may take one of these names
 _RESERVED = ("name", "student", "config", "teacher")
+#: What an agent's name may be: it becomes part of compare's specs and run directories.
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
 def register_agent(name: str):
     """Class decorator: register an :class:`Agent` subclass under ``name``."""
+
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(
+            f"agent name {name!r}: use lower-case letters, digits, '-' and '_' (a spec such as 'bd:alpha=0.1' and a "
+            "run directory are made of it)"
+        )
 
     def decorate(cls: type[Agent]) -> type[Agent]:
         if not (isinstance(cls, type) and issubclass(cls, Agent)):
@@ -44,9 +54,28 @@ def _load_entry_points() -> None:
         return
     _ENTRY_POINTS_LOADED = True
     for entry in metadata.entry_points(group="tdrl.agents"):
-        obj = entry.load()
-        if isinstance(obj, type) and issubclass(obj, Agent) and entry.name not in _REGISTRY:
-            register_agent(entry.name)(obj)
+        try:
+            obj = entry.load()
+        except Exception as exc:  # one broken plug-in must not take every command down with it
+            warnings.warn(
+                f"the tdrl.agents entry point {entry.name!r} ({entry.value}) failed to import: {exc}", stacklevel=2
+            )
+            continue
+        if not (isinstance(obj, type) and issubclass(obj, Agent)):
+            warnings.warn(
+                f"the tdrl.agents entry point {entry.name!r} ({entry.value}) is not an Agent subclass", stacklevel=2
+            )
+        elif entry.name in _REGISTRY and _REGISTRY[entry.name] is not obj:
+            warnings.warn(
+                f"the tdrl.agents entry point {entry.name!r} ({entry.value}) is ignored: {entry.name!r} is "
+                f"{_REGISTRY[entry.name].__module__}'s",
+                stacklevel=2,
+            )
+        elif entry.name not in _REGISTRY:
+            try:
+                register_agent(entry.name)(obj)
+            except ConfigError as exc:
+                warnings.warn(f"the tdrl.agents entry point {entry.name!r} is ignored: {exc}", stacklevel=2)
 
 
 def list_agents() -> list[str]:

@@ -177,6 +177,13 @@ class CQLConfig(SQLConfig):
 
     cql_alpha: float = hp(1.0, "weight of the conservative term alpha lse_V(Q/alpha) - Q(s, a_data)")
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cql_alpha < 0:
+            raise ConfigError(
+                f"cql_alpha must be >= 0 (a negative weight rewards the over-estimation), got {self.cql_alpha}"
+            )
+
 
 @register_agent("cql")
 class CQL(SQL):
