@@ -236,8 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_libraries()
         return args.func(args)
     except KeyboardInterrupt as exc:
-        default = "interrupted: every complete checkpoint is intact (resume with tdrl train --resume RUN)"
-        print(f"tdrl: {str(exc) or default}", file=sys.stderr)
+        print(f"tdrl: {_interrupted(argv[0] if argv else '', str(exc))}", file=sys.stderr)
         return 130
     except Exception as exc:
         if debug or not _expected(exc):
@@ -245,6 +244,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"tdrl: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
+
+
+#: What to do after Ctrl-C, per command that resumes by being run again.
+RERUN = {
+    "annotate": "every complete shard is kept: run the same command again to resume",
+    "generate-responses": "every complete shard is kept: run the same command again to resume",
+    "warm-start": "its last checkpoint is kept: run the same command again to resume the warm start",
+    "demo": "the warm start keeps its last checkpoint: the same command again resumes it (the runs start over)",
+    "compare": "each run's last checkpoint is kept: resume a run with tdrl train --resume RUN",
+}
+
+
+def _interrupted(command: str, message: str) -> str:
+    """The advice after Ctrl-C: the trainer's own (train: resume with --resume), else the command's."""
+    if command in RERUN:
+        return f"interrupted: {RERUN[command]}"
+    return message or "interrupted: every complete checkpoint is intact (resume with tdrl train --resume RUN)"
 
 
 def _expected(exc: BaseException) -> bool:

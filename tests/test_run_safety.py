@@ -221,3 +221,75 @@ def test_t6_to_t10_eval_checks_its_inputs_before_any_work(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(bare), "--prompts", "1", "--max-new-tokens", "2", "--seeds", "0"]) == 0
     assert "teacher tiny" in capsys.readouterr().out  # a warm start's record names its teacher
+
+
+def test_s12_to_s17_discounts_and_penalties_are_checked_where_they_enter(tmp_path, capsys):
+    import gymnasium as gym
+
+    from tdrl.errors import ConfigError
+    from tdrl.testing import tiny_teacher
+
+    source = tmp_path / "d.jsonl"
+    source.write_text('{"prompt": "Say hi.", "response": "Hi!"}\n')
+    for gamma in ("nan", "5"):  # S12, S13
+        argv = ["annotate", "--teacher", "tiny", "--source", str(source), "--out", str(tmp_path / gamma)]
+        fails(capsys, [*argv, "--reward", "inverse_soft_q", "--gamma", gamma], "gamma must lie in [0, 1]")
+    teacher = tiny_teacher()
+    for bad in ({"gamma": 5.0}, {"gamma": float("nan")}, {"gamma": -3.0}, {"off_support_penalty": float("nan")}):
+        with pytest.raises(ConfigError):  # S16, S17
+            gym.make("tdrl/TokenGeneration-v0", teacher=teacher, prompts=["Hi."], **bad)
+    with pytest.raises(ConfigError, match="num_envs"):  # T16
+        gym.make_vec(
+            "tdrl/TokenGeneration-v0",
+            num_envs=True,
+            vectorization_mode="vector_entry_point",
+            teacher=teacher,
+            prompts=["Hi."],
+        )
+    env = gym.make("tdrl/TokenGeneration-v0", teacher=teacher, prompts=["Hi."], max_new_tokens=2)
+    for prompt, error in (
+        ([99999], "outside the vocabulary"),
+        ([-5, 3], "outside the vocabulary"),
+        (42, "a prompt is"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=error):  # T12, T13, T14
+            env.reset(options={"prompt": prompt})
+    obs, _ = env.reset(options={"prompt": [1, 2, 3]})  # valid ids still work
+    assert int(obs["prompt_length"]) == 3
+
+
+def test_t17_b8_t4_sources_and_layer_cuts_say_what_they_take(capsys):
+    from tdrl.data import load_source
+    from tdrl.errors import ConfigError, DataError
+    from tdrl.models import load_student
+    from tdrl.testing import tiny_teacher
+
+    for bad in (123, None):
+        with pytest.raises(DataError, match="a data source is"):
+            load_source(bad)
+    for name in ("layers:-1", "layers:", "layers:1,,2"):
+        with pytest.raises(ConfigError, match="comma-separated teacher layer indices"):
+            load_student(name, teacher=tiny_teacher())
+    with pytest.raises(ConfigError, match="repeats a teacher layer"):
+        load_student("layers:1,1,1", teacher=tiny_teacher())
+
+
+def test_s9_a_copied_checkpoint_is_not_a_run_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run) == 0
+    copy = tmp_path / "ck"
+    shutil.copytree(run / "checkpoints" / "step-0000001", copy)
+    fails(capsys, ["train", "--resume", str(copy), "--steps", "3"], "outside its run directory")
+    assert sorted(p.name for p in copy.iterdir()) == sorted(
+        p.name for p in (run / "checkpoints" / "step-0000001").iterdir()
+    )
+
+
+def test_b13_ctrl_c_advice_fits_the_command():
+    from tdrl.cli import _interrupted
+
+    assert "run the same command again" in _interrupted("annotate", "interrupted at step 3; resume with --resume X")
+    assert "resume the warm start" in _interrupted("warm-start", "resume with --resume runs/.w.partial-1/run")
+    assert _interrupted("train", "interrupted at step 3; resume with --resume runs/x") == (
+        "interrupted at step 3; resume with --resume runs/x"
+    )

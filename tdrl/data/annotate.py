@@ -120,6 +120,8 @@ def annotate(
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if logprob_dtype not in ("float16", "float32"):
         raise ConfigError(f"logprob_dtype must be float16 or float32, got {logprob_dtype!r}")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+        raise ConfigError(f"gamma must lie in [0, 1] (the inverse_soft_q reward discounts with it), got {gamma!r}")
     if len(source) == 0:
         raise DataError("the data source is empty: nothing to annotate")
     if "response" not in source.column_names and "response_ids" not in source.column_names:

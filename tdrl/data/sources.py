@@ -154,6 +154,11 @@ def load_source(
     import datasets
 
     name = source if isinstance(source, str) else str(source) if isinstance(source, os.PathLike) else None
+    if name is None and not isinstance(source, datasets.Dataset):
+        raise DataError(
+            f"a data source is 'bundled', 'dolly', a path, a hub data set id or a datasets.Dataset, got "
+            f"{type(source).__name__} {source!r}"
+        )
     if isinstance(source, datasets.Dataset):
         rows, label = source.to_list(), "the given dataset"
     elif name == "bundled":
@@ -165,11 +170,12 @@ def load_source(
             )
         rows, label = _bundled_records(part), "bundled"
         if window is not None:
+            held = len(rows)
             rows = rows[window]
             if not rows:
                 raise DataError(
-                    f"split {split!r} of the bundled set selects no records (the {part!r} split holds "
-                    f"{len(_bundled_records(part))}): widen the slice"
+                    f"split {split!r} of the bundled set selects no records (the {part!r} split holds {held}): "
+                    "widen the slice"
                 )
     else:
         label = name

@@ -5,6 +5,7 @@ off A_p(s) (``off_support``: allow, penalize or terminate)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,6 +49,10 @@ class TokenMDP:
             raise ConfigError(f"off_support must be one of {', '.join(OFF_SUPPORT_MODES)}, got {off_support!r}")
         if len(prompts) == 0:
             raise ConfigError("the environment needs at least one prompt")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"gamma must lie in [0, 1], got {gamma!r}")
+        if isinstance(off_support_penalty, bool) or not math.isfinite(float(off_support_penalty)):
+            raise ConfigError(f"off_support_penalty must be a finite number, got {off_support_penalty!r}")
         self.teacher, self.num_rows = teacher, num_rows
         self.max_new_tokens, self.reward, self.gamma = max_new_tokens, Reward.parse(reward), gamma
         self.off_support, self.off_support_penalty, self.kv_cache = off_support, float(off_support_penalty), kv_cache

@@ -216,7 +216,7 @@ class TokenGenerationVectorEnv(VectorEnv):
         kv_cache: bool = True,
         render_mode: str | None = None,
     ):
-        if not isinstance(num_envs, int) or num_envs < 1:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ConfigError(f"num_envs must be an integer >= 1, got {num_envs!r}")
         if render_mode not in (None, "ansi"):
             raise ConfigError(f"render_mode must be None or 'ansi', got {render_mode!r}")

@@ -210,8 +210,13 @@ class LM:
         sequence of ids is taken verbatim."""
         if isinstance(prompt, str):
             ids = self.tokenizer(self.render_prompt(prompt), add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, Sequence) or hasattr(prompt, "tolist"):
+            ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} lie outside the vocabulary [0, {self.vocab_size})")
         else:
-            ids = [int(t) for t in prompt]
+            raise TypeError(f"a prompt is a string or a sequence of token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt is empty after tokenisation: give at least one token")
         return ids

@@ -365,11 +365,18 @@ def load_student(
     if name == "tiny":
         model, tokenizer = tiny_student_model()
         return Student(model.to(dtype).train(), tokenizer, value_head=value_head)
+    if name.startswith("layers:") and not re.fullmatch(r"layers:\s*\d+(\s*,\s*\d+)*\s*", name):
+        raise ConfigError(
+            f"student {name!r}: a layer cut is 'layers:' and comma-separated teacher layer indices >= 0, e.g. "
+            "layers:0,10,20,29"
+        )
     match = re.fullmatch(r"layers:([\d,\s]+)", name)
     if match:
         if teacher is None:
             raise ConfigError("a 'layers:...' student is built from the teacher's layers: pass the teacher")
         layers = [int(x) for x in match.group(1).split(",") if x.strip()]
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"student {name!r} repeats a teacher layer: each layer of the cut is a distinct one")
         model = from_teacher_layers(teacher, layers, dtype=dtype)
         return Student(model, teacher.tokenizer, value_head=value_head)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -18,7 +18,7 @@ from tdrl.evaluation import reference_records
 from tdrl.integrity import read_json
 from tdrl.models import Teacher, load_student, load_teacher
 from tdrl.training.callbacks import TrainerCallback
-from tdrl.training.checkpoints import CONFIG_FILE, find_checkpoint, run_directory
+from tdrl.training.checkpoints import COMPLETE, CONFIG_FILE, find_checkpoint, run_directory
 from tdrl.training.config import TrainConfig, resolve_device
 from tdrl.training.trainer import Trainer
 
@@ -108,6 +108,12 @@ def resume_trainer(
     writing to the run directory ``path`` names (not the one stored in the checkpoint: a copied run
     resumes in its copy). Every checkpoint file is verified against the manifest first, and the
     data cache and the teacher must be the ones the run started with. ``steps`` may extend the run."""
+    path = Path(path)
+    if (path / COMPLETE).is_file() and path.parent.name != "checkpoints":
+        raise ConfigError(
+            f"{path} is a checkpoint outside its run directory: resume the run (the directory holding "
+            "checkpoints/), or copy the whole run directory and resume the copy"
+        )
     checkpoint = find_checkpoint(path, verify=True)
     args = TrainConfig.from_dict(read_json(checkpoint / CONFIG_FILE, "checkpoint config"))
     args = args.replace(out=str(run_directory(path)), **({"steps": steps} if steps is not None else {}))
