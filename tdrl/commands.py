@@ -110,6 +110,8 @@ def _source(args: argparse.Namespace, require_response: bool = False):
 
 
 def _subset(ds, limit: int | None):
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1 (or left out: every record), got {limit}")
     return ds if limit is None or limit >= len(ds) else ds.select(range(limit))
 
 

@@ -95,7 +95,8 @@ def test_d4_a_diverged_run_names_the_loss_and_keeps_its_last_finite_checkpoint(t
 
     weights = load_file(str(checkpoint / "student" / "model.safetensors"))
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())
-    fails(capsys, [*argv, "--log-every", "1", "--out", str(tmp_path / "n2"), *TINY], "train/loss is nan")
+    # the step that would apply the NaN gradients is stopped before the optimiser, naming the loss
+    fails(capsys, [*argv, "--log-every", "1", "--out", str(tmp_path / "n2"), *TINY], "gradient norm is nan (loss nan")
 
 
 def test_d6_a_comparison_is_not_replaced_silently(tmp_path, capsys):
@@ -293,3 +294,27 @@ def test_b13_ctrl_c_advice_fits_the_command():
     assert _interrupted("train", "interrupted at step 3; resume with --resume runs/x") == (
         "interrupted at step 3; resume with --resume runs/x"
     )
+
+
+def test_b9_b14_leftovers_limits_and_directories_that_are_not_models(tmp_path, capsys):
+    source = tmp_path / "d.jsonl"
+    source.write_text('{"prompt": "Say hi.", "response": "Hi!"}\n')
+    argv = ["annotate", "--teacher", "tiny", "--source", str(source), "--out", str(tmp_path / "a"), "--limit", "-1"]
+    fails(capsys, argv, "--limit must be >= 1")  # B9
+    not_a_model = tmp_path / "etc"
+    (not_a_model / "passwd").parent.mkdir()
+    (not_a_model / "passwd").write_text("root:x:0:0")
+    fails(
+        capsys,
+        ["train", "--steps", "1", *TINY, "--student", str(not_a_model), "--out", str(tmp_path / "s")],
+        "not a model directory",
+    )
+    fails(capsys, ["teacher-info", "--teacher", str(not_a_model)], "not a model directory")  # B14
+    # a writer killed mid-checkpoint leaves atomic_dir's temporaries: the next claim of the run clears them
+    run = tmp_path / "run"
+    assert train(run) == 0
+    (run / "checkpoints" / ".step-0000003.tmp-dead").mkdir()
+    (run / ".best.old-dead").mkdir()
+    assert main(["train", "--resume", str(run), "--steps", "3"]) == 0
+    left = [p.name for p in (run / "checkpoints").iterdir()] + [p.name for p in run.iterdir()]
+    assert not [name for name in left if ".tmp-" in name or ".old-" in name], left

@@ -59,6 +59,16 @@ LOCAL_SUFFIXES = (
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
+def check_model_directory(kind: str, source: str, what: str) -> None:
+    """A local model is a directory with a ``config.json`` (as ``save_pretrained`` writes it)."""
+    path = Path(source)
+    if kind == "local" and not (path.is_dir() and (path / "config.json").is_file()):
+        raise ModelNotFoundError(
+            f"{what} {source} is not a model directory (no config.json): pass a directory written by "
+            "save_pretrained (a run's best/, a warm start), 'tiny', or a hub id"
+        )
+
+
 def resolve_name(name: str, what: str, error: type[Exception] = ModelNotFoundError) -> tuple[str, str]:
     """Where a model or data name points, local first: ``("local", path)`` or ``("hub", repo_id)``.
 
@@ -127,7 +137,9 @@ def teacher_from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
-    _, source = resolve_name(name, "teacher (besides 'bundled' and 'tiny')")
+    kind, source = resolve_name(name, "teacher (besides 'bundled' and 'tiny')")
+    if gguf_file is None:  # a GGUF directory has no config.json
+        check_model_directory(kind, source, "teacher")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tdrl.actions import in_set
 from tdrl.errors import ConfigError, ModelNotFoundError
-from tdrl.models.hub import resolve_name
+from tdrl.models.hub import check_model_directory, resolve_name
 from tdrl.models.tiny import tiny_student_model
 
 __all__ = [
@@ -382,6 +382,7 @@ def load_student(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, source = resolve_name(name, "student (besides 'tiny' and 'layers:i,j,...')")
+    check_model_directory(kind, source, "student")
     local = Path(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

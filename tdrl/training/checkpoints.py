@@ -108,6 +108,7 @@ def claim_run_directory(out: Path, *, resumed: bool, overwrite: bool) -> None:
             f"{links[0]} is a symbolic link: tdrl never writes through links in a run directory; remove it, "
             "choose another --out" + ("" if resumed else ", or pass --overwrite (removes the link, not its target)")
         )
+    _clear_partial_writes(out)
     if resumed:
         return
     for link in links:
@@ -129,6 +130,15 @@ def claim_run_directory(out: Path, *, resumed: bool, overwrite: bool) -> None:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_MARKER).write_text(json.dumps({"run": "tdrl"}))
+
+
+def _clear_partial_writes(out: Path) -> None:
+    """Remove what a writer killed mid-write left (``atomic_dir``'s ``.NAME.tmp-*`` and ``.NAME.old-*`` of
+    ``best/`` and of checkpoints): the run directory is locked, so no one else is writing them."""
+    for pattern in (".best.tmp-*", ".best.old-*", "checkpoints/.step-*.tmp-*", "checkpoints/.step-*.old-*"):
+        for leftover in out.glob(pattern):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
 
 
 def export_model(student, state_dict: dict, target: Path, files: dict[str, object]) -> None:

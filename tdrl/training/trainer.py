@@ -144,18 +144,15 @@ class Trainer:
 
     @property
     def top_p(self) -> float:
-        """The top-p MDP's p: the agent's re-cut (``top_p``), else the cache's own. Cached and online
-        records are both re-cut at the agent's p (:func:`tdrl.records.recut`; no re-cut without one, so
-        a float16 cache keeps its own sets), and online episodes are collected at this p."""
+        """The top-p MDP's p: the agent's re-cut (``top_p``, :func:`tdrl.records.recut`), else the cache's own."""
         if self.agent.config.top_p is not None:
             return self.agent.config.top_p
         return self.dataset.meta.get("settings", {}).get("top_p", self.args.data.annotation_top_p)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> RunSummary:
-        """Run to ``optim.steps``; returns the :class:`~tdrl.training.state.RunSummary` (also written to
-        ``out/summary.json``). The run directory is locked for the duration (a second writer gets an
-        error) and must not hold another run (:func:`~tdrl.training.checkpoints.claim_run_directory`)."""
+        """Run to ``optim.steps``; returns the RunSummary (also ``out/summary.json``). The run directory is
+        locked meanwhile and claimed first (:func:`~tdrl.training.checkpoints.claim_run_directory`)."""
         if not self.accelerator.is_main_process:
             return self._train()
         if self.out.exists() and not self.out.is_dir():
@@ -232,11 +229,11 @@ class Trainer:
             raise KeyboardInterrupt(f"interrupted at step {state.step}; resume with --resume {self.out}")
         return summary
 
-    def _diverged(self, what: str) -> NonFiniteError:
+    def _diverged(self, what: str, step: int | None = None) -> NonFiniteError:
         """The error of a run whose loss or weights left the finite numbers: the loss, and what is intact."""
         kept = sorted(p.name for p in (self.out / "checkpoints").glob("step-*"))
         return NonFiniteError(
-            f"training diverged at step {self.state.step}: {what} (last logged train/loss {self._last_loss}); "
+            f"training diverged at step {step or self.state.step}: {what} (last logged train/loss {self._last_loss}); "
             + (f"the last checkpoint ({kept[-1]}) is intact" if kept else "no checkpoint was written")
             + f"; none with non-finite weights is written: lower --lr (now {self.args.optim.lr:g}) or check the loss"
         )
@@ -266,9 +263,14 @@ class Trainer:
                 check_metric_names(metrics)
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients:
-                    if optim.max_grad_norm > 0:
-                        params = [p for p in self.agent.parameters() if p.requires_grad]
-                        totals["train/grad_norm"] = self.accelerator.clip_grad_norm_(params, optim.max_grad_norm)
+                    params = [p for p in self.agent.parameters() if p.requires_grad]
+                    clip = optim.max_grad_norm if optim.max_grad_norm > 0 else math.inf  # inf: the norm, no clipping
+                    norm = totals["train/grad_norm"] = self.accelerator.clip_grad_norm_(params, clip)
+                    # one sync per step, so nothing non-finite reaches the weights (fp16's scaler skips its own)
+                    if optim.mixed_precision != "fp16" and not bool(torch.isfinite(norm)):
+                        bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
+                        what = f"the gradient norm is {float(norm)} (loss {float(loss)}; non-finite: {bad or 'none'})"
+                        raise self._diverged(what, step=self.state.step + 1)
                     totals["train/lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
