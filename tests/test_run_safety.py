@@ -318,3 +318,35 @@ def test_b9_b14_leftovers_limits_and_directories_that_are_not_models(tmp_path, c
     assert main(["train", "--resume", str(run), "--steps", "3"]) == 0
     left = [p.name for p in (run / "checkpoints").iterdir()] + [p.name for p in run.iterdir()]
     assert not [name for name in left if ".tmp-" in name or ".old-" in name], left
+
+
+def test_t5_a_full_disk_during_a_checkpoint_loses_nothing_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    run = tmp_path / "run"
+    assert train(run) == 0  # checkpoints 1 and 2
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    save_state = Accelerator.save_state
+
+    def full_disk(self, output_dir, **kw):
+        save_state(self, output_dir, **kw)  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    fails(capsys, ["train", "--resume", str(run), "--steps", "3"], "No space left on device")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # no temporary, nothing rotated out
+    assert find_checkpoint(run, verify=True).name == "step-0000002"
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--lr", "-1"], "lr must be >= 0"),
+        (["--adam-beta2", "1"], "adam_beta2 must lie in [0, 1)"),
+        (["--max-grad-norm", "-1"], "max_grad_norm must be >= 0"),
+    ],
+)
+def test_every_optimisation_setting_has_its_range(flags, needle, tmp_path, capsys):
+    fails(capsys, ["train", "--steps", "1", *TINY, *flags, "--out", str(tmp_path / "x")], needle)

@@ -101,6 +101,10 @@ class OptimConfig:
         _check_types(self)
         at_least(self, 1, "steps", "batch_size", "grad_accum")
         at_least(self, 0, "warmup_steps")
+        at_least(self, 0, "lr", "weight_decay", "max_grad_norm")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
