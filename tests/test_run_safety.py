@@ -85,6 +85,26 @@ class TurnsNaN(BC):
         return (loss * float("nan") if self.calls >= 3 else loss), metrics
 
 
+@register_agent("test-explodes")
+class Explodes(BC):
+    """bc whose gradients overflow to inf from its third step on, its loss still finite."""
+
+    Config = BCConfig
+    description = "test only"
+
+    def loss(self, t, batch):
+        self.calls = getattr(self, "calls", 0) + 1
+        loss, metrics = super().loss(t, batch)
+        return (loss * 3e38 if self.calls >= 3 else loss), metrics
+
+
+def test_d5_exploding_gradients_stop_the_step_before_the_optimiser(tmp_path, capsys):
+    out = tmp_path / "inf"
+    argv = ["train", "--agent", "test-explodes", "--steps", "6", "--checkpoint-every", "1", "--keep-last", "1"]
+    fails(capsys, [*argv, "--out", str(out), *TINY], "diverged at step 3", "gradient norm is", "loss inf")
+    assert find_checkpoint(out, verify=True).name == "step-0000002"
+
+
 def test_d4_a_diverged_run_names_the_loss_and_keeps_its_last_finite_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
     argv = ["train", "--agent", "test-turns-nan", "--steps", "6", "--checkpoint-every", "1", "--keep-last", "1"]
