@@ -237,7 +237,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist: pass a run, checkpoint or best/ directory")
     weights = ("model.safetensors", "model.safetensors.index.json")
-    is_model = (path / "config.json").is_file() and any((path / w).is_file() for w in weights)
+    from tdrl.training.checkpoints import COMPLETE
+
+    is_checkpoint = (path / COMPLETE).is_file()  # its config.json is the run's, its student/ the model
+    is_model = not is_checkpoint and (path / "config.json").is_file() and any((path / w).is_file() for w in weights)
     model_dir, run = (path, path / RUN_FILE) if is_model else (None, None)
     if model_dir is None:
         checkpoint = find_checkpoint(path, verify=True)

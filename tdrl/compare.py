@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,15 @@ def compare(
         raise ConfigError(
             f"{out} already holds a comparison ({RESULTS_MD}): choose another --out, or --overwrite to replace it"
         )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: choose a directory")
+    if base.overwrite:  # the comparison replaced: its old runs go too (tdrl's runs only, marked as such)
+        from tdrl.training.checkpoints import RUN_MARKER
+
+        keep = {Path(config.out).name for _, config in runs} | {"start"}
+        for old in sorted((out / "runs").glob("*")):
+            if old.name not in keep and old.is_dir() and not old.is_symlink() and (old / RUN_MARKER).is_file():
+                shutil.rmtree(old)
     teacher = teacher or load_teacher(base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device))
     summaries = start_row(base.replace(out=str(out)), teacher, progress, start, seeds) if start else []
     for label, config in runs:

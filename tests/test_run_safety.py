@@ -370,3 +370,65 @@ def test_t5_a_full_disk_during_a_checkpoint_loses_nothing_and_leaves_no_temporar
 )
 def test_every_optimisation_setting_has_its_range(flags, needle, tmp_path, capsys):
     fails(capsys, ["train", "--steps", "1", *TINY, *flags, "--out", str(tmp_path / "x")], needle)
+
+
+def test_second_hostile_pass_overwrite_replaces_only_what_tdrl_wrote(tmp_path, capsys):
+    """warm-start --overwrite over a directory that is no warm start, and train --overwrite over a run
+    whose checkpoints/ holds someone else's directory: nothing but tdrl's own files is replaced."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    warm = ["warm-start", "--teacher", "tiny", "--student", "tiny", "--data", "bundled", "--train-prompts", "16"]
+    warm += ["--response-tokens", "6", "--batch-size", "4", "--eval-prompts", "2", "--eval-max-new-tokens", "4"]
+    fails(capsys, [*warm, "--steps", "2", "--out", str(mine), "--overwrite"], "is not a tdrl warm start")
+    assert (mine / "notes.txt").read_text() == "precious"
+    run = tmp_path / "r1"
+    assert train(run) == 0
+    nested = run / "checkpoints" / "nested"
+    nested.mkdir()
+    (nested / "keep.txt").write_text("k")
+    assert train(run, "--overwrite") == 0
+    assert (nested / "keep.txt").read_text() == "k" and find_checkpoint(run).name == "step-0000002"
+    (run / "best" / "tdrl-run.json").unlink()  # best/ now looks like the user's, not a tdrl export
+    fails(
+        capsys, ["train", "--agent", "bc", "--steps", "1", "--out", str(run), *TINY, "--overwrite"], "not a tdrl export"
+    )
+
+
+def test_second_hostile_pass_duplicates_options_and_columns_are_refused(tmp_path, capsys):
+    import gymnasium as gym
+
+    from tdrl.data import load_source
+    from tdrl.errors import ConfigError, DataError
+    from tdrl.testing import tiny_teacher
+
+    (tmp_path / "c.yaml").write_text("lr: 0.001\nlr: 0.5\n")
+    fails(
+        capsys, ["train", "--config", str(tmp_path / "c.yaml"), *TINY, "--out", str(tmp_path / "x")], "lr given twice"
+    )
+    for spec in ("gamma=0.5,gamma=0.6", '{"gamma": 0.5, "gamma": 0.6}'):
+        fails(capsys, ["train", "--agent", "sql", "--agent-args", spec, *TINY, "--out", str(tmp_path / "y")], "twice")
+    teacher = tiny_teacher()
+    env = gym.make("tdrl/TokenGeneration-v0", teacher=teacher, prompts=["Hi."], max_new_tokens=2)
+    with pytest.raises(ConfigError, match="not read by this env"):
+        env.reset(options={"prompts": ["Tell me a joke"]})  # the vector env's key, misspelt here
+    with pytest.raises(ConfigError, match="one string"):
+        gym.make("tdrl/TokenGeneration-v0", teacher=teacher, prompts="hello")
+    (tmp_path / "dup.csv").write_text("prompt,prompt,response\na,b,c\n")
+    with pytest.raises(DataError, match="appear twice"):
+        load_source(str(tmp_path / "dup.csv"))
+    (tmp_path / "bom.csv").write_text("\ufeffprompt,response\nSay hi.,Hi!\n", encoding="utf-8")
+    assert load_source(str(tmp_path / "bom.csv"))["prompt"] == ["Say hi."]
+    fails(capsys, ["train", *TINY, "--out", ""], "out must name a run directory")
+
+
+def test_second_hostile_pass_eval_of_a_checkpoint_and_compare_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run) == 0
+    step = run / "checkpoints" / "step-0000002"
+    assert main(["eval", "--checkpoint", str(step), "--prompts", "1", "--max-new-tokens", "2", "--seeds", "0"]) == 0
+    out = tmp_path / "c"
+    flags = ["--seeds", "1", "--steps", "1", *TINY, "--no-eval-on-start", "--out", str(out)]
+    assert main(["compare", "--agents", "bc", *flags]) == 0
+    assert main(["compare", "--agents", "kd", *flags, "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir() if p.name != "start") == ["kd-seed0"]  # bc's run went too

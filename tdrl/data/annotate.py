@@ -149,7 +149,7 @@ def annotate(
     }
     created = not out.exists()
     with DirectoryLock(out, "annotation directory"):
-        meta = open_output(out, ANNOTATION_META, settings, "a teacher annotation")
+        meta = open_output(out, ANNOTATION_META, settings, "teacher annotations")
         try:
             _annotate_shards(teacher, source, out, settings, strict, stop_after_shards, progress, batch_size)
         except DataError:

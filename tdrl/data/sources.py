@@ -86,8 +86,13 @@ def _read_file(path: Path) -> list[dict]:
                 raise DataError(f"{path}: expected a JSON list of records")
             return data
         if suffix in (".csv", ".tsv"):
-            with path.open(encoding="utf-8", newline="") as fh:
-                rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+            with path.open(encoding="utf-8-sig", newline="") as fh:  # utf-8-sig: a BOM is not part of a name
+                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+                header = reader.fieldnames or []
+                twice = sorted({name for name in header if header.count(name) > 1})
+                if twice:
+                    raise DataError(f"{path}: column(s) {', '.join(twice)} appear twice in the header: rename one")
+                rows = list(reader)
             for i, row in enumerate(rows):
                 if None in row:  # DictReader puts the fields beyond the header under the key None
                     raise DataError(f"{path}: row {i + 2} has more fields than the header ({len(row) - 1} columns)")

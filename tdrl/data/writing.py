@@ -33,7 +33,7 @@ def open_output(out: Path, meta_name: str, settings: dict, kind: str) -> dict:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file: choose a directory")
     if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise DataError(f"{out} exists and is not a tdrl {kind} directory: choose an empty or new --out")
+        raise DataError(f"{out} exists and is not a tdrl directory of {kind}: choose an empty or new --out")
     (out / "shards").mkdir(parents=True, exist_ok=True)
     meta = {"kind": kind, "settings": settings, "fingerprint": settings_fingerprint(settings), "complete": False}
     write_json_atomic(meta_path, meta)

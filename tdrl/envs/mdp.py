@@ -47,6 +47,10 @@ class TokenMDP:
             raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if off_support not in OFF_SUPPORT_MODES:
             raise ConfigError(f"off_support must be one of {', '.join(OFF_SUPPORT_MODES)}, got {off_support!r}")
+        if isinstance(prompts, str):
+            raise ConfigError(
+                f"prompts is a list of prompts, got one string {prompts[:40]!r}: pass [{prompts[:20]!r}...]"
+            )
         if len(prompts) == 0:
             raise ConfigError("the environment needs at least one prompt")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:

@@ -139,6 +139,7 @@ class TokenGenerationEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
+        _check_options(options, {"prompt"})
         prompt = (options or {}).get("prompt")
         if prompt is None:
             self.prompt_index = int(self.np_random.integers(len(self.mdp.pool_ids)))
@@ -255,6 +256,7 @@ class TokenGenerationVectorEnv(VectorEnv):
             if len(seeds) != self.num_envs:
                 raise ValueError(f"reset() got {len(seeds)} seeds for {self.num_envs} sub-envs")
             self._rngs = [seeding.np_random(s)[0] for s in seeds]
+        _check_options(options, {"prompts"})
         prompts = (options or {}).get("prompts")
         if prompts is not None and len(prompts) != self.num_envs:
             raise ValueError(f"options['prompts'] needs one prompt per sub-env ({self.num_envs}), got {len(prompts)}")
@@ -325,3 +327,10 @@ class TokenGenerationVectorEnv(VectorEnv):
         if self.render_mode != "ansi" or self.mdp.state is None:
             return None
         return tuple(self.mdp.render_row(row) for row in range(self.num_envs))
+
+
+def _check_options(options: dict | None, known: set[str]) -> None:
+    """``reset(options=...)`` takes only the keys the env reads (a misspelt key would be ignored)."""
+    unknown = sorted(set(options or {}) - known)
+    if unknown:
+        raise ConfigError(f"reset options {unknown} are not read by this env: it takes {sorted(known)}")

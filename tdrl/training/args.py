@@ -47,6 +47,26 @@ __all__ = [
 _AGENT_KEYS = ("agent_config", "agent_args")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML itself keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ConfigError(f"setting(s) {', '.join(twice)} given twice in one mapping: keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook that refuses a key given twice (JSON itself keeps the last)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ConfigError(f"setting(s) {', '.join(twice)} given twice in one JSON object: keep one")
+    return dict(pairs)
+
+
 def parse_agent_args(text: str) -> dict[str, Any]:
     """``"alpha=0.1,chi2=false"`` or ``'{"alpha": 0.1}'`` -> a dict (values parsed as YAML scalars)."""
     text = (text or "").strip()
@@ -54,7 +74,7 @@ def parse_agent_args(text: str) -> dict[str, Any]:
         return {}
     if text.startswith("{"):
         try:
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=_unique_pairs)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"agent_args is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
@@ -65,6 +85,8 @@ def parse_agent_args(text: str) -> dict[str, Any]:
         if "=" not in part:
             raise ConfigError(f"agent_args entry {part!r} is not key=value")
         key, raw = part.split("=", 1)
+        if key.strip() in out:
+            raise ConfigError(f"agent setting {key.strip()} given twice in {text!r}: keep one")
         out[key.strip()] = yaml.safe_load(raw.strip())
     return out
 
@@ -77,9 +99,16 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        # safe loading (yaml.SafeLoader), refusing a key given twice
+        data = (
+            json.loads(text, object_pairs_hook=_unique_pairs)
+            if path.suffix == ".json"
+            else yaml.load(text, _UniqueKeyLoader)
+        )  # noqa: S506
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot parse {path}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of settings")

@@ -126,8 +126,21 @@ def claim_run_directory(out: Path, *, resumed: bool, overwrite: bool) -> None:
             f"{out} holds {names}, which no tdrl run of this directory wrote: choose another --out, or pass "
             "--overwrite to delete them"
         )
+    best = out / "best"
+    if best.is_dir() and any(best.iterdir()) and not (best / RUN_FILE).is_file():
+        raise ConfigError(
+            f"{best} holds files that are not a tdrl export (no {RUN_FILE}): move them, or choose another --out "
+            "(--overwrite replaces what tdrl wrote, nothing else)"
+        )
     for target in present:
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if target.name == "checkpoints" and target.is_dir():  # tdrl's checkpoints only; anything else stays
+            for entry in target.iterdir():
+                if entry.name.startswith("step-") and entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+        elif target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_MARKER).write_text(json.dumps({"run": "tdrl"}))
 

@@ -111,6 +111,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a {group.__name__}, got {type(value).__name__}")
         check_field_types(self, lambda name: flag_name(TrainConfig, name))
         at_least(self, 1, "log_every", "checkpoint_every", "keep_last")
+        if not self.out.strip():
+            raise ConfigError("out must name a run directory, got an empty string")
         if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
         if self.optim.mixed_precision == "fp16" and not self.device.startswith("cuda"):

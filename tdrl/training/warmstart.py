@@ -130,8 +130,10 @@ def warm_start(
                 f"{out} holds a warm start made with other settings ({', '.join(changed)} differ): pass another "
                 "--out, or --overwrite to replace it"
             )
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DataError(f"{out} exists and is not a tdrl warm start: choose a new --out, or --overwrite")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):  # --overwrite replaces a warm start only
+        raise DataError(
+            f"{out} exists and is not a tdrl warm start: choose a new --out (--overwrite replaces a warm start)"
+        )
     partial = out.parent / f".{out.name}.partial-{fingerprint}"
     name, args = WARM_START_AGENT
     steps = config.optim.steps
