@@ -46,13 +46,11 @@ class Trainer:
         teacher: the teacher (references, evaluation, online episodes, J_PT; not trained).
         train_dataset: a :class:`~tdrl.data.DistillDataset` (the annotation cache).
         eval_records: validation records (:func:`~tdrl.evaluation.reference_records`): model selection.
-        args: the run's :class:`~tdrl.training.config.TrainConfig`; resolved here against the agent
-            (its Config instance and presets: :meth:`~tdrl.training.config.TrainConfig.resolve`).
+        args: the run's :class:`~tdrl.training.config.TrainConfig`, resolved here against the agent.
         test_records: scored at the end, last and best-validation model (None: no test evaluation).
         callbacks: :class:`~tdrl.training.callbacks.TrainerCallback` s (main process); TensorBoard always.
 
-    The loop's own state is one :class:`~tdrl.training.state.TrainerState` (``trainer.state``), saved
-    in every checkpoint and passed to the callbacks.
+    The loop's state is one :class:`~tdrl.training.state.TrainerState` (``trainer.state``), checkpointed.
     """
 
     def __init__(
