@@ -172,6 +172,8 @@ class DirectoryLock:
         self.directory, self.what, self._fh = Path(directory), what, None
 
     def __enter__(self) -> DirectoryLock:
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ConfigError(f"the {self.what} {self.directory} is a file: choose a directory")
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.directory / LOCK_FILE, "a+")  # noqa: SIM115 (held until __exit__)
         try:

@@ -432,3 +432,16 @@ def test_second_hostile_pass_eval_of_a_checkpoint_and_compare_overwrite(tmp_path
     assert main(["compare", "--agents", "bc", *flags]) == 0
     assert main(["compare", "--agents", "kd", *flags, "--overwrite"]) == 0
     assert sorted(p.name for p in (out / "runs").iterdir() if p.name != "start") == ["kd-seed0"]  # bc's run went too
+
+
+def test_replace_takes_agent_settings_and_a_file_is_no_output_directory(tmp_path, capsys):
+    from tdrl.training import TrainConfig
+
+    config = TrainConfig.from_dict({"agent": "sql", "agent_args": "alpha=0.3"}).replace(gamma=0.5)
+    assert (config.agent_config.gamma, config.agent_config.alpha) == (0.5, 0.3)
+    source = tmp_path / "d.jsonl"
+    source.write_text('{"prompt": "Say hi.", "response": "Hi!"}\n')
+    (tmp_path / "file").write_text("mine")
+    argv = ["annotate", "--teacher", "tiny", "--source", str(source), "--out", str(tmp_path / "file")]
+    fails(capsys, argv, "is a file")
+    assert (tmp_path / "file").read_text() == "mine"

@@ -207,15 +207,21 @@ class TrainConfig:
                 values[key] = value
             else:
                 flat[key] = value
-        by_flag = _flags()
+        by_flag, own, settings = _flags(), agent_fields(values["agent"]), {}
         for key, value in flat.items():
             if key in _TOP:
                 values[key] = value
             elif key in by_flag:
                 group, name = by_flag[key]
                 values[group][name] = value
+            elif key in own:  # one of the agent's settings: replace(gamma=0.5)
+                settings[key] = value
             else:
                 raise ConfigError(f"unknown setting {key!r}")
+        if settings and instance is not None:
+            instance = dataclasses.replace(instance, **settings)
+        elif settings:
+            values["agent_config"] = {**agent_values(values.get("agent_config")), **settings}
         config = TrainConfig.from_dict(values)
         return dataclasses.replace(config, agent_config=instance) if instance is not None else config
 
