@@ -172,12 +172,17 @@ def compare(
         )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: choose a directory")
-    if base.overwrite:  # the comparison replaced: its old runs go too (tdrl's runs only, marked as such)
+    if (out / "runs").is_symlink():
+        raise ConfigError(f"{out / 'runs'} is a symbolic link: tdrl never writes through links; choose another --out")
+    if base.overwrite and (out / RESULTS_CSV).is_file():  # the comparison replaced: the runs it listed go too
         from tdrl.training.checkpoints import RUN_MARKER
 
-        keep = {Path(config.out).name for _, config in runs} | {"start"}
-        for old in sorted((out / "runs").glob("*")):
-            if old.name not in keep and old.is_dir() and not old.is_symlink() and (old / RUN_MARKER).is_file():
+        keep = {Path(config.out).name for _, config in runs}
+        with (out / RESULTS_CSV).open(newline="") as fh:
+            listed = {f"{row['agent']}-seed{row['seed']}" for row in csv.DictReader(fh)}
+        for name in sorted(listed - keep):
+            old = out / "runs" / name
+            if old.is_dir() and not old.is_symlink() and (old / RUN_MARKER).is_file():
                 shutil.rmtree(old)
     teacher = teacher or load_teacher(base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device))
     summaries = start_row(base.replace(out=str(out)), teacher, progress, start, seeds) if start else []

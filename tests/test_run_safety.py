@@ -445,3 +445,56 @@ def test_replace_takes_agent_settings_and_a_file_is_no_output_directory(tmp_path
     argv = ["annotate", "--teacher", "tiny", "--source", str(source), "--out", str(tmp_path / "file")]
     fails(capsys, argv, "is a file")
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_third_hostile_pass_nested_runs_links_and_what_overwrite_may_touch(tmp_path, capsys):
+    run = tmp_path / "A"
+    assert train(run) == 0
+    for inside in (run / "checkpoints" / "step-0000002", run / "best", run / "sub"):  # rotated or replaced later
+        fails(capsys, ["train", "--agent", "bc", "--steps", "1", "--out", str(inside), *TINY], "lies inside the run")
+    project = tmp_path / "P"
+    assert train(project / "runs" / "myexp") == 0  # the user's own run where a comparison will go
+    flags = ["--seeds", "1", "--steps", "1", *TINY, "--no-eval-on-start", "--out", str(project)]
+    assert main(["compare", "--agents", "bc", *flags, "--overwrite"]) == 0
+    assert main(["compare", "--agents", "kd", *flags, "--overwrite"]) == 0
+    names = sorted(p.name for p in (project / "runs").iterdir() if p.name != "start")
+    assert names == ["kd-seed0", "myexp"]  # bc's run, listed by the replaced comparison, went; the user's stayed
+    linked = tmp_path / "Q"
+    linked.mkdir()
+    (linked / "runs").symlink_to(project / "runs")
+    fails(capsys, ["compare", "--agents", "bd", *flags[:-1], str(linked), "--overwrite"], "symbolic link")
+    assert (project / "runs" / "kd-seed0").is_dir()
+
+
+def test_third_hostile_pass_warm_starts_keep_what_is_beside_them_and_see_their_students_weights(tmp_path, capsys):
+    from tdrl.models import load_student
+    from tdrl.testing import tiny_teacher
+    from tdrl.training import TrainConfig
+    from tdrl.training.warmstart import warm_start_fingerprint
+
+    student_dir = tmp_path / "S"
+    student = load_student("tiny")
+    student.save_pretrained(student_dir)
+    config = TrainConfig.from_dict({"teacher": "tiny", "student": str(student_dir)})
+    before = warm_start_fingerprint(config, tiny_teacher())[0]
+    with torch.no_grad():
+        next(student.model.parameters()).add_(1.0)
+    student.save_pretrained(student_dir)  # the same directory, other weights
+    assert warm_start_fingerprint(config, tiny_teacher())[0] != before
+    warm = ["warm-start", "--teacher", "tiny", "--student", "tiny", "--data", "bundled", "--train-prompts", "16"]
+    warm += ["--response-tokens", "6", "--batch-size", "4", "--eval-prompts", "2", "--eval-max-new-tokens", "4"]
+    out = tmp_path / "W"
+    assert main([*warm, "--steps", "2", "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("user")
+    fails(capsys, [*warm, "--steps", "3", "--out", str(out), "--overwrite"], "notes.txt beside its warm start")
+    assert (out / "notes.txt").read_text() == "user"
+    (out / "notes.txt").unlink()
+    assert main([*warm, "--steps", "3", "--out", str(out), "--overwrite"]) == 0  # its own files: replaced
+
+
+def test_third_hostile_pass_replace_refuses_a_setting_given_twice():
+    from tdrl.errors import ConfigError
+    from tdrl.training import TrainConfig
+
+    with pytest.raises(ConfigError, match="steps given twice"):
+        TrainConfig().replace(optim={"steps": 3}, steps=4)

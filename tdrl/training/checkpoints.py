@@ -102,6 +102,12 @@ def claim_run_directory(out: Path, *, resumed: bool, overwrite: bool) -> None:
     told to ``overwrite``; never follow a symbolic link there (a linked ``checkpoints/`` would write
     into, and rotate, another run's checkpoints). Clears what a failed start of this run left behind,
     then marks the directory as this run's."""
+    inside = next((p for p in out.resolve().parents if (p / RUN_MARKER).is_file()), None)
+    if inside is not None:
+        raise ConfigError(
+            f"{out} lies inside the run directory {inside}, whose checkpoints and best/ are rotated and replaced: "
+            "choose an --out outside it"
+        )
     links = [out / name for name in RUN_OUTPUTS if (out / name).is_symlink()]
     if links and (resumed or not overwrite):
         raise ConfigError(

@@ -208,6 +208,10 @@ class TrainConfig:
             else:
                 flat[key] = value
         by_flag, own, settings = _flags(), agent_fields(values["agent"]), {}
+        whole = {g for g in GROUPS if g in changes and not isinstance(changes[g], str)}
+        twice = sorted(k for k in flat if k in by_flag and by_flag[k][0] in whole)
+        if twice:
+            raise ConfigError(f"setting(s) {', '.join(twice)} given twice (as a flag and in their group): keep one")
         for key, value in flat.items():
             if key in _TOP:
                 values[key] = value

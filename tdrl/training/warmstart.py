@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tdrl.data import ANNOTATION_META
 from tdrl.errors import CheckpointNotFoundError, DataError
-from tdrl.integrity import atomic_dir, read_json
+from tdrl.integrity import atomic_dir, file_digest, read_json
 from tdrl.training.config import TrainConfig, config_leaves, resolve_device
 
 __all__ = [
@@ -74,6 +74,23 @@ def warm_start_config(config: TrainConfig, steps: int, lr: float, recipe: dict =
 #: ``optim`` and ``data`` groups does (a new one joins the fingerprint by being declared there), and
 #: evaluation, logging and checkpoint cadence do not.
 SHAPING_TOP = ("teacher", "teacher_dtype", "student", "seed")
+#: A warm start's own files when its record does not list them (records before the list was kept).
+_OWN_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "value_head.safetensors",
+    "run",
+    WARM_START_FILE,
+)
 SHAPING_GROUPS = ("optim", "data")
 
 
@@ -93,6 +110,12 @@ def warm_start_fingerprint(config: TrainConfig, teacher) -> tuple[str, dict]:
     data = Path(config.data.source)
     if config.data.source != "bundled" and (data / ANNOTATION_META).is_file():
         settings["data_fingerprint"] = read_json(data / ANNOTATION_META, "annotation metadata").get("fingerprint")
+    student = Path(config.student)
+    if student.is_dir():  # a student directory: its weights, not its name (it may be rewritten in place)
+        weights = sorted(student.glob("*.safetensors"))
+        settings["student_weights"] = hashlib.sha256(
+            "".join(file_digest(w)["sha256"] for w in weights).encode()
+        ).hexdigest()[:16]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return digest, settings
 
@@ -130,6 +153,11 @@ def warm_start(
                 f"{out} holds a warm start made with other settings ({', '.join(changed)} differ): pass another "
                 "--out, or --overwrite to replace it"
             )
+        theirs = sorted(p.name for p in out.iterdir() if p.name not in set(record.get("files", _OWN_FILES)))
+        if theirs:  # --overwrite replaces the warm start's own files, never what was put beside them
+            raise DataError(
+                f"{out} holds {', '.join(theirs)} beside its warm start: move them, or choose another --out"
+            )
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):  # --overwrite replaces a warm start only
         raise DataError(
             f"{out} exists and is not a tdrl warm start: choose a new --out (--overwrite replaces a warm start)"
@@ -166,6 +194,7 @@ def warm_start(
         for leftover in ("checkpoints", "best"):  # the model is exported; events and the summary stay
             shutil.rmtree(partial / "run" / leftover, ignore_errors=True)
         shutil.move(str(partial / "run"), str(model_dir / "run"))
+        record["files"] = sorted([p.name for p in model_dir.iterdir()] + [WARM_START_FILE])
         (model_dir / WARM_START_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     shutil.rmtree(partial, ignore_errors=True)
     return out, record
