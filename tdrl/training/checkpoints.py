@@ -130,7 +130,7 @@ def claim_run_directory(out: Path, *, resumed: bool, overwrite: bool) -> None:
         names = ", ".join(str(p.relative_to(out)) for p in present)
         raise ConfigError(
             f"{out} holds {names}, which no tdrl run of this directory wrote: choose another --out, or pass "
-            "--overwrite to delete them"
+            "--overwrite (it deletes tdrl's files there: step-* checkpoints, a tdrl best/, summary, events)"
         )
     best = out / "best"
     if best.is_dir() and any(best.iterdir()) and not (best / RUN_FILE).is_file():
