@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "NonFiniteError",
     "check_field_types",
+    "check_discount",
 ]
 
 
@@ -55,6 +56,12 @@ class CheckpointNotFoundError(TdrlError, FileNotFoundError):
 
 class NonFiniteError(TdrlError, FloatingPointError):
     """Training diverged: the loss or the weights are no longer finite numbers (NaN or inf)."""
+
+
+def check_discount(value, name: str = "gamma", why: str = "") -> None:
+    """A discount: a number in [0, 1] (NaN, bools and strings refused); ``why`` joins the message."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must lie in [0, 1]{why}, got {value!r}")
 
 
 def check_field_types(instance, name_of=None) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from tdrl.errors import ConfigError, check_field_types
+from tdrl.errors import ConfigError, check_discount, check_field_types
 from tdrl.models.student import VOCAB_CHUNK
 
 __all__ = ["AgentConfig", "RESTRICT_MODES", "hp"]
@@ -64,8 +64,7 @@ class AgentConfig:
         check_field_types(self)
         if self.restrict not in RESTRICT_MODES:
             raise ConfigError(f"restrict must be one of {', '.join(RESTRICT_MODES)}, got {self.restrict!r}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"gamma must lie in [0, 1], got {self.gamma}")
+        check_discount(self.gamma)
         if self.support_coef < 0:
             raise ConfigError(f"support_coef must be >= 0, got {self.support_coef}")
         if self.vocab_chunk < 1:

@@ -17,7 +17,7 @@ from tdrl.actions import validate_top_k, validate_top_p
 from tdrl.data.dataset import ANNOTATION_META, annotation_statistics, load_annotations
 from tdrl.data.sources import records_fingerprint
 from tdrl.data.writing import dir_bytes, open_output, progress_bar, quiet_datasets, shard_ranges
-from tdrl.errors import ConfigError, DataError
+from tdrl.errors import ConfigError, DataError, check_discount
 from tdrl.integrity import DirectoryLock, atomic_dir, read_json, verify_manifest, write_json_atomic, write_manifest
 from tdrl.models.lm import tokenizer_fingerprint
 from tdrl.models.teacher import Reward, Teacher
@@ -120,8 +120,7 @@ def annotate(
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if logprob_dtype not in ("float16", "float32"):
         raise ConfigError(f"logprob_dtype must be float16 or float32, got {logprob_dtype!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-        raise ConfigError(f"gamma must lie in [0, 1] (the inverse_soft_q reward discounts with it), got {gamma!r}")
+    check_discount(gamma, why=" (the inverse_soft_q reward discounts with it)")
     if len(source) == 0:
         raise DataError("the data source is empty: nothing to annotate")
     if "response" not in source.column_names and "response_ids" not in source.column_names:

@@ -13,7 +13,7 @@ import torch
 from gymnasium import spaces
 
 from tdrl.actions import top_p_subset, validate_top_k, validate_top_p
-from tdrl.errors import ConfigError
+from tdrl.errors import ConfigError, check_discount
 from tdrl.models.teacher import Reward, Teacher, reward_value
 
 __all__ = ["TokenMDP", "OFF_SUPPORT_MODES", "Prompt"]
@@ -53,8 +53,7 @@ class TokenMDP:
             )
         if len(prompts) == 0:
             raise ConfigError("the environment needs at least one prompt")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
-            raise ConfigError(f"gamma must lie in [0, 1], got {gamma!r}")
+        check_discount(gamma)
         if isinstance(off_support_penalty, bool) or not math.isfinite(float(off_support_penalty)):
             raise ConfigError(f"off_support_penalty must be a finite number, got {off_support_penalty!r}")
         self.teacher, self.num_rows = teacher, num_rows

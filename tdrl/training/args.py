@@ -24,6 +24,7 @@ import yaml
 
 from tdrl.errors import ConfigError
 from tdrl.training.config import (
+    AGENT_KEYS,
     GROUPS,
     TrainConfig,
     agent_fields,
@@ -43,8 +44,6 @@ __all__ = [
     "agent_from_argv",
     "parse_train_args",
 ]
-
-_AGENT_KEYS = ("agent_config", "agent_args")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -248,7 +247,7 @@ def config_from_args(ns: argparse.Namespace, presets: dict[str, Any] | None = No
     agent = given.get("agent", file_values.get("agent", values.get("agent", TrainConfig.agent)))
     fields = agent_fields(agent)
     leaves = {flag for _, _, flag in config_leaves()}
-    unknown = sorted(set(file_values) - leaves - fields - set(_AGENT_KEYS))
+    unknown = sorted(set(file_values) - leaves - fields - set(AGENT_KEYS))
     if unknown:
         raise ConfigError(
             f"{ns.config}: unknown setting(s) {', '.join(unknown)} (not trainer settings, nor settings of the agent "
@@ -256,7 +255,7 @@ def config_from_args(ns: argparse.Namespace, presets: dict[str, Any] | None = No
         )
     file_agent: dict[str, Any] = {}
     for key, value in file_values.items():
-        if key in _AGENT_KEYS:
+        if key in AGENT_KEYS:
             file_agent = merge_once(file_agent, agent_values(value), f"{ns.config} ({key})")
         elif key in fields and key not in leaves:
             file_agent = merge_once(file_agent, {key: value}, str(ns.config))

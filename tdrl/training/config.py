@@ -69,6 +69,9 @@ GROUPS: dict[str, type] = {
     "lm": LMConfig,
 }
 
+#: The keys under which a file or dict may give the agent's settings as one mapping or string.
+AGENT_KEYS = ("agent_config", "agent_args")
+
 #: What an unset preset field means when the agent has no preset for it.
 UNSET_DEFAULTS: dict[str, Any] = {"online_every": 0, "online_ratio": 0.5, "lm_coef": 0.0}
 _PRESETS = {"online_every": ("online", "every"), "online_ratio": ("online", "ratio"), "lm_coef": ("lm", "coef")}
@@ -167,7 +170,7 @@ class TrainConfig:
         by_flag = _flags()
         own = agent_fields(values.get("agent", cls.agent))
         for key, value in values.items():
-            if key in ("agent_config", "agent_args"):
+            if key in AGENT_KEYS:
                 settings = merge_once(settings, agent_values(value), key)
             elif key in _TOP:
                 top[key] = value
