@@ -120,7 +120,16 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     ann.add_argument("--gamma", type=float, default=0.99, help="discount for the inverse_soft_q reward")
     ann.add_argument("--max-prompt-len", type=int, default=512, help="longer prompts are skipped (or --strict)")
     ann.add_argument("--max-response-len", type=int, default=256, help="responses are cut to this many tokens")
-    ann.add_argument("--logprob-dtype", default="float32", choices=["float32", "float16"])
+    ann.add_argument(
+        "--keep-top-p",
+        type=float,
+        default=0.95,
+        help="keep each state's candidates up to this teacher mass (>= --top-p): the largest p an agent can re-cut "
+        "the cache at; 1.0 keeps the whole top-K",
+    )
+    ann.add_argument(
+        "--logprob-dtype", default="float16", choices=["float16", "float32"], help="stored candidate log-probs"
+    )
     ann.add_argument("--shard-size", type=int, default=512, help="records per atomically written shard")
     ann.add_argument("--strict", action="store_true", help="error on a too-long prompt instead of skipping it")
     ann.set_defaults(func=cmd_annotate)

@@ -140,10 +140,14 @@ def cmd_generate_responses(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
+    from tdrl.actions import validate_top_k, validate_top_p
     from tdrl.data import ANNOTATION_META, annotate
+    from tdrl.data.layout import check_keep_top_p
     from tdrl.integrity import read_json
     from tdrl.models import load_teacher
 
+    check_keep_top_p(args.keep_top_p, validate_top_p(args.top_p))  # before the teacher loads
+    validate_top_k(args.top_k)
     source = _subset(_source(args, require_response=True), args.limit)
     teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     out = annotate(
@@ -156,6 +160,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         gamma=args.gamma,
         max_prompt_len=args.max_prompt_len,
         max_response_len=args.max_response_len,
+        keep_top_p=args.keep_top_p,
         logprob_dtype=args.logprob_dtype,
         batch_size=args.batch_size,
         shard_size=args.shard_size,

@@ -72,11 +72,13 @@ def record_tensors(record: dict) -> dict[str, Tensor]:
     return {key: torch.as_tensor(record[key]) for key in keys}
 
 
-def recut(record: dict, top_p: float | None) -> dict:
+def recut(record: dict, top_p: float | None, *, complete_to: float = 0.0) -> dict:
     """``record`` with A_p(s) re-cut at ``top_p`` from its candidates' log-probs, at every response
     state and at the final state (``None``: unchanged). The one re-cut, for cached and online records
     alike. A set can grow only as far as the record's log-probs reach: the annotation cache keeps the
-    whole top-K, an env episode only its own A_p(s) (collect those at the p they train at)."""
+    whole top-K (or, compact, its candidates up to mass ``keep_top_p``: ``complete_to``, up to which
+    no reach check is made, the caller having checked the p), an env episode only its own A_p(s)
+    (collect those at the p they train at)."""
     if top_p is None:
         return record
     out = dict(record)
@@ -84,7 +86,7 @@ def recut(record: dict, top_p: float | None) -> dict:
         values = torch.as_tensor(record[logprobs]).float()
         known = torch.isfinite(values)
         short = values.double().exp().sum(-1) < top_p  # the set would have to grow past the known log-probs
-        if bool((short & ~known.all(-1)).any()):
+        if top_p > complete_to and bool((short & ~known.all(-1)).any()):
             raise ValueError(
                 f"this record's teacher log-probs stop at its own A_p(s) (an env episode cut at a smaller p): it "
                 f"cannot be re-cut at the larger p = {top_p}; collect episodes at the p they train at"

@@ -144,17 +144,21 @@ def test_the_command_line_parses_into_the_groups_and_its_help_shows_the_effectiv
 
 
 def test_the_warm_start_fingerprint_is_the_one_the_flat_config_gave(tiny_teacher):
-    """The shaping settings are every optim and data setting and four run settings, by flag name: the
-    same keys, values and hash as tdrl 0.1's hand-kept list (digests computed with the code at 2b1db96)."""
+    """The shaping settings are every optim and data setting and four run settings, by flag name, plus the
+    bundled data's layout schema. The digests are pinned: they changed at the compact cache layout (schema 3:
+    ``annotation_keep_top_p`` joined the data group and ``bundled_schema`` the settings), since a warm start
+    trained on the float32 cache of schema 2 is not the one the compact cache gives; before that they were
+    tdrl 0.1's (2b1db96)."""
     from tdrl.training.warmstart import shaping_settings, warm_start_config, warm_start_fingerprint
 
     config = TrainConfig.from_dict({"teacher": "tiny", "student": "tiny", "train_prompts": 24})
-    assert len(shaping_settings(config)) == 20 and "eval_every" not in shaping_settings(config)
+    assert len(shaping_settings(config)) == 21 and "eval_every" not in shaping_settings(config)
+    assert warm_start_fingerprint(config, tiny_teacher)[1]["bundled_schema"] == 3
     assert tiny_teacher.weights_fingerprint() == "11d7d1ef7f58b872"
-    assert warm_start_fingerprint(config, tiny_teacher)[0] == "7b0f2730e407ab6c"
-    assert warm_start_fingerprint(warm_start_config(config, 256, 1e-4), tiny_teacher)[0] == "aeb31d5d5326115e"
-    assert warm_start_fingerprint(config.replace(eval_every=3), tiny_teacher)[0] == "7b0f2730e407ab6c"
-    assert warm_start_fingerprint(config.replace(adam_beta2=0.9), tiny_teacher)[0] != "7b0f2730e407ab6c"
+    assert warm_start_fingerprint(config, tiny_teacher)[0] == "8dddd51b14784897"
+    assert warm_start_fingerprint(warm_start_config(config, 256, 1e-4), tiny_teacher)[0] == "8813c5034bd6ee6c"
+    assert warm_start_fingerprint(config.replace(eval_every=3), tiny_teacher)[0] == "8dddd51b14784897"
+    assert warm_start_fingerprint(config.replace(adam_beta2=0.9), tiny_teacher)[0] != "8dddd51b14784897"
 
 
 def test_commands_accept_only_the_flags_they_use(capsys):

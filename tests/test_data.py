@@ -22,6 +22,7 @@ from tdrl.data import (
     load_annotations,
     load_source,
 )
+from tdrl.data.layout import decode, full_layout, recode
 from tdrl.errors import ConfigError, DataError, VocabularyMismatchError
 
 
@@ -65,22 +66,39 @@ def test_bundled_set_size_families_and_splits():
         load_source("bundled", split="dev")
 
 
+def _kept(logprobs: torch.Tensor, size: int, keep: float) -> int:
+    """Brute force: the shortest prefix reaching mass ``keep``, at least A_p(s), at most K."""
+    probs = np.exp(logprobs.double().numpy())
+    n = next((j + 1 for j in range(len(probs)) if probs[: j + 1].sum() >= keep), len(probs))
+    return min(max(n, size), len(probs))
+
+
 def test_annotation_equals_direct_teacher_calls(cache, small_source, tiny_teacher):
     data = load_annotations(cache)
     assert len(data) == len(small_source)
-    for row, src in zip(data, small_source):
+    for raw, src in zip(data, small_source):
+        row = decode(raw, 16)
         prompt_ids = tiny_teacher.encode_prompt(src["prompt"])
-        assert row["prompt_ids"] == prompt_ids and row["response_ids"] == src["response_ids"]
+        assert raw["prompt_ids"] == prompt_ids and raw["response_ids"] == src["response_ids"]
         ids = torch.tensor([prompt_ids + src["response_ids"]])
         ann = tiny_teacher.annotate(ids, top_k=16, top_p=0.8)
         lo, hi = len(prompt_ids) - 1, ids.shape[1] - 1
-        assert torch.equal(torch.tensor(row["cand_ids"]), ann.subset.ids[0, lo:hi].int())
-        assert torch.allclose(torch.tensor(row["cand_logprobs"]), ann.subset.logprobs[0, lo:hi], atol=1e-5)
-        assert torch.equal(torch.tensor(row["cand_mask"]), ann.subset.mask[0, lo:hi])
-        assert torch.equal(
-            torch.tensor(row["final_cand_ids"]), ann.subset.ids[0, hi].int()
-        )  # s_T, after the last token
-        assert torch.equal(torch.tensor(row["final_cand_mask"]), ann.subset.mask[0, hi])
+        for got_ids, got_lp, got_mask, sub in (
+            (row["cand_ids"], row["cand_logprobs"], row["cand_mask"], ann.subset[0, lo:hi]),
+            (
+                row["final_cand_ids"][None],
+                row["final_cand_logprobs"][None],
+                row["final_cand_mask"][None],
+                ann.subset[0, hi : hi + 1],
+            ),
+        ):
+            assert torch.equal(got_mask, sub.mask)  # A_p(s) at the annotation's p: exact
+            for j in range(got_ids.shape[0]):
+                n = _kept(sub.logprobs[j], int(sub.mask[j].sum()), 0.95)
+                assert torch.isfinite(got_lp[j]).sum() == n  # the kept prefix, nothing beyond it
+                assert torch.equal(got_ids[j, :n], sub.ids[j, :n])
+                # float16: an absolute error below 2**-9 at log-probs above -8
+                assert torch.allclose(got_lp[j, :n], sub.logprobs[j, :n], atol=2**-9, rtol=0)
         assert "action_in_cand" not in row  # derived where A_p(s) is used, never stored
         # action_logprob against an independent log-softmax of the full logits
         logprobs = torch.log_softmax(tiny_teacher.logits(ids)[0].double(), -1)
@@ -279,8 +297,43 @@ def test_an_env_episode_is_not_grown_silently(tiny_teacher):
         recut(record, 0.9)
 
 
+def test_a_full_layout_cache_of_tdrl_0_2_trains_on_the_same_batches(cache, tiny_teacher, tmp_path):
+    """Old caches (schema 2: K-wide int32 ids, float32 log-probs, a bool mask) load and give the batches of
+    the compact cache they were converted from, at the cache's p and re-cut at a smaller one."""
+    compact = DistillDataset(cache, tokenizer=tiny_teacher.tokenizer)
+    full_data = full_layout(compact.data, 16)
+    assert "cand_mask" in full_data.column_names and "cand_count" not in full_data.column_names
+    full_data.save_to_disk(str(tmp_path / "full"))
+    for top_p in (None, 0.5):
+        a = DistillDataset(datasets.load_from_disk(str(tmp_path / "full")), top_p=top_p)
+        b = DistillDataset(compact.data, top_p=top_p)
+        assert not a.compact and b.compact
+        for i in range(len(compact)):
+            x, y = a[i], b[i]
+            assert x.keys() == y.keys()
+            for key in x:
+                assert torch.equal(x[key], y[key]), (i, key)
+
+
+def test_a_compact_cache_refuses_a_re_cut_beyond_what_it_keeps(cache, tiny_teacher):
+    ds = DistillDataset(cache, top_p=0.95)  # up to keep_top_p: accepted
+    assert ds.keep_top_p == 0.95 and len(ds[0]["cand_mask"]) > 0
+    for top_p in (0.96, 1.0):
+        with pytest.raises(ConfigError, match=r"keep_top_p = 0.95.*--keep-top-p"):
+            DistillDataset(cache, top_p=top_p)
+    with pytest.raises(ConfigError, match="keep_top_p must lie in"):
+        annotate(
+            tiny_teacher,
+            datasets.Dataset.from_list([{"id": "a", "prompt": "x", "response": "y"}]),
+            cache.parent / "x",
+            top_p=0.9,
+            keep_top_p=0.8,
+        )
+
+
 def test_a_cache_without_the_final_states_is_refused_with_advice(cache):
-    old = load_annotations(cache).remove_columns(["final_cand_ids", "final_cand_logprobs", "final_cand_mask"])
+    full = full_layout(load_annotations(cache), 16)
+    old = full.remove_columns(["final_cand_ids", "final_cand_logprobs", "final_cand_mask"])
     with pytest.raises(DataError, match="final_cand_ids.*rebuild it with `tdrl annotate`"):
         DistillDataset(old)
 
@@ -381,3 +434,40 @@ def test_sampler_is_deterministic_bucketed_and_resumable():
     assert [list(b) for b in accelerator.skip_first_batches(loader, 5)] == epoch1[5:]
     with pytest.raises(ConfigError):
         BucketBatchSampler(lengths, 0)
+
+
+def test_recode_writes_what_annotate_writes(small_source, tiny_teacher, tmp_path):
+    """The benchmark's rewritten layouts are the caches annotate writes: a lossless cache (whole top-K,
+    float32) recoded to keep_top_p 0.9 / float16 equals the direct annotation at those settings, column
+    by column, and the full layout of it decodes to the lossless cache's tensors."""
+    kwargs = dict(top_k=16, top_p=0.8, shard_size=50, batch_size=4)
+    lossless = load_annotations(
+        annotate(tiny_teacher, small_source, tmp_path / "a", keep_top_p=1.0, logprob_dtype="float32", **kwargs)
+    )
+    direct = load_annotations(annotate(tiny_teacher, small_source, tmp_path / "b", keep_top_p=0.9, **kwargs))
+    recoded = recode(lossless, 16, tiny_teacher.vocab_size, 0.9, "float16")
+    assert recoded.features == direct.features
+    assert recoded.to_dict() == direct.to_dict()
+    assert sum(map(sum, direct["cand_count"])) < sum(map(sum, lossless["cand_count"]))  # fewer candidates kept
+    full = full_layout(lossless, 16)
+    for i in range(len(full)):
+        x, y = decode(full.with_format("numpy")[i], 16), decode(lossless.with_format("numpy")[i], 16)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_the_bundled_annotation_keeps_what_the_agent_re_cuts_at():
+    from tdrl.agents import make_agent  # noqa: F401  (registers the agents)
+    from tdrl.agents.iqlearn import IQLearnConfig
+    from tdrl.data.bundled import KEEP_TOP_P, bundled_keep_top_p
+    from tdrl.training.groups import DataConfig
+
+    assert bundled_keep_top_p(DataConfig(), IQLearnConfig()) == KEEP_TOP_P == 0.95
+    assert bundled_keep_top_p(DataConfig(), IQLearnConfig(top_p=1.0)) == 1.0  # bd:top_p=1.0 reads the whole top-K
+    assert bundled_keep_top_p(DataConfig(), IQLearnConfig(top_p=0.5)) == 0.95
+    assert bundled_keep_top_p(DataConfig(annotation_keep_top_p=0.85), IQLearnConfig()) == 0.85
+    assert bundled_keep_top_p(DataConfig(annotation_top_p=0.97), IQLearnConfig()) == 0.97
+    for bad in (0.5, 1.5):
+        with pytest.raises(ConfigError, match="annotation_keep_top_p must lie in"):
+            DataConfig(annotation_keep_top_p=bad)
+    with pytest.raises(ConfigError, match="annotation_keep_top_p must be a finite number"):
+        DataConfig(annotation_keep_top_p=float("nan"))

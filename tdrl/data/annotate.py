@@ -15,41 +15,18 @@ import torch
 
 from tdrl.actions import validate_top_k, validate_top_p
 from tdrl.data.dataset import ANNOTATION_META, annotation_statistics, load_annotations
+from tdrl.data.layout import LOGPROB_DTYPES, SCHEMA, check_keep_top_p, encode_sets
+from tdrl.data.layout import features as layout_features
 from tdrl.data.sources import records_fingerprint
 from tdrl.data.writing import dir_bytes, open_output, progress_bar, quiet_datasets, shard_ranges
 from tdrl.errors import ConfigError, DataError, check_discount
 from tdrl.integrity import DirectoryLock, atomic_dir, read_json, verify_manifest, write_json_atomic, write_manifest
 from tdrl.models.lm import tokenizer_fingerprint
 from tdrl.models.teacher import Reward, Teacher
-from tdrl.records import annotated_record
 
 __all__ = ["annotate", "SKIP_REASONS", "SHARD_RECORD"]
 
 log = logging.getLogger(__name__)
-
-
-def _features(logprob_dtype: str):
-    from datasets import Features, List, Value
-
-    return Features(
-        {
-            "id": Value("string"),
-            "prompt": Value("string"),
-            "response": Value("string"),
-            "prompt_ids": List(Value("int32")),
-            "response_ids": List(Value("int32")),
-            "cand_ids": List(List(Value("int32"))),
-            "cand_logprobs": List(List(Value(logprob_dtype))),
-            "cand_mask": List(List(Value("bool"))),
-            "final_cand_ids": List(Value("int32")),
-            "final_cand_logprobs": List(Value(logprob_dtype)),
-            "final_cand_mask": List(Value("bool")),
-            "action_logprob": List(Value("float32")),
-            "reward": List(Value("float32")),
-            "terminated": Value("bool"),
-            "length": Value("int32"),
-        }
-    )
 
 
 def _tokenise(teacher: Teacher, row: dict, max_response_len: int) -> tuple[list[int], list[int], bool]:
@@ -86,7 +63,8 @@ def annotate(
     gamma: float = 0.99,
     max_prompt_len: int = 512,
     max_response_len: int = 256,
-    logprob_dtype: str = "float32",
+    keep_top_p: float = 0.95,
+    logprob_dtype: str = "float16",
     batch_size: int = 8,
     shard_size: int = 512,
     strict: bool = False,
@@ -97,12 +75,14 @@ def annotate(
     annotation cache: a ``datasets`` Arrow dataset per shard under ``out/shards`` plus
     ``out/tdrl-annotation.json`` (settings, fingerprint, statistics).
 
-    Per record (see :mod:`tdrl.records`): ``prompt_ids``, ``response_ids``, and per response position
-    ``cand_ids`` (int32 ``[K]``), ``cand_logprobs`` (``logprob_dtype`` ``[K]``: the teacher's top-K
-    log-probs, kept also outside A_p(s) so one cache can be re-cut at a smaller p), ``cand_mask``
-    (A_p(s)), ``action_logprob``, ``reward``; the same three candidate fields at the final state
-    (``final_cand_*``: a truncated response bootstraps V(s_T) on A_p(s_T)); plus ``terminated`` and
-    ``length``. Nothing derived from A_p(s) is stored (it is re-cut at the agent's p).
+    The shards use the compact layout (:mod:`tdrl.data.layout`): per response position the teacher's
+    top-K candidates (descending) up to teacher mass ``keep_top_p`` (at least A_p(s), at most K) as
+    token ids and ``logprob_dtype`` log-probs, flattened per record, with their count
+    (``cand_count``) and the size of A_p(s) at ``top_p`` (``cand_size``: A_p(s) is a prefix); the
+    same at the final state (``final_cand_*``: a truncated response bootstraps V(s_T) on A_p(s_T));
+    ``action_logprob`` and ``reward`` (float32), ``terminated`` and ``length``. An agent re-cuts
+    A_p(s) at any p <= ``keep_top_p`` (``1.0`` keeps the whole top-K, for re-cuts up to p = 1).
+    Nothing derived from A_p(s) is stored.
 
     Responses are taken as token ids when the source has them (``generate_responses`` output), else
     tokenised and ended with EOS. Prompts longer than ``max_prompt_len`` tokens are skipped and
@@ -118,8 +98,9 @@ def annotate(
     ):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    if logprob_dtype not in ("float16", "float32"):
+    if logprob_dtype not in LOGPROB_DTYPES:
         raise ConfigError(f"logprob_dtype must be float16 or float32, got {logprob_dtype!r}")
+    keep_top_p = check_keep_top_p(keep_top_p, top_p)
     check_discount(gamma, why=" (the inverse_soft_q reward discounts with it)")
     if len(source) == 0:
         raise DataError("the data source is empty: nothing to annotate")
@@ -139,6 +120,7 @@ def annotate(
         "source": records_fingerprint(source),
         "top_k": top_k,
         "top_p": top_p,
+        "keep_top_p": keep_top_p,
         "reward": reward.value,
         "gamma": gamma,
         "max_prompt_len": max_prompt_len,
@@ -169,14 +151,11 @@ def annotate(
         if any(meta["skipped"].values()):
             log.warning("annotate: skipped records: %s", meta["skipped"])
         data = load_annotations(out, _meta=meta)
-        meta["statistics"] = annotation_statistics(data)
+        meta["statistics"] = annotation_statistics(data, min(settings["top_k"], settings["vocab_size"]))
         meta["bytes_per_token"] = dir_bytes(out / "shards") / max(1, meta["statistics"]["tokens"])
         write_json_atomic(out / ANNOTATION_META, meta)
     return out
 
-
-#: The cache's record layout: 2 adds the final state's candidates and drops the stored in-set flag.
-SCHEMA = 2
 
 #: In every shard directory: its record count and skipped counts (``{"records": n, "skipped": {...}}``).
 SHARD_RECORD = "tdrl-shard.json"
@@ -193,7 +172,7 @@ def _annotate_shards(teacher, source, out: Path, settings: dict, strict, stop_af
     """Write every missing (or damaged) shard: Arrow data, its record counts, and a manifest."""
     import datasets
 
-    features = _features(settings["logprob_dtype"])
+    features = features_of(settings)
     max_prompt_len, max_response_len = settings["max_prompt_len"], settings["max_response_len"]
     context = teacher.max_length
     written = 0
@@ -229,7 +208,7 @@ def _annotate_shards(teacher, source, out: Path, settings: dict, strict, stop_af
         reward = Reward.parse(settings["reward"])
         for b_start in range(0, len(items), batch_size):
             batch = items[b_start : b_start + batch_size]
-            _annotate_batch(teacher, batch, columns, settings["top_k"], settings["top_p"], reward, settings["gamma"])
+            _annotate_batch(teacher, batch, columns, settings, reward)
         # the caller holds the directory's lock, so one fixed token is safe and a rerun clears a killed writer's
         with atomic_dir(shard, token="writing") as tmp:
             if items:  # an empty shard is recorded (its counts) but holds no Arrow data
@@ -247,7 +226,14 @@ def _annotate_shards(teacher, source, out: Path, settings: dict, strict, stop_af
         )
 
 
-def _annotate_batch(teacher, items, columns, top_k, top_p, reward, gamma) -> None:
+def features_of(settings: dict):
+    """The shards' ``datasets.Features`` (:func:`tdrl.data.layout.features`) for an annotation's settings."""
+    return layout_features(
+        settings["vocab_size"], min(settings["top_k"], settings["vocab_size"]), settings["logprob_dtype"]
+    )
+
+
+def _annotate_batch(teacher, items, columns, settings: dict, reward) -> None:
     seqs = [p + r for _, p, r, _ in items]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), teacher.pad_token_id, dtype=torch.long)
@@ -255,14 +241,35 @@ def _annotate_batch(teacher, items, columns, top_k, top_p, reward, gamma) -> Non
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    ann = teacher.annotate(ids, mask, top_k=top_k, top_p=top_p, reward=reward, gamma=gamma)
+    ann = teacher.annotate(
+        ids, mask, top_k=settings["top_k"], top_p=settings["top_p"], reward=reward, gamma=settings["gamma"]
+    )
+    keep, dtype = settings["keep_top_p"], settings["logprob_dtype"]
     for i, (row, prompt_ids, response_ids, terminated) in enumerate(items):
-        record = annotated_record(ann, i, prompt_ids, response_ids, terminated)
-        record.update(
-            id=str(row["id"]),
-            prompt=row["prompt"],
-            response=row.get("response") or teacher.tokenizer.decode(response_ids),
-            length=len(prompt_ids) + len(response_ids),
+        lo = len(prompt_ids) - 1
+        hi = lo + len(response_ids)  # positions lo..hi-1 chose a response token; hi is the final state s_T
+        sets, final = (
+            encode_sets(ann.subset[i, lo:hi], keep, dtype),
+            encode_sets(ann.subset[i, hi : hi + 1], keep, dtype),
         )
+        record = {
+            "id": str(row["id"]),
+            "prompt": row["prompt"],
+            "response": row.get("response") or teacher.tokenizer.decode(response_ids),
+            "prompt_ids": list(prompt_ids),
+            "response_ids": list(response_ids),
+            "cand_count": sets["count"],
+            "cand_size": sets["size"],
+            "cand_ids": sets["ids"],
+            "cand_logprobs": sets["logprobs"],
+            "final_cand_count": int(final["count"][0]),
+            "final_cand_size": int(final["size"][0]),
+            "final_cand_ids": final["ids"],
+            "final_cand_logprobs": final["logprobs"],
+            "action_logprob": ann.token_logprob[i, lo:hi].float().cpu().numpy(),
+            "reward": ann.reward[i, lo:hi].float().cpu().numpy(),
+            "terminated": bool(terminated),
+            "length": len(prompt_ids) + len(response_ids),
+        }
         for name, column in columns.items():
             column.append(record[name])

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from tdrl.actions import in_set
+from tdrl.data.layout import decode, is_compact
 from tdrl.errors import ConfigError, DataError, VocabularyMismatchError
 from tdrl.integrity import read_json, verify_manifest
 from tdrl.models.lm import tokenizer_fingerprint
@@ -68,25 +69,42 @@ def load_annotations(path: str | os.PathLike, *, _meta: dict | None = None):
     return datasets.concatenate_datasets(shards)
 
 
-def annotation_statistics(data) -> dict[str, float]:
+def annotation_statistics(data, width: int | None = None) -> dict[str, float]:
     """Over every response position at the annotation's p: mean |A_p(s)|, teacher mass in A_p(s), the
     fraction of data tokens inside A_p(s) (derived here, as everywhere, by :func:`tdrl.actions.in_set`),
-    and the token count."""
-    sizes, masses, inside, tokens = 0.0, 0.0, 0.0, 0
-    columns = ["cand_ids", "cand_mask", "cand_logprobs", "response_ids"]
-    for row in data.select_columns(columns).with_format("numpy").iter(batch_size=64):
-        for ids, mask, logprobs, response in zip(*(row[c] for c in columns)):
-            ids, mask, logprobs = (np.stack(x) if x.dtype == object else x for x in (ids, mask, logprobs))
-            sizes += mask.sum()
-            masses += np.where(mask, np.exp(logprobs.astype(np.float64)), 0.0).sum()
-            inside += in_set(torch.as_tensor(ids), torch.as_tensor(mask), torch.as_tensor(response)).sum().item()
-            tokens += mask.shape[0]
+    the mean number of candidates the cache keeps per position (``kept``), and the token count. Reads
+    either layout (:mod:`tdrl.data.layout`); ``width``: K (default: the widest kept set)."""
+    width = width or cache_width(data)
+    sizes, masses, inside, kept, tokens = 0.0, 0.0, 0.0, 0.0, 0
+    for row in data.with_format("numpy"):
+        record = decode(row, width)
+        mask, logprobs = record["cand_mask"], record["cand_logprobs"].double()
+        sizes += mask.sum().item()
+        masses += torch.where(mask, logprobs.exp(), 0.0).sum().item()
+        inside += in_set(record["cand_ids"], mask, record["response_ids"]).sum().item()
+        kept += torch.isfinite(logprobs).sum().item()
+        tokens += mask.shape[0]
     return {
         "tokens": tokens,
         "support_size": sizes / max(tokens, 1),
         "support_mass": masses / max(tokens, 1),
         "data_in_set": inside / max(tokens, 1),
+        "kept": kept / max(tokens, 1),
     }
+
+
+def cache_width(data, settings: dict | None = None) -> int:
+    """K, the candidate slots of a cache's records: ``min(top_k, vocab_size)`` of its settings, else the
+    widest set its rows hold."""
+    import pyarrow.compute as pc
+
+    settings = settings or {}
+    if settings.get("top_k") and settings.get("vocab_size"):
+        return min(int(settings["top_k"]), int(settings["vocab_size"]))
+    table = data.data.table if hasattr(data.data, "table") else data.data
+    if is_compact(data.column_names):
+        return int(pc.max(table.column("final_cand_count")).as_py() or 1)
+    return len(data[0]["final_cand_ids"]) if len(data) else 1
 
 
 def batch_statistics(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -127,7 +145,8 @@ class DistillDataset(torch.utils.data.Dataset):
         path: directory written by :func:`annotate` (or a loaded ``datasets.Dataset`` of that schema).
         tokenizer: if given, must be the tokenizer the cache was built with (else
             :class:`~tdrl.errors.VocabularyMismatchError`).
-        top_p: re-cut A_p(s) at this p from the cached top-K log-probs (default: the cache's p).
+        top_p: re-cut A_p(s) at this p from the cached top-K log-probs (default: the cache's p); a
+            compact cache re-cuts up to its ``keep_top_p`` (:mod:`tdrl.data.layout`).
     """
 
     def __init__(self, path, *, tokenizer=None, top_p: float | None = None):
@@ -142,7 +161,9 @@ class DistillDataset(torch.utils.data.Dataset):
                 f"the annotation cache {path} was built with another tokenizer (fingerprint {settings['tokenizer']}, "
                 f"this one {tokenizer_fingerprint(tokenizer)}): re-annotate with this model's teacher"
             )
-        missing = [c for c in TRAINING_FIELDS if c not in self.data.column_names]
+        self.compact = is_compact(self.data.column_names)
+        needed = _COMPACT_FIELDS if self.compact else TRAINING_FIELDS
+        missing = [c for c in needed if c not in self.data.column_names]
         if missing:
             raise DataError(
                 f"the annotation cache {path} lacks {', '.join(missing)} (an older tdrl wrote it without the teacher's "
@@ -150,22 +171,52 @@ class DistillDataset(torch.utils.data.Dataset):
                 "with `tdrl annotate` into a new directory"
             )
         self.top_p = top_p
+        # a compact cache's log-probs reach keep_top_p: a re-cut up to it is exact, a larger p is refused
+        self.keep_top_p = float(settings.get("keep_top_p", 1.0)) if self.compact else 1.0
+        if top_p is not None and top_p > self.keep_top_p:
+            raise ConfigError(
+                f"the annotation cache {path} keeps the teacher's candidates up to mass keep_top_p = "
+                f"{self.keep_top_p}, so it cannot re-cut A_p(s) at the larger top_p = {top_p}: re-annotate with "
+                f"--keep-top-p {top_p} or more (`tdrl annotate`; --annotation-keep-top-p for the bundled data; "
+                "1.0 keeps the whole top-K)"
+            )
+        self.width = cache_width(self.data, settings)
         vocab = settings.get("vocab_size") or (len(tokenizer) if tokenizer is not None else None)
         if vocab is not None:
             _check_token_ids(self.data, vocab, path)
         self.lengths = np.asarray(self.data["length"], dtype=np.int64)
-        self._torch = self.data.with_format("torch")
+        columns = [c for c in self.data.column_names if c in needed]
+        self._rows = self.data.select_columns(columns).with_format("numpy")
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        """Record ``index``'s training fields as tensors, A_p(s) re-cut at ``top_p`` (:func:`~tdrl.records.recut`)."""
-        row = self._torch[int(index)]
-        item = {key: row[key] for key in TRAINING_FIELDS}
-        for key in ("cand_logprobs", "final_cand_logprobs"):
-            item[key] = item[key].float()
-        return recut(item, self.top_p)
+        """Record ``index``'s training fields as tensors (:func:`tdrl.data.layout.decode`: either layout),
+        A_p(s) re-cut at ``top_p`` (:func:`~tdrl.records.recut`)."""
+        try:
+            item = decode(self._rows[int(index)], self.width)
+        except ValueError as exc:
+            raise DataError(f"record {index} of the annotation cache is damaged ({exc}): rebuild it") from None
+        return recut(item, self.top_p, complete_to=self.keep_top_p)
+
+
+#: The columns :func:`tdrl.data.layout.decode` reads of a compact cache.
+_COMPACT_FIELDS = (
+    "prompt_ids",
+    "response_ids",
+    "cand_count",
+    "cand_size",
+    "cand_ids",
+    "cand_logprobs",
+    "final_cand_count",
+    "final_cand_size",
+    "final_cand_ids",
+    "final_cand_logprobs",
+    "action_logprob",
+    "reward",
+    "terminated",
+)
 
 
 def _check_token_ids(data, vocab_size: int, where) -> None:
@@ -174,7 +225,8 @@ def _check_token_ids(data, vocab_size: int, where) -> None:
     import pyarrow.compute as pc
 
     table = data.data.table if hasattr(data.data, "table") else data.data
-    for column, depth in (("prompt_ids", 1), ("response_ids", 1), ("cand_ids", 2)):
+    compact = is_compact(data.column_names)
+    for column, depth in (("prompt_ids", 1), ("response_ids", 1), ("cand_ids", 1 if compact else 2)):
         values = table.column(column)
         for _ in range(depth):
             values = pc.list_flatten(values)

@@ -13,6 +13,7 @@ from accelerate import PartialState
 
 from tdrl.agents import AgentConfig, get_agent, make_agent
 from tdrl.data import DistillDataset, check_same_vocabulary, prepare_bundled_data
+from tdrl.data.bundled import bundled_keep_top_p
 from tdrl.errors import ConfigError, DataError
 from tdrl.evaluation import reference_records
 from tdrl.integrity import read_json
@@ -69,6 +70,7 @@ def build_trainer(
                 response_tokens=data.response_tokens,
                 top_k=data.annotation_top_k,
                 top_p=data.annotation_top_p,
+                keep_top_p=bundled_keep_top_p(data, agent.config),
                 progress=progress,
             )
         elif not Path(data.source).exists():

@@ -126,6 +126,11 @@ class DataConfig:
         0.8,
         "bundled data: nucleus mass p the annotation marks (an agent's --top-p re-cuts it; --eval-top-p is decoding's)",
     )
+    annotation_keep_top_p: float | None = setting(
+        None,
+        "bundled data: the cache keeps each state's candidates up to this teacher mass, the largest p an agent's "
+        "--top-p can re-cut at (default: 0.95, or the agent's --top-p if larger; 1.0: the whole top-K)",
+    )
 
     def __post_init__(self):
         from tdrl.actions import validate_top_k
@@ -134,6 +139,13 @@ class DataConfig:
         at_least(self, 1, "response_tokens")
         at_least(self, 0, "train_prompts")
         _check_top_p("annotation_top_p", self.annotation_top_p)
+        if self.annotation_keep_top_p is not None:
+            from tdrl.data.layout import check_keep_top_p
+
+            try:
+                check_keep_top_p(self.annotation_keep_top_p, self.annotation_top_p)
+            except ConfigError as exc:
+                raise ConfigError(f"annotation_{exc}") from None
         try:
             validate_top_k(self.annotation_top_k)
         except ValueError as exc:

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from tdrl.data import ANNOTATION_META
+from tdrl.data.layout import SCHEMA
 from tdrl.errors import CheckpointNotFoundError, DataError
 from tdrl.integrity import atomic_dir, file_digest, read_json
 from tdrl.training.config import TrainConfig, config_leaves, resolve_device
@@ -108,7 +109,9 @@ def warm_start_fingerprint(config: TrainConfig, teacher) -> tuple[str, dict]:
     settings["agent"] = ":".join(WARM_START_AGENT)
     settings["teacher_weights"] = teacher.weights_fingerprint()
     data = Path(config.data.source)
-    if config.data.source != "bundled" and (data / ANNOTATION_META).is_file():
+    if config.data.source == "bundled":  # the bundled data's layout shapes it too (schema 3: float16 log-probs)
+        settings["bundled_schema"] = SCHEMA
+    elif (data / ANNOTATION_META).is_file():
         settings["data_fingerprint"] = read_json(data / ANNOTATION_META, "annotation metadata").get("fingerprint")
     student = Path(config.student)
     if student.is_dir():  # a student directory: its weights, not its name (it may be rewritten in place)
