@@ -150,7 +150,9 @@ def training_table(budget, base, teacher, out: Path, dirs: dict, args) -> str:
         layout_base = base.replace(data=str(dirs[layout]))
         for label, spec in SPECS:
             records = [
-                reproduce.run_one(f"{label}, {short}", spec, s, layout_base, teacher, store, out, prefix=f"{short[:4]}-")
+                reproduce.run_one(
+                    f"{label}, {short}", spec, s, layout_base, teacher, store, out, prefix=f"{short[:4]}-"
+                )
                 for s in seeds
             ]
             rows.append((f"{label}, {short}", records))

@@ -30,7 +30,7 @@ class ReverseKLConfig(AgentConfig):
     Metrics: ``loss/reverse_kl``, ``policy/entropy_in_set``.
     """
 
-    temperature: float = hp(1.0, "divides the student's and the teacher's logits before the divergence")
+    temperature: float = hp(1.0, "divides the student's and the teacher's logits before the divergence", range="> 0")
 
 
 @register_agent("reverse-kl")

@@ -1,7 +1,7 @@
 """Print the reference tables of docs/reference/: one table per TrainConfig group, one row per setting
-(flag, default, help), then the settings every agent shares and each agent's own (its typed flags,
-`tdrl train --agent X`) for configuration.md, then the evaluation metrics (`tdrl.evaluation.METRICS`:
-name, meaning, which decoding pass) for metrics.md.
+(flag, default, range: the range or choices its field declares, help), then the settings every agent
+shares and each agent's own (its typed flags, `tdrl train --agent X`) for configuration.md, then the
+evaluation metrics (`tdrl.evaluation.METRICS`: name, meaning, which decoding pass) for metrics.md.
 
 python scripts/config_table.py           # print them
 python scripts/config_table.py --write   # rewrite the marked sections of those pages (tests/test_cli.py
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 from tdrl.agents import AgentConfig, get_agent, list_agents
+from tdrl.errors import field_limits
 from tdrl.evaluation import METRICS
-from tdrl.training.config import GROUPS, config_leaves
+from tdrl.training.config import GROUPS, TrainConfig, config_leaves
 
 PRESETS = ("online_every", "online_ratio", "lm_coef")
 
@@ -30,11 +32,22 @@ def _default(f: dataclasses.Field, flag: str) -> str:
     return '`""`' if value == "" else f"`{value}`"
 
 
-def _rows(fields_and_flags) -> list[str]:
-    lines = ["| flag | default | meaning |", "|---|---|---|"]
+def _values(cls: type, f: dataclasses.Field) -> str:
+    """The range column: the declared range (``each in`` for a list), the choices, or nothing."""
+    _, limits, choices, _ = field_limits(cls, f.name)
+    if choices is not None:
+        return ", ".join(f"`{c}`" for c in choices)
+    if limits is None:
+        return ""
+    listed = "list" in str(typing.get_type_hints(cls)[f.name])
+    return f"{'each in ' if listed else ''}`{limits}`"
+
+
+def _rows(cls: type, fields_and_flags) -> list[str]:
+    lines = ["| flag | default | range | meaning |", "|---|---|---|---|"]
     for f, flag in fields_and_flags:
         meaning = f.metadata.get("help", "").replace("|", "\\|")  # a | inside a cell would end it
-        lines.append(f"| `--{flag.replace('_', '-')}` | {_default(f, flag)} | {meaning} |")
+        lines.append(f"| `--{flag.replace('_', '-')}` | {_default(f, flag)} | {_values(cls, f)} | {meaning} |")
     return lines
 
 
@@ -42,18 +55,19 @@ def config_table() -> str:
     """Per group of TrainConfig (the run's own settings first), a table of its flags."""
     out = ["Run (`TrainConfig`):", ""]
     leaves = [(f, flag) for group, f, flag in config_leaves() if group is None and f.name != "agent_config"]
-    out += _rows(leaves)
+    out += _rows(TrainConfig, leaves)
     for name, cls in GROUPS.items():
         doc = (cls.__doc__ or "").strip().split("\n")[0]
         out += ["", f"`{name}` (`{cls.__name__}`): {doc}", ""]
-        out += _rows([(f, flag) for group, f, flag in config_leaves() if group == name])
+        out += _rows(cls, [(f, flag) for group, f, flag in config_leaves() if group == name])
     return "\n".join(out)
 
 
 def agent_tables() -> str:
     """The shared agent settings, then per agent its own fields and the shared ones it presets."""
     shared = {f.name for f in dataclasses.fields(AgentConfig)}
-    out = ["Every agent (`AgentConfig`):", "", *_rows((f, f.name) for f in dataclasses.fields(AgentConfig))]
+    out = ["Every agent (`AgentConfig`):", ""]
+    out += _rows(AgentConfig, ((f, f.name) for f in dataclasses.fields(AgentConfig)))
     for name in list_agents():
         cls = get_agent(name)
         if not cls.__module__.startswith("tdrl."):
@@ -67,7 +81,7 @@ def agent_tables() -> str:
         }
         presets = ", ".join(f"`{k}` = `{v}`" for k, v in preset.items())
         out += ["", f"`{name}` (`{cls.Config.__name__}`){': presets ' + presets if presets else ''}", ""]
-        out += _rows((f, f.name) for f in own) if own else ["no settings of its own"]
+        out += _rows(cls.Config, ((f, f.name) for f in own)) if own else ["no settings of its own"]
     return "\n".join(out)
 
 

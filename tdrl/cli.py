@@ -13,6 +13,7 @@ from tdrl.commands import (
     DEMO_AGENTS,
     DEMO_DEFAULTS,
     DEMO_SEEDS,
+    EVAL_FLAGS,
     SAMPLE_PROMPTS,
     WARM_START_STEPS,
     cmd_agents,
@@ -42,6 +43,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser that parses it. ``tdrl train``'s typed agent flags are those of the agent ``argv`` names
     (``--agent``, its ``--config`` file's agent, else the default agent)."""
     from tdrl.agents import get_agent
+    from tdrl.errors import SEED_RANGE, field_limits
+    from tdrl.evaluation import EvalConfig
     from tdrl.training.args import add_config_arguments, agent_from_argv, one_line_errors
     from tdrl.training.config import TrainConfig
 
@@ -167,10 +170,21 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     evaluate.add_argument("--reference-column", default="reference", help="column of human reference answers")
     evaluate.add_argument("--context-column", default=None, help="joined into the prompt after a blank line")
     evaluate.add_argument("--prompts", type=int, default=64, help="evaluate the first N prompts")
-    evaluate.add_argument("--max-new-tokens", type=int, default=64)
-    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the paper: 5 seeds")
-    evaluate.add_argument("--top-p", type=float, default=0.8, help="the paper: 0.8 (no top-k cap)")
-    evaluate.add_argument("--temperature", type=float, default=1.0)
+    ranges = {flag: f" (range: {field_limits(EvalConfig, name)[1]})" for flag, name in EVAL_FLAGS.items()}
+    evaluate.add_argument(
+        "--max-new-tokens", type=int, default=64, help="response length limit" + ranges["--max-new-tokens"]
+    )
+    evaluate.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        help=f"sampling seeds (the paper: 5); at least one, none twice (range: each in {SEED_RANGE})",
+    )
+    evaluate.add_argument("--top-p", type=float, default=0.8, help="the paper: 0.8 (no top-k cap)" + ranges["--top-p"])
+    evaluate.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature" + ranges["--temperature"]
+    )
     evaluate.add_argument("--greedy", action="store_true", help="only greedy decoding")
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=cmd_eval)

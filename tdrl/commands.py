@@ -225,6 +225,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``tdrl eval``'s decoding flags -> the EvalConfig field whose declared range each must lie in.
+EVAL_FLAGS = {"--max-new-tokens": "max_new_tokens", "--top-p": "top_p", "--temperature": "temperature"}
+
+
+def check_eval_flags(args: argparse.Namespace) -> None:
+    """``tdrl eval``'s decoding flags, before anything loads: each in the range its EvalConfig field
+    declares, and ``--seeds`` by the rule of ``--eval-seeds`` (at least one, each in [0, 2**31), none
+    twice); errors name the flag as typed."""
+    from tdrl.errors import check_seeds, field_limits
+    from tdrl.evaluation import EvalConfig
+
+    for flag, name in EVAL_FLAGS.items():
+        _, limits, _, why = field_limits(EvalConfig, name)
+        limits.check(getattr(args, name), flag, why.replace("greedy=True", "--greedy"))
+    check_seeds("--seeds", args.seeds)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -238,6 +255,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tdrl.training.state import RUN_FILE, RunInfo
     from tdrl.training.warmstart import WARM_START_FILE
 
+    check_eval_flags(args)
     path = Path(args.checkpoint)
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist: pass a run, checkpoint or best/ directory")
@@ -263,8 +281,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "from (references, NLL and coverage are the teacher's)"
         )
     device = resolve_device(args.device)
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     teacher = load_teacher(teacher_name, dtype=dtype, device=device)
     student = load_student(str(model_dir)).to(device)
     check_same_vocabulary(teacher.tokenizer, student.tokenizer)
@@ -273,8 +289,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--max-new-tokens {args.max_new_tokens} does not fit the models' context of {min(limits)} tokens"
         )
-    if len(set(args.seeds)) != len(args.seeds):
-        raise ConfigError(f"--seeds repeats a seed ({args.seeds}): repeated seeds are not independent samples")
     split = args.split or ("heldout" if args.data == "bundled" else None)
     records = reference_records(
         teacher,

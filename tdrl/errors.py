@@ -3,14 +3,20 @@
 Every error derives from :class:`TdrlError`, so callers (and the CLI, which prints one line and
 exits non-zero) can catch them all; each also derives from the matching builtin (``ValueError``,
 ``FileNotFoundError``, ``ImportError``) so ordinary ``except`` clauses keep working.
+
+The checks every config dataclass runs on its fields live here too (:func:`check_config`): their types,
+then the valid values each field declares with ``hp(..., range=..., choices=...)`` (a :class:`Range`,
+parsed once when the class is defined).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
+from dataclasses import dataclass
 
 __all__ = [
     "TdrlError",
@@ -23,6 +29,13 @@ __all__ = [
     "NonFiniteError",
     "check_field_types",
     "check_discount",
+    "check_ranges",
+    "check_config",
+    "check_seeds",
+    "Range",
+    "SEED_RANGE",
+    "DISCOUNT_RANGE",
+    "field_limits",
 ]
 
 
@@ -58,10 +71,143 @@ class NonFiniteError(TdrlError, FloatingPointError):
     """Training diverged: the loss or the weights are no longer finite numbers (NaN or inf)."""
 
 
+_NUMBER = re.compile(r"[+-]?(?:inf|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)")
+_HALF_LINE = re.compile(r"(>=|>|<=|<)\s*(\S+)")
+_INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])")
+
+
+def _number(text: str, spec: str) -> int | float:
+    """One end of a range spec: an int (``1``, ``2**31``), a float (``0.5``, ``1e-3``) or ``inf``."""
+    base, _, power = text.partition("**")
+    if not _NUMBER.fullmatch(base) or (power and not (power.isdigit() and base.lstrip("+-").isdigit())):
+        raise ValueError(f"range {spec!r}: {text!r} is not a number (an int, a float, inf or a power such as 2**31)")
+    value = int(base) if base.lstrip("+-").isdigit() else float(base)
+    return value ** int(power) if power else value
+
+
+def _shown(x: int | float) -> str:
+    """An end of a range as its spec writes it: ``inf``, ``2**31`` (a large power of two), ``0.5``."""
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if isinstance(x, int) and x >= 2**16 and x & (x - 1) == 0:
+        return f"2**{x.bit_length() - 1}"
+    return str(x)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric setting must lie in: ``Range(0, 1, lo_open=False, hi_open=True)`` is
+    ``[0, 1)``. :meth:`parse` reads the spec a field declares (``hp(..., range="[0, 1)")``): a half-line
+    ``">= 1"``, ``"> 0"``, ``"<= 0"``, ``"< 0"`` or an interval ``"[0, 1)"``, ``"(0, 1]"``,
+    ``"[0, 2**31)"``, ``"(-inf, 0)"``; an infinite end is open. ``str()`` writes the interval form
+    (``"> 0"`` is ``(0, inf)``), which the error messages, ``--help`` and the docs show."""
+
+    lo: int | float = -math.inf
+    hi: int | float = math.inf
+    lo_open: bool = True
+    hi_open: bool = True
+
+    def __post_init__(self):
+        for end in (self.lo, self.hi):
+            if isinstance(end, bool) or not isinstance(end, (int, float)) or math.isnan(end):
+                raise ValueError(f"a range's ends are numbers, got {end!r}")
+        if (math.isinf(self.lo) and not self.lo_open) or (math.isinf(self.hi) and not self.hi_open):
+            raise ValueError(f"range {self}: an infinite end is open")
+        if self.lo > self.hi or (self.lo == self.hi and (self.lo_open or self.hi_open)):
+            raise ValueError(f"range {self} holds no number")
+
+    @classmethod
+    def parse(cls, spec: str) -> Range:
+        """A spec (``">= 1"``, ``"(0, 1]"``, ...) as a Range; ``ValueError`` naming what is wrong."""
+        if isinstance(spec, Range):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"a range is a string such as '>= 1' or '[0, 1)', got {spec!r}")
+        text = spec.strip()
+        if half := _HALF_LINE.fullmatch(text):
+            op, end = half.group(1), _number(half.group(2), spec)
+            if op.startswith(">"):
+                return cls(end, math.inf, lo_open=op == ">")
+            return cls(-math.inf, end, hi_open=op == "<")
+        if interval := _INTERVAL.fullmatch(text):
+            left, lo, hi, right = interval.groups()
+            return cls(_number(lo, spec), _number(hi, spec), lo_open=left == "(", hi_open=right == ")")
+        raise ValueError(f"range {spec!r}: write '>= 1', '> 0', '<= 0', '< 0' or an interval such as '[0, 1)'")
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def check(self, value, name: str, why: str = "") -> None:
+        """``value`` (a number, or each number of a list) lies in the range; else a ConfigError
+        ``"<name> must lie in <range>, got <value> (<why>)"``."""
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(v in self for v in values):
+            raise ConfigError(f"{name} must lie in {self}, got {value!r}{f' ({why})' if why else ''}")
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{_shown(self.lo)}, {_shown(self.hi)}{')' if self.hi_open else ']'}"
+
+
+#: What a sampling seed may be (every seed a config or ``tdrl eval --seeds`` takes).
+SEED_RANGE = Range.parse("[0, 2**31)")
+#: What a discount may be.
+DISCOUNT_RANGE = Range.parse("[0, 1]")
+
+
 def check_discount(value, name: str = "gamma", why: str = "") -> None:
     """A discount: a number in [0, 1] (NaN, bools and strings refused); ``why`` joins the message."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must lie in [0, 1]{why}, got {value!r}")
+    if value not in DISCOUNT_RANGE:
+        raise ConfigError(f"{name} must lie in {DISCOUNT_RANGE}{why}, got {value!r}")
+
+
+def check_seeds(name: str, seeds, hint: str = "") -> None:
+    """Sampling seeds: at least one (``hint`` says what to do instead), each in :data:`SEED_RANGE`, no
+    seed twice (a repeated seed is no independent sample); else a ConfigError naming ``name``."""
+    if not seeds:
+        raise ConfigError(f"{name} must name at least one seed{hint}")
+    SEED_RANGE.check(list(seeds), name)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{name} repeats a seed ({list(seeds)}): repeated seeds are not independent samples")
+
+
+def field_limits(cls: type, name: str) -> tuple[bool, Range | None, tuple | None, str]:
+    """What field ``name`` of config dataclass ``cls`` declares (``hp(..., range=, choices=, why=)``):
+    ``(declared, range, choices, why)``. A field a subclass declares again without a range or choices
+    keeps those of the field it overrides (``BDConfig.top_p`` keeps AgentConfig's (0, 1])."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and ("range" in f.metadata or "choices" in f.metadata):
+            return True, f.metadata.get("range"), f.metadata.get("choices"), f.metadata.get("why", "")
+    return False, None, None, ""
+
+
+def check_ranges(instance, name_of=None) -> None:
+    """Each field of a config dataclass lies in the range, or is one of the choices, its declaration
+    gives (:func:`field_limits`); ``None`` (an optional setting left unset) is not checked, a list is
+    checked element by element. Else a ConfigError naming the field (``name_of(field name)``: the
+    trainer's groups give its flag, ``--eval-top-p``) and the range. Run after :func:`check_field_types`."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if value is None:
+            continue
+        _, limits, choices, why = field_limits(type(instance), f.name)
+        name = name_of(f.name) if name_of else f.name
+        if limits is not None:
+            limits.check(value, name, why)
+        if choices is not None and value not in choices:
+            shown = ", ".join(map(str, choices))
+            raise ConfigError(f"{name} must be one of {shown}, got {value!r}{f' ({why})' if why else ''}")
+
+
+def check_config(instance, name_of=None) -> None:
+    """The checks every config dataclass runs first in ``__post_init__``: :func:`check_field_types`,
+    then :func:`check_ranges` (what is left to ``__post_init__`` are the checks across fields)."""
+    check_field_types(instance, name_of)
+    check_ranges(instance, name_of)
 
 
 def check_field_types(instance, name_of=None) -> None:

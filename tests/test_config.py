@@ -52,17 +52,17 @@ def test_bad_settings_are_named():
         TrainConfig.from_dict({"optim": {"lrr": 1}})
     with pytest.raises(ConfigError, match="given twice"):
         TrainConfig.from_dict({"optim": {"lr": 1e-3}, "lr": 1e-4})
-    with pytest.raises(ConfigError, match="eval_seeds repeats a seed"):
+    with pytest.raises(ConfigError, match="--eval-seeds repeats a seed"):
         TrainConfig.from_dict({"eval_seeds": [0, 0]})
-    with pytest.raises(ConfigError, match="eval_seeds must be a list of int"):
+    with pytest.raises(ConfigError, match="--eval-seeds must be a list of int"):
         TrainConfig.from_dict({"eval_seeds": [0, 1.5]})
-    with pytest.raises(ConfigError, match="eval_temperature must be > 0"):
+    with pytest.raises(ConfigError, match=r"--eval-temperature must lie in \(0, inf\), got 0.0 \(use --eval-greedy"):
         TrainConfig.from_dict({"eval_temperature": 0})
     with pytest.raises(ConfigError, match="agent 'sql' has no setting"):
         TrainConfig.from_dict({"agent": "sql", "agent_args": "chi2=false"})
     with pytest.raises(ConfigError, match="agent_config must be sql's SQLConfig"):
         TrainConfig(agent="sql", agent_config=get_agent("bd").Config())
-    with pytest.raises(ConfigError, match="steps must be >= 1"):
+    with pytest.raises(ConfigError, match=r"--steps must lie in \[1, inf\), got 0"):
         OptimConfig(steps=0)
 
 

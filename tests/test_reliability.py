@@ -210,8 +210,8 @@ def test_an_environment_longer_than_the_teachers_context_is_refused_at_construct
     [
         (["--agent", "sql", "--agent-args", "alpha=abc"], "alpha must be float"),
         (["--device", "cuda"], "no CUDA GPU"),
-        (["--steps", "0"], "steps must be >= 1"),
-        (["--online-ratio", "1.5"], "online_ratio must lie in [0, 1]"),
+        (["--steps", "0"], "--steps must lie in [1, inf)"),
+        (["--online-ratio", "1.5"], "--online-ratio must lie in [0, 1]"),
     ],
 )
 def test_bad_values_are_one_line_and_leave_no_output_directory(argv, needle, tmp_path, capsys):

@@ -4,6 +4,7 @@ never writes (or rotates in) a checkpoint, a comparison is not silently replaced
 refused when the config is built, not after training."""
 
 import math
+import re
 import shutil
 
 import pytest
@@ -135,13 +136,13 @@ def test_d6_a_comparison_is_not_replaced_silently(tmp_path, capsys):
         (["--agent", "sql", "--support-coef", "nan"], "support_coef must be a finite number"),  # S3
         (["--agent", "bd", "--agent-args", "alpha=.inf"], "alpha must be a finite number"),  # B7
         (["--metric-for-best-model", "eval/rouge"], "not an evaluation metric"),  # B1
-        (["--eval-temperature", "0"], "eval_temperature must be > 0"),  # B2
+        (["--eval-temperature", "0"], "--eval-temperature must lie in (0, inf)"),  # B2
         (["--eval-seeds", ","], "at least one seed"),  # B4
         (["--eval-seeds", "99999999999999999999"], "must lie in [0, 2**31)"),  # B5
         (["--eval-seeds", "0", "0", "0"], "repeats a seed"),  # S7
-        (["--checkpoint-every", "0"], "checkpoint_every must be >= 1"),  # T2
-        (["--lm-seq-len", "0"], "lm_seq_len must be >= 1"),  # T3
-        (["--train-prompts", "-1"], "train_prompts must be >= 0"),  # B9
+        (["--checkpoint-every", "0"], "--checkpoint-every must lie in [1, inf)"),  # T2
+        (["--lm-seq-len", "0"], "--lm-seq-len must lie in [1, inf)"),  # T3
+        (["--train-prompts", "-1"], "--train-prompts must lie in [0, inf)"),  # B9
     ],
 )
 def test_bad_values_are_refused_before_anything_runs(flags, needle, tmp_path, capsys):
@@ -167,9 +168,9 @@ def test_nan_is_not_a_number_the_best_model_can_have():
 @pytest.mark.parametrize(
     "agent, settings, needle",
     [
-        ("iqlearn", {"q_min": 5.0}, "q_min must be < 0"),  # S4: every Q clipped, zero gradient
-        ("cql", {"cql_alpha": -100.0}, "cql_alpha must be >= 0"),  # S5: an unbounded loss
-        ("minillm", {"clip": -1.0}, "clip must be > 0"),  # S6
+        ("iqlearn", {"q_min": 5.0}, "q_min must lie in (-inf, 0)"),  # S4: every Q clipped, zero gradient
+        ("cql", {"cql_alpha": -100.0}, "cql_alpha must lie in [0, inf)"),  # S5: an unbounded loss
+        ("minillm", {"clip": -1.0}, "clip must lie in (0, inf)"),  # S6
         ("iql", {"tau": 5.0}, "tau must lie in (0, 1]"),  # S2
     ],
 )
@@ -177,7 +178,7 @@ def test_every_agent_checks_its_ranges(agent, settings, needle):
     from tdrl.agents import get_agent
     from tdrl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         get_agent(agent).Config(**settings)
 
 
@@ -363,9 +364,9 @@ def test_t5_a_full_disk_during_a_checkpoint_loses_nothing_and_leaves_no_temporar
 @pytest.mark.parametrize(
     "flags, needle",
     [
-        (["--lr", "-1"], "lr must be >= 0"),
-        (["--adam-beta2", "1"], "adam_beta2 must lie in [0, 1)"),
-        (["--max-grad-norm", "-1"], "max_grad_norm must be >= 0"),
+        (["--lr", "-1"], "--lr must lie in [0, inf)"),
+        (["--adam-beta2", "1"], "--adam-beta2 must lie in [0, 1)"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm must lie in [0, inf)"),
     ],
 )
 def test_every_optimisation_setting_has_its_range(flags, needle, tmp_path, capsys):
@@ -419,7 +420,7 @@ def test_second_hostile_pass_duplicates_options_and_columns_are_refused(tmp_path
         load_source(str(tmp_path / "dup.csv"))
     (tmp_path / "bom.csv").write_text("\ufeffprompt,response\nSay hi.,Hi!\n", encoding="utf-8")
     assert load_source(str(tmp_path / "bom.csv"))["prompt"] == ["Say hi."]
-    fails(capsys, ["train", *TINY, "--out", ""], "out must name a run directory")
+    fails(capsys, ["train", *TINY, "--out", ""], "--out must name a run directory")
 
 
 def test_second_hostile_pass_eval_of_a_checkpoint_and_compare_overwrite(tmp_path, capsys):

@@ -9,7 +9,6 @@ import torch
 from tdrl.agents.base import Agent, AgentConfig, hp
 from tdrl.agents.ops import detached
 from tdrl.agents.registry import register_agent
-from tdrl.errors import ConfigError
 
 
 @dataclass
@@ -34,12 +33,7 @@ class BCConfig(AgentConfig):
     ``data/off_support_frac``.
     """
 
-    mode: str = hp("kd", "kd (word-level KD on A_p(s)) or sft (SFT / SeqKD on the data tokens)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.mode not in ("kd", "sft"):
-            raise ConfigError(f"bc mode must be 'kd' or 'sft', got {self.mode!r}")
+    mode: str = hp("kd", "kd (word-level KD on A_p(s)) or sft (SFT / SeqKD on the data tokens)", choices=("kd", "sft"))
 
 
 @register_agent("bc")

@@ -12,7 +12,6 @@ from torch import Tensor
 from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions, hp
 from tdrl.agents.ops import detached, log1mexp, masked_log_softmax
 from tdrl.agents.registry import register_agent
-from tdrl.errors import ConfigError
 
 DIVERGENCES = ("forward", "reverse", "jsd")
 
@@ -79,18 +78,9 @@ class GKDConfig(AgentConfig):
     Metrics: ``loss/gkd``, ``gkd/forward_kl``, ``gkd/reverse_kl``, ``policy/entropy_in_set``.
     """
 
-    divergence: str = hp("jsd", "forward (KL(T||S)), reverse (KL(S||T)) or jsd (generalised JSD)")
-    beta: float = hp(0.5, "JSD mixture weight of the teacher")
-    temperature: float = hp(1.0, "temperature dividing the teacher's and the student's logits")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.divergence not in DIVERGENCES:
-            raise ConfigError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
-        if not 0.0 < self.beta < 1.0:
-            raise ConfigError(f"beta must lie in (0, 1), got {self.beta}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+    divergence: str = hp("jsd", "forward (KL(T||S)), reverse (KL(S||T)) or jsd (generalised JSD)", choices=DIVERGENCES)
+    beta: float = hp(0.5, "JSD mixture weight of the teacher", range="(0, 1)")
+    temperature: float = hp(1.0, "temperature dividing the teacher's and the student's logits", range="> 0")
 
 
 def policy_pair(agent: Agent, t: Transitions, pi: Policy, temperature: float = 1.0):

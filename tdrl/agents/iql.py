@@ -13,7 +13,6 @@ from torch import nn
 from tdrl.agents.base import Agent, AgentConfig, hp
 from tdrl.agents.ops import TargetNetwork, detached, expectile_loss
 from tdrl.agents.registry import register_agent
-from tdrl.errors import ConfigError
 from tdrl.models.student import gather_logits
 
 
@@ -59,20 +58,11 @@ class IQLConfig(AgentConfig):
     ``adv/weight_mean``, ``policy/entropy_in_set``, ``data/off_support_frac``.
     """
 
-    expectile: float = hp(0.7, "expectile tau of the V regression")
-    beta: float = hp(3.0, "inverse temperature of the advantage weights exp(beta A)")
-    max_weight: float = hp(100.0, "cap on the advantage weights")
-    tau: float = hp(0.05, "Polyak rate of the target Q head")
-    head_lr_scale: float = hp(100.0, "learning-rate multiplier of the Q and V heads")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 < self.expectile < 1:
-            raise ConfigError(f"expectile must lie in (0, 1), got {self.expectile}")
-        if self.beta < 0 or self.max_weight <= 0:
-            raise ConfigError("beta must be >= 0 and max_weight > 0")
-        if not 0 < self.tau <= 1:
-            raise ConfigError(f"tau must lie in (0, 1], got {self.tau}")
+    expectile: float = hp(0.7, "expectile tau of the V regression", range="(0, 1)")
+    beta: float = hp(3.0, "inverse temperature of the advantage weights exp(beta A)", range=">= 0")
+    max_weight: float = hp(100.0, "cap on the advantage weights", range="> 0")
+    tau: float = hp(0.05, "Polyak rate of the target Q head", range="(0, 1]")
+    head_lr_scale: float = hp(100.0, "learning-rate multiplier of the Q and V heads", range="> 0")
 
 
 @register_agent("iql")

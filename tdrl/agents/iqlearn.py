@@ -13,7 +13,6 @@ import torch
 from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions, hp
 from tdrl.agents.ops import detached, masked_logsumexp
 from tdrl.agents.registry import register_agent
-from tdrl.errors import ConfigError
 from tdrl.models.student import gather_logits, vocab_summary
 
 EXPERT_TERMS = ("token", "topp_mean")
@@ -90,23 +89,19 @@ class IQLearnConfig(AgentConfig):
     """
 
     chi2: bool = hp(True, "the chi^2 regulariser phi(x) = x - x^2 / (4 alpha) (else phi(x) = x)")
-    alpha: float = hp(0.1, "chi^2 weight alpha (the paper: 0.1)")
-    q_min: float = hp(-10.0, "Q = logit - max is clipped below at q_min (the paper: -10)")
-    expert_term: str = hp("token", "token (the paper's equation) or topp_mean (the authors' released code)")
-    max_over: str = hp("vocab", "the max in Q = logit - max: vocab (the paper's code) or set (A_p(s))")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.max_over not in ("vocab", "set"):
-            raise ConfigError(f"max_over must be 'vocab' or 'set', got {self.max_over!r}")
-        if self.expert_term not in EXPERT_TERMS:
-            raise ConfigError(f"expert_term must be one of {', '.join(EXPERT_TERMS)}, got {self.expert_term!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
-        if not self.q_min < 0:
-            raise ConfigError(
-                f"q_min must be < 0: Q = logit - max is <= 0, so q_min >= 0 clips every Q, got {self.q_min}"
-            )
+    alpha: float = hp(0.1, "chi^2 weight alpha (the paper: 0.1)", range="> 0")
+    q_min: float = hp(
+        -10.0,
+        "Q = logit - max is clipped below at q_min (the paper: -10)",
+        range="< 0",
+        why="Q = logit - max is <= 0, so q_min >= 0 clips every Q",
+    )
+    expert_term: str = hp(
+        "token", "token (the paper's equation) or topp_mean (the authors' released code)", choices=EXPERT_TERMS
+    )
+    max_over: str = hp(
+        "vocab", "the max in Q = logit - max: vocab (the paper's code) or set (A_p(s))", choices=("vocab", "set")
+    )
 
 
 @register_agent("iqlearn")

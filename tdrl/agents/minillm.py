@@ -12,7 +12,6 @@ from tdrl.agents.base import Agent, AgentConfig, hp
 from tdrl.agents.gkd import divergences, policy_pair
 from tdrl.agents.ops import detached
 from tdrl.agents.registry import register_agent
-from tdrl.errors import ConfigError
 
 
 @dataclass
@@ -52,21 +51,12 @@ class MiniLLMConfig(AgentConfig):
     """
 
     length_norm: bool = hp(True, "divide the cost-to-go by the number of remaining tokens")
-    baseline: str = hp("batch_mean", "batch_mean (subtract the batch mean of the cost-to-go) or none")
-    teacher_mix: float = hp(0.2, "alpha of the teacher-mixed sampling alpha pi_T + (1 - alpha) pi_S")
-    cliprange: float = hp(0.2, "PPO clip range of the importance ratio")
-    clip: float = hp(10.0, "clip on |advantage|")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.baseline not in ("batch_mean", "none"):
-            raise ConfigError(f"baseline must be 'batch_mean' or 'none', got {self.baseline!r}")
-        if not 0.0 <= self.teacher_mix < 1.0:
-            raise ConfigError(f"teacher_mix must lie in [0, 1), got {self.teacher_mix}")
-        if not 0.0 < self.cliprange < 1.0:
-            raise ConfigError(f"cliprange must lie in (0, 1), got {self.cliprange}")
-        if not self.clip > 0:
-            raise ConfigError(f"clip must be > 0 (the bound on |advantage|), got {self.clip}")
+    baseline: str = hp(
+        "batch_mean", "batch_mean (subtract the batch mean of the cost-to-go) or none", choices=("batch_mean", "none")
+    )
+    teacher_mix: float = hp(0.2, "alpha of the teacher-mixed sampling alpha pi_T + (1 - alpha) pi_S", range="[0, 1)")
+    cliprange: float = hp(0.2, "PPO clip range of the importance ratio", range="(0, 1)")
+    clip: float = hp(10.0, "clip on |advantage|", range="> 0", why="the bound on |advantage|")
 
 
 def segment_suffix_sums(values: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

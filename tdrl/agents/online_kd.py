@@ -17,7 +17,6 @@ import torch
 from tdrl.agents.base import Agent, AgentConfig, hp
 from tdrl.agents.ops import detached
 from tdrl.agents.registry import register_agent
-from tdrl.errors import ConfigError
 
 
 @dataclass
@@ -35,12 +34,7 @@ class OnlineKDConfig(AgentConfig):
     Metrics: ``loss/kd`` (= ``policy/kl_teacher``, the full-vocabulary KL), ``policy/nll_data``.
     """
 
-    temperature: float = hp(1.0, "temperature dividing the teacher's and the student's logits")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+    temperature: float = hp(1.0, "temperature dividing the teacher's and the student's logits", range="> 0")
 
 
 @register_agent("kd-online")

@@ -9,7 +9,6 @@ import torch
 from tdrl.agents.base import Agent, AgentConfig, Policy, Transitions, hp
 from tdrl.agents.ops import TargetNetwork, detached, masked_logsumexp
 from tdrl.agents.registry import register_agent
-from tdrl.errors import ConfigError
 
 
 @dataclass
@@ -53,28 +52,23 @@ class SQLConfig(AgentConfig):
     ``policy/entropy_in_set``, ``data/off_support_frac``.
     """
 
-    alpha: float = hp(1.0, "entropy weight / decoding temperature (1: the teacher is soft-optimal)")
+    alpha: float = hp(1.0, "entropy weight / decoding temperature (1: the teacher is soft-optimal)", range="> 0")
     target: str = hp(
-        "polyak", "V(s') from a Polyak target copy (polyak) or the current network without gradient (none)"
+        "polyak",
+        "V(s') from a Polyak target copy (polyak) or the current network without gradient (none)",
+        choices=("polyak", "none"),
     )
-    tau: float = hp(0.01, "Polyak rate of the target network")
+    tau: float = hp(0.01, "Polyak rate of the target network", range="(0, 1]")
     support_coef: float = hp(
-        1.0, "weight of the exact support term E_s[-log pi_S(A_p(s)|s)] (holds the mass the TD loss leaves free)"
+        1.0,
+        "weight of the exact support term E_s[-log pi_S(A_p(s)|s)] (holds the mass the TD loss leaves free)",
+        range=">= 0",
     )
     q_param: str = hp(
-        "duel", "duel (Q = alpha log proj_p pi_S + V(s), value head) or logprob (Q = alpha log pi_S over V)"
+        "duel",
+        "duel (Q = alpha log proj_p pi_S + V(s), value head) or logprob (Q = alpha log pi_S over V)",
+        choices=("duel", "logprob"),
     )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.q_param not in ("duel", "logprob"):
-            raise ConfigError(f"q_param must be 'duel' or 'logprob', got {self.q_param!r}")
-        if self.target not in ("polyak", "none"):
-            raise ConfigError(f"target must be 'polyak' or 'none', got {self.target!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
-        if not 0 < self.tau <= 1:
-            raise ConfigError(f"tau must lie in (0, 1], got {self.tau}")
 
 
 @register_agent("sql")
@@ -175,14 +169,12 @@ class CQLConfig(SQLConfig):
     Metrics: SQL's plus ``loss/cql`` (total), ``loss/td``, ``cql/gap`` (the bracket above).
     """
 
-    cql_alpha: float = hp(1.0, "weight of the conservative term alpha lse_V(Q/alpha) - Q(s, a_data)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.cql_alpha < 0:
-            raise ConfigError(
-                f"cql_alpha must be >= 0 (a negative weight rewards the over-estimation), got {self.cql_alpha}"
-            )
+    cql_alpha: float = hp(
+        1.0,
+        "weight of the conservative term alpha lse_V(Q/alpha) - Q(s, a_data)",
+        range=">= 0",
+        why="a negative weight rewards the over-estimation",
+    )
 
 
 @register_agent("cql")

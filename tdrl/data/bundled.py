@@ -38,9 +38,9 @@ def bundled_data_dir(teacher: Teacher, train_prompts: int, response_tokens: int,
 def bundled_keep_top_p(data, agent_config) -> float:
     """The bundled annotation's ``keep_top_p`` for a run: ``--annotation-keep-top-p``, else
     :data:`KEEP_TOP_P` or the agent's re-cut p if larger (a ``bd:top_p=1.0`` run reads a cache that
-    keeps the whole top-K)."""
+    keeps the whole top-K); never below the annotation's own p (the cache keeps A_p(s) anyway)."""
     if data.annotation_keep_top_p is not None:
-        return data.annotation_keep_top_p
+        return max(data.annotation_keep_top_p, data.annotation_top_p)
     return max(KEEP_TOP_P, data.annotation_top_p, agent_config.top_p or 0.0)
 
 

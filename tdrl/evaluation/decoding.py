@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import Tensor
 
+from tdrl.agents.config import hp
+from tdrl.errors import SEED_RANGE, check_config, check_seeds
 from tdrl.models.lm import LM
 from tdrl.models.student import Student, support_summary
 from tdrl.models.teacher import Teacher
@@ -97,7 +99,7 @@ def reference_records(
 
 @dataclass
 class EvalConfig:
-    """How the student is evaluated.
+    """How the student is evaluated (each field's range is checked when the config is built).
 
     Attributes:
         max_new_tokens: response length limit.
@@ -111,16 +113,20 @@ class EvalConfig:
         also_greedy: also decode greedily once and report ``eval/rougeL_greedy``.
     """
 
-    max_new_tokens: int = 64
-    seeds: list[int] = field(default_factory=lambda: [0])
-    top_p: float = 0.8
-    temperature: float = 1.0
-    top_k: int | None = None
-    greedy: bool = False
-    coverage_top_k: int = 64
-    coverage_top_p: float = 0.8
-    samples: int = 3
-    also_greedy: bool = False
+    max_new_tokens: int = hp(64, "response length limit", range=">= 1")
+    seeds: list[int] = hp(None, "sampling seeds; at least one, none twice", factory=lambda: [0], range=SEED_RANGE)
+    top_p: float = hp(0.8, "nucleus of the student's sampling", range="(0, 1]")
+    temperature: float = hp(1.0, "sampling temperature", range="> 0", why="greedy=True decodes greedily")
+    top_k: int | None = hp(None, "cap on the sampling candidates (None: no cap)", range=">= 1")
+    greedy: bool = hp(False, "decode greedily instead (one pass, seeds ignored)")
+    coverage_top_k: int = hp(64, "candidate cap K of the coverage's A_p(s)", range=">= 1")
+    coverage_top_p: float = hp(0.8, "nucleus mass p of the coverage's A_p(s)", range="(0, 1]")
+    samples: int = hp(3, "examples returned for logging", range=">= 0")
+    also_greedy: bool = hp(False, "also decode greedily once (eval/rougeL_greedy)")
+
+    def __post_init__(self):
+        check_config(self)
+        check_seeds("seeds", self.seeds)
 
 
 def generate_texts(

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from tdrl.errors import ConfigError
+from tdrl.errors import ConfigError, field_limits
 from tdrl.training.config import (
     AGENT_KEYS,
     GROUPS,
@@ -158,6 +158,24 @@ def _shown(value) -> str:
     return repr(value) if value == "" else str(value)
 
 
+def limits_text(cls: type, name: str, hint=None) -> tuple[str, str | None]:
+    """What ``--help`` shows of a field's valid values: ``(" (range: [0, 1))", None)`` for a range
+    (``each in`` for a list), ``("", "{mdp,set,none}")`` for choices (argparse's metavar)."""
+    _, limits, choices, _ = field_limits(cls, name)
+    if choices is not None:
+        return "", "{" + ",".join(choices) + "}"
+    if limits is None:
+        return "", None
+    each = "each in " if hint is not None and _kind(hint)[1].get("nargs") else ""
+    return f" (range: {each}{limits})", None
+
+
+def _help(cls: type, f: dataclasses.Field, hint, default) -> tuple[str, str | None]:
+    """A field's ``--help`` text (its help, its range, its default; ``%`` escaped) and its metavar."""
+    limits, metavar = limits_text(cls, f.name, hint)
+    return f"{f.metadata.get('help', '')}{limits} (default: {_shown(default)})".replace("%", "%%"), metavar
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -195,7 +213,9 @@ def add_config_arguments(
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = presets.get(flag, agent_presets.get(flag, default))
         kind, extra = _kind(hints[group][f.name])
-        text = f"{f.metadata.get('help', '')} (default: {_shown(default)})".replace("%", "%%")
+        text, metavar = _help(GROUPS[group] if group else TrainConfig, f, hints[group][f.name], default)
+        if metavar:
+            extra = {**extra, "metavar": metavar}
         sections[group].add_argument(
             f"--{flag.replace('_', '-')}", dest=flag, default=argparse.SUPPRESS, help=text, type=kind, **extra
         )
@@ -207,11 +227,11 @@ def add_config_arguments(
             if f.name in taken:
                 raise ConfigError(f"{agent_config.__name__}.{f.name} shadows a trainer setting of that name: rename it")
             kind, extra = _kind(agent_hints[f.name])
-            text = f"{f.metadata.get('help', '')} (default: {_shown(f.default)})".replace("%", "%%")
+            text, metavar = _help(agent_config, f, agent_hints[f.name], f.default)
             section.add_argument(
                 f"--{f.name.replace('_', '-')}",
                 dest=f"agent.{f.name}",
-                metavar=f.name.upper(),
+                metavar=metavar or f.name.upper(),
                 default=argparse.SUPPRESS,
                 help=text,
                 type=kind,

@@ -28,7 +28,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from tdrl.errors import ConfigError, check_field_types
+from tdrl.errors import ConfigError
 from tdrl.training.groups import (
     DataConfig,
     EvalSettings,
@@ -36,7 +36,7 @@ from tdrl.training.groups import (
     OnlineConfig,
     OptimConfig,
     TestSettings,
-    at_least,
+    check_group,
     flag_name,
     seed_list,
     setting,
@@ -87,17 +87,21 @@ class TrainConfig:
         default=None, metadata={"help": "the agent's settings: an instance of its Config (None: its defaults)"}
     )
     teacher: str = setting("bundled", "teacher: bundled, tiny, a local directory or a hub id")
-    teacher_dtype: str = setting("float32", "teacher dtype: float32, bfloat16 or float16")
+    teacher_dtype: str = setting(
+        "float32", "teacher dtype: float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16")
+    )
     student: str = setting(
         "layers:0,10,20,29", "student: tiny, layers:i,j,... (from the teacher), a directory or hub id"
     )
     out: str = setting("runs/tdrl", "run directory (checkpoints, TensorBoard events, summary.json)")
-    seed: int = setting(0, "seed of initialisation, data order and sampling")
+    seed: int = setting(0, "seed of initialisation, data order and sampling", range="[0, 2**32)")
     device: str = setting("cpu", "torch device of student and teacher (checked when the run starts)")
     overwrite: bool = setting(False, "replace a run already in --out (else a second run into it is refused)")
-    log_every: int = setting(10, "log training scalars every N steps")
-    checkpoint_every: int = setting(50, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
-    keep_last: int = setting(2, "checkpoints to keep (the best one is kept apart in best/)")
+    log_every: int = setting(10, "log training scalars every N steps", range=">= 1")
+    checkpoint_every: int = setting(
+        50, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)", range=">= 1"
+    )
+    keep_last: int = setting(2, "checkpoints to keep (the best one is kept apart in best/)", range=">= 1")
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -112,14 +116,13 @@ class TrainConfig:
                 setattr(self, name, _group_from_dict(group, value, name))
             elif not isinstance(value, group):
                 raise ConfigError(f"{name} must be a {group.__name__}, got {type(value).__name__}")
-        check_field_types(self, lambda name: flag_name(TrainConfig, name))
-        at_least(self, 1, "log_every", "checkpoint_every", "keep_last")
+        check_group(self)
         if not self.out.strip():
-            raise ConfigError("out must name a run directory, got an empty string")
-        if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
+            raise ConfigError("--out must name a run directory, got an empty string")
         if self.optim.mixed_precision == "fp16" and not self.device.startswith("cuda"):
-            raise ConfigError("mixed_precision fp16 needs a CUDA GPU (its loss scaling is CUDA's): use bf16 on the CPU")
+            raise ConfigError(
+                "--mixed-precision fp16 needs a CUDA GPU (its loss scaling is CUDA's): use bf16 on the CPU"
+            )
         if self.agent_config is not None:
             from tdrl.agents import AgentConfig, get_agent
 

@@ -1,7 +1,8 @@
 """The groups of a :class:`~tdrl.training.config.TrainConfig`, one dataclass each: optimisation,
 the training data, validation and decoding, the test, online collection, and J_PT. Every field has its
-``--help`` text and a flag name unique over the whole config (the group's ``PREFIX`` + the field's
-name, or its own ``flag``); each group checks its own ranges when built."""
+``--help`` text, its valid values (``range=`` / ``choices=``, checked when the group is built, errors
+naming the flag: ``--eval-top-p must lie in (0, 1], got 2``) and a flag name unique over the whole
+config (the group's ``PREFIX`` + the field's name, or its own ``flag``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tdrl.agents.config import hp as setting
-from tdrl.errors import ConfigError, check_field_types
+from tdrl.errors import SEED_RANGE, ConfigError, check_config, check_seeds
 
 __all__ = [
     "OptimConfig",
@@ -20,15 +21,10 @@ __all__ = [
     "LMConfig",
     "setting",
     "flag_name",
-    "at_least",
+    "flag_of",
+    "check_group",
     "seed_list",
 ]
-
-
-def at_least(instance, minimum: int, *names: str) -> None:
-    for name in names:
-        if getattr(instance, name) < minimum:
-            raise ConfigError(f"{flag_name(type(instance), name)} must be >= {minimum}, got {getattr(instance, name)}")
 
 
 def flag_name(group: type, name: str) -> str:
@@ -37,8 +33,14 @@ def flag_name(group: type, name: str) -> str:
     return f.metadata.get("flag") or f"{group.PREFIX}{name}"
 
 
-def _check_types(instance) -> None:
-    check_field_types(instance, lambda name: flag_name(type(instance), name))
+def flag_of(group: type, name: str) -> str:
+    """Field ``name`` of a group as the command line writes it (``--eval-every``): what its errors name."""
+    return "--" + flag_name(group, name).replace("_", "-")
+
+
+def check_group(instance) -> None:
+    """The type and range checks of every field of a group (or of TrainConfig), named by its flag."""
+    check_config(instance, lambda name: flag_of(type(instance), name))
 
 
 def seed_list(name: str, value) -> list[int] | None:
@@ -57,58 +59,33 @@ def seed_list(name: str, value) -> list[int] | None:
     raise ConfigError(f"{name} must be a list of integers, got {value!r}")
 
 
-def _check_top_p(name: str, value: float) -> None:
-    from tdrl.actions import validate_top_p
-
-    try:
-        validate_top_p(value)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
-
-
-def _check_seeds(name: str, seeds) -> None:
-    if not seeds:
-        omit = " (omit it to use --eval-seeds)" if name == "test_seeds" else ""
-        raise ConfigError(f"{name} must name at least one seed{omit}")
-    if any(not 0 <= seed < 2**31 for seed in seeds):
-        raise ConfigError(f"{name} must lie in [0, 2**31), got {seeds}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{name} repeats a seed ({seeds}): repeated seeds are not independent samples")
-
-
 @dataclass
 class OptimConfig:
     """Optimisation: AdamW, warm-up then a schedule, clipping, mixed precision, accumulation."""
 
     PREFIX: ClassVar[str] = ""
-    steps: int = setting(200, "optimiser steps")
-    batch_size: int = setting(8, "sequences per micro-batch")
-    grad_accum: int = setting(1, "micro-batches per optimiser step")
-    lr: float = setting(1e-4, "peak learning rate (the paper: 5e-6 for full-size students)")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    adam_beta1: float = setting(0.9, "AdamW beta1 (the paper: 0.9)")
-    adam_beta2: float = setting(0.95, "AdamW beta2 (the paper: 0.95)")
-    warmup_steps: int = setting(10, "linear warm-up steps (the paper: 100)")
+    steps: int = setting(200, "optimiser steps", range=">= 1")
+    batch_size: int = setting(8, "sequences per micro-batch", range=">= 1")
+    grad_accum: int = setting(1, "micro-batches per optimiser step", range=">= 1")
+    lr: float = setting(1e-4, "peak learning rate (the paper: 5e-6 for full-size students)", range=">= 0")
+    weight_decay: float = setting(0.0, "AdamW weight decay", range=">= 0")
+    adam_beta1: float = setting(0.9, "AdamW beta1 (the paper: 0.9)", range="[0, 1)")
+    adam_beta2: float = setting(0.95, "AdamW beta2 (the paper: 0.95)", range="[0, 1)")
+    warmup_steps: int = setting(10, "linear warm-up steps (the paper: 100)", range=">= 0")
     schedule: str = setting(
-        "cosine", "learning-rate schedule after warm-up (transformers.get_scheduler): cosine, linear or constant"
+        "cosine",
+        "learning-rate schedule after warm-up (transformers.get_scheduler): cosine, linear or constant",
+        choices=("cosine", "linear", "constant"),
     )
-    max_grad_norm: float = setting(1.0, "gradient clipping norm (0: off)")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0: off)", range=">= 0")
     mixed_precision: str = setting(
-        "no", "accelerate's mixed precision: no, bf16 (CPU or GPU), or fp16 (GPU, with loss scaling)"
+        "no",
+        "accelerate's mixed precision: no, bf16 (CPU or GPU), or fp16 (GPU, with loss scaling)",
+        choices=("no", "bf16", "fp16"),
     )
 
     def __post_init__(self):
-        _check_types(self)
-        at_least(self, 1, "steps", "batch_size", "grad_accum")
-        at_least(self, 0, "warmup_steps")
-        at_least(self, 0, "lr", "weight_decay", "max_grad_norm")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        check_group(self)
 
 
 @dataclass
@@ -119,37 +96,24 @@ class DataConfig:
     source: str = setting(
         "bundled", "annotation cache directory, or 'bundled' to build one from the bundled prompts", flag="data"
     )
-    train_prompts: int = setting(256, "bundled data: training prompts to prepare (0: all 1,810)")
-    response_tokens: int = setting(48, "bundled data: teacher response length")
-    annotation_top_k: int = setting(64, "bundled data: candidate cap K of the annotation")
+    train_prompts: int = setting(256, "bundled data: training prompts to prepare (0: all 1,810)", range=">= 0")
+    response_tokens: int = setting(48, "bundled data: teacher response length", range=">= 1")
+    annotation_top_k: int = setting(64, "bundled data: candidate cap K of the annotation", range=">= 1")
     annotation_top_p: float = setting(
         0.8,
         "bundled data: nucleus mass p the annotation marks (an agent's --top-p re-cuts it; --eval-top-p is decoding's)",
+        range="(0, 1]",
     )
     annotation_keep_top_p: float | None = setting(
         None,
         "bundled data: the cache keeps each state's candidates up to this teacher mass, the largest p an agent's "
-        "--top-p can re-cut at (default: 0.95, or the agent's --top-p if larger; 1.0: the whole top-K)",
+        "--top-p can re-cut at, never less than --annotation-top-p (default: 0.95, or the agent's --top-p if larger; "
+        "1.0: the whole top-K)",
+        range="(0, 1]",
     )
 
     def __post_init__(self):
-        from tdrl.actions import validate_top_k
-
-        _check_types(self)
-        at_least(self, 1, "response_tokens")
-        at_least(self, 0, "train_prompts")
-        _check_top_p("annotation_top_p", self.annotation_top_p)
-        if self.annotation_keep_top_p is not None:
-            from tdrl.data.layout import check_keep_top_p
-
-            try:
-                check_keep_top_p(self.annotation_keep_top_p, self.annotation_top_p)
-            except ConfigError as exc:
-                raise ConfigError(f"annotation_{exc}") from None
-        try:
-            validate_top_k(self.annotation_top_k)
-        except ValueError as exc:
-            raise ConfigError(f"annotation_top_k: {exc}") from None
+        check_group(self)
 
 
 def _check_bundled_split(name: str, data: str, split: str) -> None:
@@ -167,7 +131,7 @@ class EvalSettings:
     """Validation (model selection) and the decoding protocol of every evaluation, the test's too."""
 
     PREFIX: ClassVar[str] = "eval_"
-    every: int = setting(50, "evaluate every N steps (and at the end); 0: only at the end")
+    every: int = setting(50, "evaluate every N steps (and at the end); 0: only at the end", range=">= 0")
     on_start: bool = setting(True, "with --eval-every > 0, also evaluate the starting student (step 0)")
     data: str = setting(
         "bundled",
@@ -179,14 +143,19 @@ class EvalSettings:
         "split of --eval-data (bundled: train, validation, test or heldout, or a slice of one such as "
         "'heldout[-64:]'; files have none)",
     )
-    prompts: int = setting(32, "prompts per evaluation (the first N of --eval-data)")
+    prompts: int = setting(32, "prompts per evaluation (the first N of --eval-data)", range=">= 1")
     reference_column: str = setting("reference", "column of --eval-data / --test-data holding human references")
-    max_new_tokens: int = setting(48, "response length limit at evaluation")
+    max_new_tokens: int = setting(48, "response length limit at evaluation", range=">= 1")
     seeds: list[int] = setting(
-        None, "sampling seeds of validation (and of the test, unless --test-seeds)", factory=lambda: [0]
+        None,
+        "sampling seeds of validation (and of the test, unless --test-seeds); at least one, none twice",
+        factory=lambda: [0],
+        range=SEED_RANGE,
     )
-    top_p: float = setting(0.8, "student sampling nucleus at evaluation (the paper: 0.8; MiniLLM: 1.0)")
-    temperature: float = setting(1.0, "student sampling temperature at evaluation")
+    top_p: float = setting(0.8, "student sampling nucleus at evaluation (the paper: 0.8; MiniLLM: 1.0)", range="(0, 1]")
+    temperature: float = setting(
+        1.0, "student sampling temperature at evaluation", range="> 0", why="use --eval-greedy for greedy"
+    )
     greedy: bool = setting(False, "greedy decoding at evaluation")
     also_greedy: bool = setting(False, "also decode greedily at every validation (eval/rougeL_greedy); tests always do")
     metric_for_best_model: str = setting(
@@ -197,23 +166,18 @@ class EvalSettings:
     )
 
     def __post_init__(self):
-        self.seeds = seed_list("eval_seeds", self.seeds)
-        _check_types(self)
-        at_least(self, 0, "every")
-        at_least(self, 1, "prompts", "max_new_tokens")
-        _check_bundled_split("eval_split", self.data, self.split)
-        _check_seeds("eval_seeds", self.seeds)
-        _check_top_p("eval_top_p", self.top_p)
-        if not self.temperature > 0:
-            raise ConfigError(f"eval_temperature must be > 0 (use --eval-greedy for greedy), got {self.temperature}")
+        self.seeds = seed_list("--eval-seeds", self.seeds)
+        check_group(self)
+        _check_bundled_split("--eval-split", self.data, self.split)
+        check_seeds("--eval-seeds", self.seeds)
         if not self.metric_for_best_model.startswith("eval/"):
-            raise ConfigError(f"metric_for_best_model must be an eval/* metric, got {self.metric_for_best_model!r}")
+            raise ConfigError(f"--metric-for-best-model must be an eval/* metric, got {self.metric_for_best_model!r}")
         from tdrl.evaluation import METRICS
 
         names = [m.name for m in METRICS]
         if self.metric_for_best_model.removesuffix("_std") not in names:
             raise ConfigError(
-                f"metric_for_best_model {self.metric_for_best_model!r} is not an evaluation metric: choose one of "
+                f"--metric-for-best-model {self.metric_for_best_model!r} is not an evaluation metric: choose one of "
                 f"{', '.join(names)} (tdrl.evaluation.METRICS)"
             )
 
@@ -244,18 +208,21 @@ class TestSettings:
         "split of --test-data (default: 'heldout' for the bundled set, hand-written prompts no training template "
         "produced ('test' shares the training templates); other data: its own default split)",
     )
-    prompts: int = setting(32, "test prompts (0: no test evaluation)")
-    seeds: list[int] | None = setting(None, "sampling seeds of the test (the paper: 5 seeds); default: --eval-seeds")
+    prompts: int = setting(32, "test prompts (0: no test evaluation)", range=">= 0")
+    seeds: list[int] | None = setting(
+        None,
+        "sampling seeds of the test (the paper: 5 seeds); default: --eval-seeds; at least one, none twice",
+        range=SEED_RANGE,
+    )
 
     def __post_init__(self):
         if isinstance(self.seeds, str) and not self.seeds.strip():
             self.seeds = None  # tdrl 0.1 wrote "" for "the validation's seeds"
-        self.seeds = seed_list("test_seeds", self.seeds)
-        _check_types(self)
-        at_least(self, 0, "prompts")
-        _check_bundled_split("test_split", self.data, self.split_name)
+        self.seeds = seed_list("--test-seeds", self.seeds)
+        check_group(self)
+        _check_bundled_split("--test-split", self.data, self.split_name)
         if self.seeds is not None:
-            _check_seeds("test_seeds", self.seeds)
+            check_seeds("--test-seeds", self.seeds, " (omit it to use --eval-seeds)")
 
     @property
     def split_name(self) -> str | None:
@@ -272,23 +239,20 @@ class OnlineConfig:
         None,
         "collect student episodes through the env every N steps (0: offline only; default: the agent's "
         "preset: minillm and gkd 10, others 0)",
+        range=">= 0",
     )
     ratio: float | None = setting(
         None,
         "fraction of each batch taken from the latest student episodes when online (default: the agent's "
         "preset: minillm 1.0, gkd 0.5 (GKD's lambda), else 0.5)",
+        range="[0, 1]",
     )
-    episodes: int = setting(16, "student episodes per collection")
-    envs: int = setting(8, "sub-environments of the vector env used for collection")
-    max_new_tokens: int = setting(32, "response length limit of collected episodes")
+    episodes: int = setting(16, "student episodes per collection", range=">= 1")
+    envs: int = setting(8, "sub-environments of the vector env used for collection", range=">= 1")
+    max_new_tokens: int = setting(32, "response length limit of collected episodes", range=">= 1")
 
     def __post_init__(self):
-        _check_types(self)
-        at_least(self, 1, "episodes", "envs", "max_new_tokens")
-        if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
-            raise ConfigError(f"online_ratio must lie in [0, 1], got {self.ratio}")
-        if self.every is not None and self.every < 0:
-            raise ConfigError(f"online_every must be >= 0, got {self.every}")
+        check_group(self)
 
 
 @dataclass
@@ -300,13 +264,11 @@ class LMConfig:
         None,
         "weight of the auxiliary LM loss J_PT (MiniLLM's: 0.5 next-token NLL + 0.5 KD); 0: off (default: the "
         "agent's preset: bd 1.0, others 0)",
+        range=">= 0",
     )
     corpus: str = setting("pydoc", "plain-text corpus of J_PT: 'pydoc' (the stdlib's pydoc_data text) or a .txt file")
-    seq_len: int = setting(64, "tokens per J_PT sequence")
-    batch_size: int = setting(4, "J_PT sequences per step")
+    seq_len: int = setting(64, "tokens per J_PT sequence", range=">= 1")
+    batch_size: int = setting(4, "J_PT sequences per step", range=">= 1")
 
     def __post_init__(self):
-        _check_types(self)
-        at_least(self, 1, "seq_len", "batch_size")
-        if self.coef is not None and not self.coef >= 0:
-            raise ConfigError(f"lm_coef must be >= 0, got {self.coef}")
+        check_group(self)
