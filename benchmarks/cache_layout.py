@@ -40,9 +40,9 @@ LAYOUTS = [
     ("compact, whole top-K, float32 (lossless)", 1.0, "float32"),
     ("compact, whole top-K, float16", 1.0, "float16"),
     ("compact, to mass 0.99, float16", 0.99, "float16"),
-    ("compact, to mass 0.95, float16 (default)", KEEP_TOP_P, "float16"),
-    ("compact, to mass 0.95, float32", KEEP_TOP_P, "float32"),
-    ("compact, to mass 0.9, float16", 0.9, "float16"),
+    ("compact, to mass 0.95, float16", 0.95, "float16"),
+    ("compact, to mass 0.9, float16 (default)", KEEP_TOP_P, "float16"),
+    ("compact, to mass 0.9, float32", KEEP_TOP_P, "float32"),
     ("compact, A_p(s) only (p = 0.8), float16", 0.8, "float16"),
 ]
 SPECS = [("KD", "bc:mode=kd"), ("BD (default)", "bd")]

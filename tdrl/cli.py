@@ -126,7 +126,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     ann.add_argument(
         "--keep-top-p",
         type=float,
-        default=0.95,
+        default=0.9,
         help="keep each state's candidates up to this teacher mass (>= --top-p): the largest p an agent can re-cut "
         "the cache at; 1.0 keeps the whole top-K",
     )

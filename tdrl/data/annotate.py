@@ -63,7 +63,7 @@ def annotate(
     gamma: float = 0.99,
     max_prompt_len: int = 512,
     max_response_len: int = 256,
-    keep_top_p: float = 0.95,
+    keep_top_p: float = 0.9,
     logprob_dtype: str = "float16",
     batch_size: int = 8,
     shard_size: int = 512,

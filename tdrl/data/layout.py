@@ -9,7 +9,7 @@ cache layout"). The compact layout keeps what training reads:
   ``cand_size`` at the annotation's p (computed by the teacher, exact) replaces the K-wide mask.
 * **Fewer candidates beyond A_p(s).** Training reads the log-probs inside A_p(s) only (``collate``
   puts ``-inf`` outside it); the candidates beyond it serve re-cuts at a larger p. The cache keeps the
-  shortest prefix reaching teacher mass ``keep_top_p`` (default 0.95; ``1.0`` keeps the whole top-K),
+  shortest prefix reaching teacher mass ``keep_top_p`` (default 0.9; ``1.0`` keeps the whole top-K),
   never fewer than A_p(s): ``cand_count`` per position. A re-cut at any p <= ``keep_top_p`` is
   therefore the one a full cache gives (up to the log-probs' rounding); a larger p is refused.
 * **Ragged, flattened per record.** ``cand_ids`` / ``cand_logprobs`` concatenate every position's

@@ -107,7 +107,7 @@ class DataConfig:
     annotation_keep_top_p: float | None = setting(
         None,
         "bundled data: the cache keeps each state's candidates up to this teacher mass, the largest p an agent's "
-        "--top-p can re-cut at, never less than --annotation-top-p (default: 0.95, or the agent's --top-p if larger; "
+        "--top-p can re-cut at, never less than --annotation-top-p (default: 0.9, or the agent's --top-p if larger; "
         "1.0: the whole top-K)",
         range="(0, 1]",
     )
