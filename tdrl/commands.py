@@ -56,7 +56,6 @@ DEMO_DEFAULTS = {
     "checkpoint_every": 32,
     "log_every": 4,
     "out": "runs/demo",
-    "overwrite": True,  # a second demo replaces the first one's runs (the warm start is reused)
 }
 DEMO_AGENTS = "sft,bd,bd-released"
 DEMO_SEEDS = 2
@@ -340,10 +339,17 @@ def cmd_warm_start(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    return _compare(_config(args, agent=False), args.agents, args.seeds)
+    from pathlib import Path
+
+    from tdrl.integrity import DirectoryLock
+
+    config = _config(args, agent=False)
+    with DirectoryLock(Path(config.out), "comparison directory"):  # a second comparison into --out is refused
+        return _compare(config, args.agents, args.seeds)
 
 
-def _compare(config, agents: str, seeds: int, start: str = "start", teacher=None) -> int:
+def _compare(config, agents: str, seeds: int, start: str = "start", teacher=None, command: str = "compare") -> int:
+    """Run the comparison: seeds ``--seed`` .. ``--seed + N - 1`` (default 0 .. N-1)."""
     from pathlib import Path
 
     from tdrl.compare import CURVES_PNG, RESULTS_CSV, RESULTS_MD, compare, results_table, split_agent_specs
@@ -351,7 +357,10 @@ def _compare(config, agents: str, seeds: int, start: str = "start", teacher=None
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     out = Path(config.out)
-    summaries = compare(split_agent_specs(agents), list(range(seeds)), config, out, start=start, teacher=teacher)
+    seed_list = list(range(config.seed, config.seed + seeds))
+    summaries = compare(
+        split_agent_specs(agents), seed_list, config, out, start=start, teacher=teacher, command=command, locked=True
+    )
     print(results_table(summaries))
     print(f"results: {out / RESULTS_MD}, {out / RESULTS_CSV}, {out / CURVES_PNG}")
     print(f"TensorBoard: tdrl tensorboard {out / 'runs'}   (then open http://127.0.0.1:6006/)")
@@ -381,6 +390,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from tdrl.compare import written_by
+    from tdrl.integrity import DirectoryLock
     from tdrl.models import load_teacher
     from tdrl.training.config import resolve_device
     from tdrl.training.warmstart import warm_start, warm_start_config
@@ -389,13 +400,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = _config(args, agent=False)
     steps = args.warm_start_steps
     warm = warm_start_config(config, steps, args.warm_start_lr)
-    print(f"warm start: {steps} steps of full-vocabulary KD of {config.student} (reused when cached) ...", flush=True)
-    # one teacher (and one hash of its weights) for the warm start and the comparison
-    teacher = load_teacher(config.teacher, dtype=config.teacher_dtype, device=resolve_device(config.device))
-    path, record = warm_start(warm, Path(config.out) / "warm-start", teacher=teacher)
-    print(f"warm start ready in {path} ({record['train_time_s']:.0f} s of training)", flush=True)
-    status = _compare(
-        config.replace(student=str(path)), args.agents or DEMO_AGENTS, args.seeds, start="warm start", teacher=teacher
-    )
+    out = Path(config.out)
+    with DirectoryLock(out, "comparison directory"):  # the warm start and the comparison, one demo at a time
+        there = written_by(out)
+        if there not in (None, "demo") and not config.overwrite:  # before the warm start trains
+            raise ConfigError(
+                f"{out} already holds a `tdrl {there}` comparison: choose another --out, or --overwrite to replace it"
+            )
+        print(
+            f"warm start: {steps} steps of full-vocabulary KD of {config.student} (reused when cached) ...", flush=True
+        )
+        # one teacher (and one hash of its weights) for the warm start and the comparison
+        teacher = load_teacher(config.teacher, dtype=config.teacher_dtype, device=resolve_device(config.device))
+        path, record = warm_start(warm, out / "warm-start", teacher=teacher)
+        print(f"warm start ready in {path} ({record['train_time_s']:.0f} s of training)", flush=True)
+        status = _compare(
+            config.replace(student=str(path)),
+            args.agents or DEMO_AGENTS,
+            args.seeds,
+            start="warm start",
+            teacher=teacher,
+            command="demo",
+        )
     print(f"demo wall time: {time.perf_counter() - start:.0f} s")
     return status

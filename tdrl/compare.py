@@ -28,11 +28,22 @@ import numpy as np
 
 from tdrl.errors import ConfigError
 from tdrl.evaluation import METRICS
+from tdrl.integrity import DirectoryLock, read_json, write_json_atomic
 from tdrl.models import load_teacher
 from tdrl.training import RunSummary, TrainConfig
 from tdrl.training.config import resolve_device
 
-__all__ = ["parse_agent_spec", "split_agent_specs", "compare", "results_table", "separations", "start_row", "COLUMNS"]
+__all__ = [
+    "parse_agent_spec",
+    "split_agent_specs",
+    "compare",
+    "results_table",
+    "separations",
+    "start_row",
+    "written_by",
+    "COLUMNS",
+    "COMPARISON_FILE",
+]
 
 #: What a comparison writes into its output directory (beside ``runs/``).
 RESULTS_CSV, RESULTS_MD, CURVES_PNG = "results.csv", "results.md", "eval_curves.png"
@@ -154,27 +165,68 @@ def compare(
     progress: bool = True,
     start: str | None = "start",
     teacher=None,
+    *,
+    command: str = "compare",
+    locked: bool = False,
 ) -> list[RunSummary]:
     """Train every (agent, seed) with ``base``'s settings; write results.{csv,md} and the plot. Unless
     ``start`` is None, the starting student is evaluated as the reference row labelled ``start`` (sampled once
-    per seed: :func:`start_row`). ``teacher``: an already loaded teacher (else ``base.teacher`` is loaded)."""
-    from tdrl.training.build import build_trainer
+    per seed: :func:`start_row`). ``teacher``: an already loaded teacher (else ``base.teacher`` is loaded).
 
+    ``out`` is locked for the whole comparison (a second comparison into it is refused; ``locked``: the
+    caller holds the lock) and records who wrote it (:data:`COMPARISON_FILE`, ``command``). A comparison
+    already there is replaced only with ``base.overwrite``, or when ``command`` is ``"demo"`` and so was
+    the one there (a second ``tdrl demo`` replaces the first one's runs, never a ``tdrl compare``'s)."""
     out = Path(out)
     if not agents:
         raise ConfigError("compare needs at least one agent")
     if not seeds:
         raise ConfigError("compare needs at least one seed (--seeds N with N >= 1)")
+    if len(set(seeds)) != len(seeds) or any(not 0 <= s < 2**31 for s in seeds):
+        raise ConfigError(f"compare's seeds must be distinct and lie in [0, 2**31), got {seeds}")
     runs = run_specs(base, agents, seeds, out)
-    if (out / RESULTS_MD).exists() and not base.overwrite:
-        raise ConfigError(
-            f"{out} already holds a comparison ({RESULTS_MD}): choose another --out, or --overwrite to replace it"
-        )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: choose a directory")
+    if locked:
+        return _compare_locked(runs, seeds, base, out, progress, start, teacher, command)
+    with DirectoryLock(out, "comparison directory"):
+        return _compare_locked(runs, seeds, base, out, progress, start, teacher, command)
+
+
+#: The comparison's record in its directory: who wrote it (``compare`` or ``demo``), the specs and seeds.
+COMPARISON_FILE = "tdrl-comparison.json"
+
+
+def written_by(out: Path) -> str | None:
+    """Which command wrote the comparison in ``out`` (``"compare"``, ``"demo"``), or None if there is none.
+    A comparison from before :data:`COMPARISON_FILE` counts as a demo's when it has the demo's warm start
+    and start row, else as a compare's."""
+    record = out / COMPARISON_FILE
+    if record.is_file():
+        return str(read_json(record, "comparison record").get("command", "compare"))
+    if not (out / RESULTS_MD).exists() and not (out / RESULTS_CSV).exists():
+        return None
+    if (out / "warm-start").is_dir() and (out / RESULTS_CSV).is_file():
+        with (out / RESULTS_CSV).open(newline="") as fh:
+            if any(row.get("agent") == "warm start" for row in csv.DictReader(fh)):
+                return "demo"
+    return "compare"
+
+
+def _compare_locked(runs, seeds, base, out: Path, progress, start, teacher, command) -> list[RunSummary]:
+    from tdrl.training.build import build_trainer
+
+    there = written_by(out)
+    replace = base.overwrite or (command == "demo" and there == "demo")
+    if there is not None and not replace:
+        advice = " (a demo replaces only an earlier demo's runs)" if command == "demo" else ""
+        raise ConfigError(
+            f"{out} already holds a `tdrl {there}` comparison: choose another --out, or --overwrite to replace "
+            f"it{advice}"
+        )
     if (out / "runs").is_symlink():
         raise ConfigError(f"{out / 'runs'} is a symbolic link: tdrl never writes through links; choose another --out")
-    if base.overwrite and (out / RESULTS_CSV).is_file():  # the comparison replaced: the runs it listed go too
+    if replace and (out / RESULTS_CSV).is_file():  # the comparison replaced: the runs it listed go too
         from tdrl.training.checkpoints import RUN_MARKER
 
         keep = {Path(config.out).name for _, config in runs}
@@ -184,6 +236,13 @@ def compare(
             old = out / "runs" / name
             if old.is_dir() and not old.is_symlink() and (old / RUN_MARKER).is_file():
                 shutil.rmtree(old)
+    for name in (RESULTS_MD, RESULTS_CSV, CURVES_PNG):  # no table of the replaced comparison outlives it
+        if (out / name).is_file() and not (out / name).is_symlink():
+            (out / name).unlink()
+    specs = list(dict.fromkeys(label for label, _ in runs))
+    record = {"command": command, "agents": specs, "seeds": list(seeds), "complete": False}
+    write_json_atomic(out / COMPARISON_FILE, record)
+    runs = [(label, config.replace(overwrite=True) if replace else config) for label, config in runs]
     teacher = teacher or load_teacher(base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device))
     summaries = start_row(base.replace(out=str(out)), teacher, progress, start, seeds) if start else []
     for label, config in runs:
@@ -191,6 +250,7 @@ def compare(
         summary.label = label
         summaries.append(summary)
     write_results(summaries, out)
+    write_json_atomic(out / COMPARISON_FILE, {**record, "complete": True})
     return summaries
 
 

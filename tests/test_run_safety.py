@@ -125,7 +125,7 @@ def test_d6_a_comparison_is_not_replaced_silently(tmp_path, capsys):
     flags = ["--seeds", "1", "--steps", "1", *TINY, "--out", str(out)]
     assert main(["compare", "--agents", "bc", *flags, "--no-eval-on-start"]) == 0
     before = (out / "results.md").read_text()
-    fails(capsys, ["compare", "--agents", "sql", *flags], "already holds a comparison", "--overwrite")
+    fails(capsys, ["compare", "--agents", "sql", *flags], "already holds a `tdrl compare` comparison", "--overwrite")
     assert (out / "results.md").read_text() == before and "bc" in before
 
 
@@ -499,3 +499,34 @@ def test_third_hostile_pass_replace_refuses_a_setting_given_twice():
 
     with pytest.raises(ConfigError, match="steps given twice"):
         TrainConfig().replace(optim={"steps": 3}, steps=4)
+
+
+def test_fourth_hostile_pass_comparisons_own_their_directory(tmp_path, capsys):
+    """A demo never replaces a `tdrl compare` result (only an earlier demo's); a second comparison into a
+    directory being written is refused (the directory is locked for the whole comparison); --seed offsets
+    the seeds of a comparison instead of being ignored."""
+    import csv
+    import json
+
+    from tdrl.compare import COMPARISON_FILE
+    from tdrl.integrity import DirectoryLock
+
+    out = tmp_path / "c"
+    flags = ["--seeds", "1", "--steps", "1", *TINY, "--out", str(out)]
+    assert main(["compare", "--agents", "bc", *flags, "--seed", "5", "--no-eval-on-start"]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["bc-seed5"]
+    assert [r["seed"] for r in csv.DictReader((out / "results.csv").open())] == ["5", "5"]  # the start row, bc
+    assert json.loads((out / COMPARISON_FILE).read_text()) == {
+        "command": "compare",
+        "agents": ["bc"],
+        "seeds": [5],
+        "complete": True,
+    }
+    before = (out / "results.md").read_text()
+    demo = ["demo", "--agents", "sft", "--warm-start-steps", "1", "--teacher-dtype", "float32", "--mixed-precision"]
+    fails(capsys, [*demo, "no", *flags], "already holds a `tdrl compare` comparison", "--overwrite")
+    assert (out / "results.md").read_text() == before and (out / "runs" / "bc-seed5").is_dir()
+    assert not (out / "warm-start").exists()  # refused before the warm start trained
+    with DirectoryLock(out, "comparison directory"):  # another comparison is writing here
+        fails(capsys, ["compare", "--agents", "sql", *flags, "--overwrite"], "another tdrl process is writing")
+    assert (out / "results.md").read_text() == before
