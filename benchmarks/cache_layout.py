@@ -109,11 +109,13 @@ def main(argv=None) -> str:
             target = out / "layouts" / "full"
             layout_meta = {**meta, "settings": {k: v for k, v in settings.items() if k != "keep_top_p"}}
             layout_meta["settings"].update(schema=2, logprob_dtype="float32")
-            write_cache(full_layout(data, width), target, layout_meta)
+            if not (target / ANNOTATION_META).is_file():  # written by an earlier call: reused
+                write_cache(full_layout(data, width), target, layout_meta)
         else:
             target = out / "layouts" / f"keep{keep:g}-{dtype}"
             layout_meta = {**meta, "settings": {**settings, "keep_top_p": keep, "logprob_dtype": dtype}}
-            write_cache(recode(data, width, settings["vocab_size"], keep, dtype), target, layout_meta)
+            if not (target / ANNOTATION_META).is_file():
+                write_cache(recode(data, width, settings["vocab_size"], keep, dtype), target, layout_meta)
         per_token = dir_bytes(target / "shards") / tokens
         full_bytes = full_bytes or per_token
         counts = [np.sum(c) for c in load_annotations(target)["cand_count"]] if keep is not None else None
@@ -121,7 +123,6 @@ def main(argv=None) -> str:
         reach = "1.0" if keep in (None, 1.0) else f"{keep:g}"
         lines.append(f"| {label} | {kept:.1f} | {per_token:.0f} | {per_token / full_bytes:.2f} | {reach} |")
         dirs[label] = target
-    shutil.rmtree(lossless, ignore_errors=True)
     default_bytes = dir_bytes(default_dir / "shards") / tokens
     lines += [
         "",
@@ -144,18 +145,20 @@ def training_table(budget, base, teacher, out: Path, dirs: dict, args) -> str:
     path, _ = warm_start(warm_config, out / "warm-start", teacher=teacher, progress=False)
     base = base.replace(student=str(path))
     seeds = range(args.seeds or budget["seeds"])
-    rows = []
-    for layout in (LAYOUTS[0][0], next(label for label, keep, _ in LAYOUTS if keep == KEEP_TOP_P)):
-        short = "full layout" if layout == LAYOUTS[0][0] else "default layout"
-        layout_base = base.replace(data=str(dirs[layout]))
+    layouts = [
+        (LAYOUTS[0][0], "full layout"),
+        (next(lb for lb, keep, _ in LAYOUTS if keep == KEEP_TOP_P), "default layout"),
+    ]
+    records = {(spec, short): [] for _, spec in SPECS for _, short in layouts}
+    for s in seeds:  # seed by seed, so that a call cut short leaves every layout and agent with the same seeds
         for label, spec in SPECS:
-            records = [
-                reproduce.run_one(
+            for layout, short in layouts:
+                layout_base = base.replace(data=str(dirs[layout]))
+                run = reproduce.run_one(
                     f"{label}, {short}", spec, s, layout_base, teacher, store, out, prefix=f"{short[:4]}-"
                 )
-                for s in seeds
-            ]
-            rows.append((f"{label}, {short}", records))
+                records[spec, short].append(run)
+    rows = [(f"{label}, {short}", records[spec, short]) for label, spec in SPECS for _, short in layouts]
     return reproduce.table(rows)
 
 

@@ -9,17 +9,11 @@ import sys
 from collections.abc import Sequence
 
 from tdrl.commands import (
-    COMPARE_AGENTS,
-    DEMO_AGENTS,
-    DEMO_DEFAULTS,
-    DEMO_SEEDS,
     EVAL_FLAGS,
     SAMPLE_PROMPTS,
     WARM_START_STEPS,
     cmd_agents,
     cmd_annotate,
-    cmd_compare,
-    cmd_demo,
     cmd_eval,
     cmd_generate_responses,
     cmd_teacher_info,
@@ -28,6 +22,7 @@ from tdrl.commands import (
     cmd_warm_start,
     warm_start_defaults,
 )
+from tdrl.comparing import COMPARE_AGENTS, DEMO_AGENTS, DEMO_DEFAULTS, DEMO_SEEDS, cmd_compare, cmd_demo
 from tdrl.errors import TdrlError
 
 TRAINING_COMMANDS = ("train", "compare", "demo", "warm-start")

@@ -84,7 +84,8 @@ def test_paper_budget_is_the_papers_protocol():
 def test_demo_and_paper_budget_share_one_warm_start():
     """``tdrl demo`` and ``--budget paper`` build their warm starts with one helper from one recipe: every
     setting that shapes the weights agrees, so one cached warm start (one fingerprint) serves both."""
-    from tdrl.commands import DEMO_DEFAULTS, WARM_START_STEPS
+    from tdrl.commands import WARM_START_STEPS
+    from tdrl.comparing import DEMO_DEFAULTS
     from tdrl.training.args import parse_train_args
     from tdrl.training.warmstart import RECIPE, shaping_settings, warm_start_config
 

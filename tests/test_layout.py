@@ -21,8 +21,9 @@ STAGES = {
     "testing": 6,
     "compare": 7,
     "commands": 8,
-    "cli": 9,
-    "__init__": 10,
+    "comparing": 9,
+    "cli": 10,
+    "__init__": 11,
 }
 
 
