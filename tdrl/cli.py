@@ -141,7 +141,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         epilog="`tdrl train --agent NAME --help` lists that agent's own settings (default agent: bd)",
     )
     train.add_argument(
-        "--resume", default=None, help="continue the run in this directory (or checkpoint); only --steps may change"
+        "--resume",
+        default=None,
+        help="continue the run in this directory (or checkpoint); only --steps may change; with --overwrite, "
+        "a checkpoint older than the run's newest: delete the run's checkpoints and best/ newer than it",
     )
     chosen = get_agent(agent)
     add_config_arguments(train, agent_config=chosen.Config, agent_presets=chosen.trainer_defaults)

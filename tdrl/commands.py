@@ -39,6 +39,8 @@ def _print_summary(summary) -> None:
     print(f"{summary.agent} seed {summary.seed}: {summary.steps} steps in {summary.wall_time_s:.0f} s")
     for key in sorted(k for k in last if not k.endswith("_std")):
         print(f"  {key:<20} last {last[key]:8.3f}   best {best.get(key, float('nan')):8.3f}")
+    if summary.test is not None and summary.test.best_unavailable:
+        print(f"  not tested: {summary.test.best_unavailable}")
     print(f"  run directory: {summary.out}  (tdrl tensorboard {summary.out})")
 
 
@@ -180,12 +182,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         leaves = {f for *_, f in config_leaves()} | {"agent_args"}
         given = sorted(k for k in vars(args) if k.startswith("agent.") or k in leaves)
-        if args.config or set(given) - {"steps"}:
+        if args.config or set(given) - {"steps", "overwrite"}:
             changed = ", ".join(["--config"] * bool(args.config) + [f"--{k.replace('_', '-')}" for k in given])
             raise ConfigError(
                 f"--resume continues a run with its own settings; only --steps may change (given: {changed})"
             )
-        trainer = resume_trainer(args.resume, steps=getattr(args, "steps", None))
+        overwrite = bool(getattr(args, "overwrite", False))  # with --resume: delete what is newer than its checkpoint
+        trainer = resume_trainer(args.resume, steps=getattr(args, "steps", None), overwrite=overwrite)
     else:
         trainer = build_trainer(_config(args))
     summary = trainer.train()

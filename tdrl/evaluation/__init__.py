@@ -29,14 +29,14 @@ from typing import NamedTuple
 import numpy as np
 
 from tdrl.errors import ConfigError, DataError
-from tdrl.evaluation.decoding import EvalConfig, Generation, decode, generate_texts, reference_records
+from tdrl.evaluation.decoding import EvalConfig, Generation, decode, generate_texts, records_digest, reference_records
 from tdrl.evaluation.probe import support_probe
 from tdrl.models.lm import LM
 from tdrl.models.student import Student
 from tdrl.models.teacher import Teacher
 
 __all__ = ["EvalConfig", "Evaluator", "Generation", "METRICS", "Metric", "Column", "evaluate", "reference_records"]
-__all__ += ["generate_texts", "rouge_l", "support_probe"]
+__all__ += ["generate_texts", "records_digest", "rouge_l", "support_probe"]
 
 
 class Column(NamedTuple):

@@ -19,7 +19,7 @@ from tdrl.models.lm import LM
 from tdrl.models.student import Student, support_summary
 from tdrl.models.teacher import Teacher
 
-__all__ = ["EvalConfig", "Generation", "decode", "generate_texts", "reference_records"]
+__all__ = ["EvalConfig", "Generation", "decode", "generate_texts", "reference_records", "records_digest"]
 
 
 def reference_records(
@@ -95,6 +95,15 @@ def reference_records(
     for row, response in zip(rows, responses):
         row["reference_response"] = response
     return [{k: v for k, v in row.items() if v is not None} for row in rows]
+
+
+def records_digest(records: Sequence[dict] | None) -> str | None:
+    """A fingerprint of evaluation records (:func:`reference_records`): sha256 over every field of
+    every record, in order (prompts, references, answers); None for no records. A resumed run checks
+    it, so a run is never validated or tested on two sets of prompts."""
+    if records is None:
+        return None
+    return hashlib.sha256(json.dumps(list(records), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -21,6 +21,7 @@ from tdrl.models import Teacher, load_student, load_teacher
 from tdrl.training.callbacks import TrainerCallback
 from tdrl.training.checkpoints import COMPLETE, CONFIG_FILE, find_checkpoint, run_directory
 from tdrl.training.config import TrainConfig, resolve_device
+from tdrl.training.resume import ResumePoint, refuse_newer_outputs
 from tdrl.training.trainer import Trainer
 
 __all__ = ["build_trainer", "resume_trainer", "set_seed", "check_rewards_fit_agent"]
@@ -105,20 +106,26 @@ def resume_trainer(
     callbacks: list[TrainerCallback] | None = None,
     progress: bool = True,
     steps: int | None = None,
+    overwrite: bool = False,
 ) -> Trainer:
     """A trainer restored from the newest intact checkpoint under ``path`` (or ``path`` itself),
     writing to the run directory ``path`` names (not the one stored in the checkpoint: a copied run
     resumes in its copy). Every checkpoint file is verified against the manifest first, and the
-    data cache and the teacher must be the ones the run started with. ``steps`` may extend the run."""
+    data cache, the teacher and the validation and test records must be the ones the run started
+    with. ``steps`` may extend the run. A checkpoint named while the run directory holds checkpoints
+    (or a ``best/``) newer than it is refused before anything loads, unless ``overwrite``: then those
+    are deleted when the run starts (:func:`~tdrl.training.resume.refuse_newer_outputs`)."""
     path = Path(path)
     if (path / COMPLETE).is_file() and path.parent.name != "checkpoints":
         raise ConfigError(
             f"{path} is a checkpoint outside its run directory: resume the run (the directory holding "
             "checkpoints/), or copy the whole run directory and resume the copy"
         )
-    checkpoint = find_checkpoint(path, verify=True)
+    checkpoint, explicit = find_checkpoint(path, verify=True), (path / COMPLETE).is_file()
+    step = read_json(checkpoint / COMPLETE, "checkpoint marker")["step"]
+    refuse_newer_outputs(run_directory(path), ResumePoint(step, explicit=explicit, discard_newer=overwrite))
     args = TrainConfig.from_dict(read_json(checkpoint / CONFIG_FILE, "checkpoint config"))
     args = args.replace(out=str(run_directory(path)), **({"steps": steps} if steps is not None else {}))
     trainer = build_trainer(args, teacher=teacher, callbacks=callbacks, progress=progress)
-    trainer.load_checkpoint(checkpoint)
+    trainer.load_checkpoint(checkpoint, explicit=explicit, discard_newer=overwrite)
     return trainer

@@ -35,13 +35,15 @@ def samples_markdown(samples: list[dict[str, str]]) -> str:
 
 
 class Tracker:
-    """A thin TensorBoard writer (``torch.utils.tensorboard``; no TensorFlow needed)."""
+    """A thin TensorBoard writer (``torch.utils.tensorboard``; no TensorFlow needed). ``purge_step``:
+    TensorBoard discards what earlier writers of ``log_dir`` logged at this step and after (a resumed
+    run's, so the steps a killed run logged past its checkpoint are not shown twice)."""
 
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir))
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
         for name, value in metrics.items():
@@ -83,13 +85,17 @@ class TrainerCallback:
 
 
 class TensorBoardCallback(TrainerCallback):
-    """Scalars, evaluation samples and hparams into the run directory (``args.out``)."""
+    """Scalars, evaluation samples and hparams into the run directory (``args.out``). Every run opens
+    its writer with a session start (``purge_step``): a new run's at step 0, a resumed run's (``state.step``
+    > 0 at the start) after its checkpoint's step, so TensorBoard discards what the run it continues
+    logged past that checkpoint (steps it is about to log again). TensorBoard's Python loader takes the
+    first session start of a directory for a start, not a restart: hence the new run's."""
 
     def __init__(self):
         self.tracker: Tracker | None = None
 
     def on_train_begin(self, args, state) -> None:
-        self.tracker = Tracker(args.out)
+        self.tracker = Tracker(args.out, purge_step=state.step + 1 if state.step else 0)
 
     def on_log(self, args, state, metrics) -> None:
         self.tracker.scalars(metrics, state.step)

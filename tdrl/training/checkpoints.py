@@ -40,6 +40,7 @@ __all__ = [
     "keep_newest",
     "save_checkpoint",
     "load_checkpoint",
+    "FINGERPRINTS",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def claim_run_directory(out: Path, *, resumed: bool, overwrite: bool) -> None:
     summary or event files no tdrl run of this directory wrote (it has no :data:`RUN_MARKER`) unless
     told to ``overwrite``; never follow a symbolic link there (a linked ``checkpoints/`` would write
     into, and rotate, another run's checkpoints). Clears what a failed start of this run left behind,
-    then marks the directory as this run's."""
+    then marks the directory as this run's (a ``resumed`` run's: :func:`tdrl.training.resume.continue_run`)."""
     inside = next((p for p in out.resolve().parents if (p / RUN_MARKER).is_file()), None)
     if inside is not None:
         raise ConfigError(
@@ -234,23 +235,37 @@ def _shared(final: Path, token: str):
     yield final.with_name(f".{final.name}.tmp-{token}")
 
 
-def load_checkpoint(
-    accelerator, scheduler, checkpoint: Path, *, data_fingerprint: str | None, teacher_weights: str, max_step: int
-) -> TrainerState:
+#: What a resume must match, with what each fingerprints (TrainerState fields).
+FINGERPRINTS = {
+    "data_fingerprint": "the annotation cache",
+    "teacher_weights": "the teacher's weights",
+    "eval_records": "the validation records (the prompts and references of --eval-data)",
+    "test_records": "the test records (the prompts and references of --test-data)",
+}
+
+
+def load_checkpoint(accelerator, scheduler, checkpoint: Path, *, expected: TrainerState, max_step: int) -> TrainerState:
     """Restore a verified checkpoint (:func:`find_checkpoint` found and checked it): weights,
     optimiser, every process's RNGs and the loss scaler through accelerate, then the schedule; returns
-    the trainer's state. Refuses a checkpoint whose annotation cache or teacher weights differ from the
-    ones given, or whose step is past ``max_step``."""
-    state = TrainerState.from_dict(read_json(checkpoint / STATE_FILE, "checkpoint state"))
-    for then, now, what in (
-        (state.data_fingerprint, data_fingerprint, "the annotation cache"),
-        (state.teacher_weights, teacher_weights, "the teacher's weights"),
-    ):
-        if then not in (None, now):
+    the trainer's state. Refuses a checkpoint whose annotation cache, teacher weights, validation or
+    test records (:data:`FINGERPRINTS`) differ from ``expected``'s (a checkpoint written before tdrl
+    recorded the records resumes with a warning), or whose step is past ``max_step``."""
+    values = read_json(checkpoint / STATE_FILE, "checkpoint state")
+    state = TrainerState.from_dict(values)
+    if not {"eval_records", "test_records"} <= set(values):
+        log.warning(
+            "%s was written before tdrl recorded the validation and test records: it resumes, but a change to "
+            "--eval-data or --test-data since cannot be detected",
+            checkpoint,
+        )
+    for name, what in FINGERPRINTS.items():
+        then, now = getattr(state, name), getattr(expected, name)
+        if name in values and then != now and (then is not None or name.endswith("_records")):
             raise ConfigError(
                 f"{what} changed since {checkpoint} was written ({then} then, {now} now): resume with "
-                "the data and teacher the run started with, or start a new run"
+                "the data, teacher and evaluation prompts the run started with, or start a new run"
             )
+        setattr(state, name, then if then is not None else now)
     if state.step > max_step:
         raise ConfigError(f"checkpoint is at step {state.step}, past --steps {max_step}")
     accelerator.load_state(str(checkpoint))

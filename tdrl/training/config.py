@@ -96,7 +96,11 @@ class TrainConfig:
     out: str = setting("runs/tdrl", "run directory (checkpoints, TensorBoard events, summary.json)")
     seed: int = setting(0, "seed of initialisation, data order and sampling", range="[0, 2**32)")
     device: str = setting("cpu", "torch device of student and teacher (checked when the run starts)")
-    overwrite: bool = setting(False, "replace a run already in --out (else a second run into it is refused)")
+    overwrite: bool = setting(
+        False,
+        "replace a run already in --out (else a second run into it is refused); with --resume CHECKPOINT: delete "
+        "the run's checkpoints and best/ newer than it",
+    )
     log_every: int = setting(10, "log training scalars every N steps", range=">= 1")
     checkpoint_every: int = setting(
         50, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)", range=">= 1"

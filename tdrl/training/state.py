@@ -55,6 +55,8 @@ class TrainerState:
         history: every validation so far; ``best``: the one ``metric_for_best_model`` prefers.
         online: the latest student episodes (records), when collecting online.
         data_fingerprint / teacher_weights: what the run trains on; a resume must match them.
+        eval_records / test_records: fingerprints of the validation and test records (prompts and
+            references, :func:`~tdrl.evaluation.records_digest`; None: no test); a resume must match them.
     """
 
     step: int = 0
@@ -66,6 +68,8 @@ class TrainerState:
     online: list[dict] = field(default_factory=list)
     data_fingerprint: str | None = None
     teacher_weights: str | None = None
+    eval_records: str | None = None
+    test_records: str | None = None
 
     @property
     def last(self) -> Evaluation | None:
@@ -98,23 +102,32 @@ class TrainerState:
 @dataclass
 class TestResult:
     """The test prompts' metrics of the last model and of the best-validation one (``best_step``;
-    the same dict as ``last`` when the best is the last)."""
+    the same dict as ``last`` when the best is the last). ``best_unavailable`` says why ``best`` is
+    empty where the best model's weights were not there to test (a resume from a checkpoint older
+    than their export, with no checkpoint of that step kept)."""
 
     __test__ = False  # not a pytest class
 
     last: dict[str, float]
     best: dict[str, float]
     best_step: int | None = None
+    best_unavailable: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"last": dict(self.last), "best": dict(self.best), "best_step": self.best_step}
+        return {
+            "last": dict(self.last),
+            "best": dict(self.best),
+            "best_step": self.best_step,
+            "best_unavailable": self.best_unavailable,
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> TestResult | None:
         if not values:
             return None
-        last = dict(values.get("last") or {})
-        return cls(last=last, best=dict(values.get("best") or last), best_step=values.get("best_step"))
+        last, missing = dict(values.get("last") or {}), values.get("best_unavailable")
+        best = dict(values.get("best") or ({} if missing else last))
+        return cls(last=last, best=best, best_step=values.get("best_step"), best_unavailable=missing)
 
 
 @dataclass

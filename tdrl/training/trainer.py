@@ -23,17 +23,18 @@ import torch
 from tdrl.agents.base import Agent
 from tdrl.data import BucketBatchSampler, DistillDataset, batch_statistics, collate
 from tdrl.errors import ConfigError, NonFiniteError
-from tdrl.evaluation import Evaluator, support_probe
+from tdrl.evaluation import Evaluator, records_digest, support_probe
 from tdrl.integrity import DirectoryLock, write_json_atomic
 from tdrl.models import Teacher, model_fingerprint
 from tdrl.records import record_tensors
 from tdrl.training.callbacks import TensorBoardCallback, TrainerCallback
-from tdrl.training.checkpoints import claim_run_directory, export_model, load_checkpoint, save_checkpoint
+from tdrl.training.checkpoints import claim_run_directory, load_checkpoint, save_checkpoint
 from tdrl.training.config import TrainConfig, check_device
 from tdrl.training.online import PretrainText, collect_episodes
 from tdrl.training.plumbing import SCHEDULES, all_finite, check_metric_names, make_accelerator
+from tdrl.training.resume import ResumePoint, best_unavailable, continue_run, export_best
 from tdrl.training.signals import StopSignal
-from tdrl.training.state import RUN_FILE, SUMMARY_FILE, Evaluation, RunInfo, RunSummary, TestResult, TrainerState
+from tdrl.training.state import SUMMARY_FILE, Evaluation, RunInfo, RunSummary, TestResult, TrainerState
 
 __all__ = ["Trainer"]
 
@@ -107,8 +108,9 @@ class Trainer:
         self.state = TrainerState(
             data_fingerprint=train_dataset.meta.get("fingerprint"), teacher_weights=teacher.weights_fingerprint()
         )
+        self.state.eval_records, self.state.test_records = records_digest(eval_records), records_digest(test_records)
         self._prompts: list[str] | None = None  # prompts of online episodes (first 512 distinct training prompts)
-        self.resumed = False  # set by load_checkpoint(): continue the run in out instead of refusing it
+        self.resumed: ResumePoint | None = None  # set by load_checkpoint(): continue the run in out
         self._last_loss = float("nan")  # the last logged train/loss (named when a run diverges)
 
     @property
@@ -150,13 +152,15 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> RunSummary:
         """Run to ``optim.steps``; returns the RunSummary (also ``out/summary.json``). The run directory is
-        locked meanwhile and claimed first (:func:`~tdrl.training.checkpoints.claim_run_directory`)."""
+        locked meanwhile and claimed first (:func:`~tdrl.training.checkpoints.claim_run_directory`,
+        :func:`~tdrl.training.resume.continue_run`)."""
         if not self.accelerator.is_main_process:
             return self._train()
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--out {self.out} is a file: choose a directory")
         with DirectoryLock(self.out, "run directory"):
-            claim_run_directory(self.out, resumed=self.resumed, overwrite=self.args.overwrite)
+            claim_run_directory(self.out, resumed=self.resumed is not None, overwrite=self.args.overwrite)
+            continue_run(self.out, self.resumed)  # a resume: what is newer than its checkpoint, and best/
             return self._train()
 
     def _train(self) -> RunSummary:
@@ -325,13 +329,7 @@ class Trainer:
         if improved[0]:
             weights = self.accelerator.get_state_dict(self.model)
             if self.accelerator.is_main_process:
-                best = {"step": state.step, "metrics": state.best.metrics}
-                export_model(
-                    self.student,
-                    weights,
-                    self.out / "best",
-                    {"metrics.json": best, RUN_FILE: self.run_info().to_dict()},
-                )
+                export_best(self.student, weights, self.out, state.best, self.run_info())
 
     def _evaluator(self, records: list[dict], protocol) -> Evaluator:
         """One evaluator per record set: the student's model wrapped once, its weights read at each run."""
@@ -350,6 +348,8 @@ class Trainer:
         best_step = self.state.best.step if self.state.best else None
         if best_step is None or best_step == self.state.step:
             return TestResult(last=last, best=last, best_step=best_step)
+        if missing := best_unavailable(self.out, self.state.best):  # a resume lost its weights: never test others
+            return TestResult(last=last, best={}, best_step=best_step, best_unavailable=missing)
         best_model = AutoModelForCausalLM.from_pretrained(str(self.out / "best"), dtype=torch.float32)
         best = self.testing.run(best_model.to(self.student.device), seeds=seeds, also_greedy=greedy)[0]
         return TestResult(last=last, best=best, best_step=best_step)
@@ -384,16 +384,10 @@ class Trainer:
             keep_last=self.args.keep_last,
         )
 
-    def load_checkpoint(self, checkpoint: Path) -> None:
-        """Restore a verified checkpoint (:func:`tdrl.training.checkpoints.load_checkpoint`)."""
+    def load_checkpoint(self, checkpoint: Path, *, explicit: bool = False, discard_newer: bool = False) -> None:
+        """Restore a verified checkpoint (:func:`tdrl.training.checkpoints.load_checkpoint`): the run continues
+        from it in ``out`` (:class:`~tdrl.training.resume.ResumePoint`: ``explicit``, ``discard_newer``)."""
         self.state = load_checkpoint(
-            self.accelerator,
-            self.scheduler,
-            checkpoint,
-            data_fingerprint=self.state.data_fingerprint,
-            teacher_weights=self.state.teacher_weights,
-            max_step=self.args.optim.steps,
+            self.accelerator, self.scheduler, checkpoint, expected=self.state, max_step=self.args.optim.steps
         )
-        self.state.data_fingerprint = self.state.data_fingerprint or self.dataset.meta.get("fingerprint")
-        self.state.teacher_weights = self.state.teacher_weights or self.teacher.weights_fingerprint()
-        self.resumed = True
+        self.resumed = ResumePoint(self.state.step, self.state.best, explicit=explicit, discard_newer=discard_newer)
