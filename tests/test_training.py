@@ -321,6 +321,71 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path):
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
 
 
+def _torchrun(*args: str) -> None:
+    """``tdrl train ARGS`` on 2 CPU ranks (torchrun, gloo), on a free port."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command = [*launch, "--master_port", str(port), "-m", "tdrl.cli", "train", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_gloo_ranks_matches_ddp_exports_whole_weights_and_resumes_bit_for_bit(tmp_path):
+    """--fsdp on 2 CPU ranks (FSDP2, gloo): the losses and weights are DDP's to float32 rounding (the
+    gradient reductions add in another order; measured 1e-8), best/ and the checkpoints hold the whole
+    weights (and whole AdamW state, weights_only-loadable), and a run resumed from its step-2 checkpoint
+    (as after a crash there) ends with the uninterrupted run's weights bit for bit."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run = ["--agent", "sql", "--steps", "4", "--eval-every", "0", "--checkpoint-every", "2", "--log-every", "1"]
+    fsdp, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
+    _torchrun(*run, "--out", str(fsdp), "--fsdp", *TINY)
+    _torchrun(*run, "--out", str(ddp), *TINY)
+    last = "checkpoints/step-0000004/model.safetensors"
+    whole, reference = load_file(fsdp / last), load_file(ddp / last)
+    assert whole.keys() == reference.keys()
+    for key, value in reference.items():
+        assert whole[key].shape == value.shape and torch.allclose(whole[key], value, rtol=0, atol=1e-6), key
+    losses = {}
+    for name in ("fsdp", "ddp"):
+        acc = EventAccumulator(str(tmp_path / name))
+        acc.Reload()
+        losses[name] = [e.value for e in acc.Scalars("train/loss")]
+    assert len(losses["fsdp"]) == 4 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5, abs=1e-6)
+    fingerprints = json.loads((fsdp / "summary.json").read_text())["rank_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    # best/ is an ordinary HF model with the whole weights
+    model = AutoModelForCausalLM.from_pretrained(str(fsdp / "best"), dtype=torch.float32)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, whole[f"student.model.{key}"]), key
+    optimizer = torch.load(fsdp / "checkpoints/step-0000004/optimizer.bin", weights_only=True)
+    assert (
+        optimizer["state"]["student.model.transformer.wte.weight"]["exp_avg"].shape
+        == model.transformer.wte.weight.shape
+    )
+    # a crash after step 2: the run is resumed from its step-2 checkpoint
+    shutil.copytree(fsdp, resumed)
+    for name in ("checkpoints/step-0000004", "best"):
+        shutil.rmtree(resumed / name)
+    (resumed / "summary.json").unlink()
+    _torchrun("--resume", str(resumed))
+    again = load_file(resumed / last)
+    assert all(torch.equal(again[key], value) for key, value in whole.items())
+    best = load_file(resumed / "best/model.safetensors")
+    assert all(torch.equal(best[key], value) for key, value in load_file(fsdp / "best/model.safetensors").items())
+
+
 def test_online_student_episodes_are_mixed_in_and_resume_exactly(tmp_path):
     kw = dict(agent="bc", online_every=2, online_ratio=0.5, online_episodes=4, online_envs=2, online_max_new_tokens=5)
     full = build_trainer(tiny_config(tmp_path / "full", **kw), progress=False)

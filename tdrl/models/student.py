@@ -297,15 +297,17 @@ class Student(nn.Module):
         return self.value_head(hidden).squeeze(-1)
 
     # -------------------------------------------------------------- persistence
-    def save_pretrained(self, path: str | os.PathLike, *, state_dict: dict[str, Tensor] | None = None) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike, *, state_dict: dict[str, Tensor] | None = None, value_head: dict | None = None
+    ) -> None:
         """Write the student into ``path``: an ordinary HF model directory (safetensors) anyone can
         ``from_pretrained``, its tokenizer, and a value head, if any, beside it as ``value_head.safetensors``.
 
         ``state_dict``: the HF model's weights to write instead of its own (the keys of
-        ``self.model.state_dict()``, no wrapper's prefix; e.g. gathered whole by accelerate under FSDP,
-        on the main process only, which is why they are not checked against the live, possibly sharded,
-        model here). Writes into ``path`` directly; for a directory that appears all at once, call it
-        inside :func:`tdrl.integrity.atomic_dir`."""
+        ``self.model.state_dict()``, no wrapper's prefix; e.g. gathered whole under FSDP, on the main process
+        only, so not checked against the live, possibly sharded, model); ``value_head``: the head's, likewise.
+        Writes into ``path`` directly; for a directory that appears all at once, call it inside
+        :func:`tdrl.integrity.atomic_dir`."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -314,7 +316,7 @@ class Student(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         if self.value_head is not None:
-            state = {k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()}
+            state = {k: v.detach().contiguous() for k, v in (value_head or self.value_head.state_dict()).items()}
             save_file(state, str(path / VALUE_HEAD_FILE))
 
 

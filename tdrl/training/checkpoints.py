@@ -167,8 +167,9 @@ def export_model(student, state_dict: dict, target: Path, files: dict[str, objec
     (name -> JSON value) written beside it."""
     prefix = "student.model."
     weights = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    with atomic_dir(target) as tmp:
-        student.save_pretrained(tmp, state_dict=weights or None)
+    head = {k[len("student.value_head.") :]: v for k, v in state_dict.items() if k.startswith("student.value_head.")}
+    with atomic_dir(target) as tmp:  # the value head too from the gathered weights (FSDP shards the live one)
+        student.save_pretrained(tmp, state_dict=weights or None, value_head=head or None)
         for name, value in files.items():
             (tmp / name).write_text(json.dumps(value, indent=2))
 

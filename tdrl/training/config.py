@@ -96,6 +96,9 @@ class TrainConfig:
     out: str = setting("runs/tdrl", "run directory (checkpoints, TensorBoard events, summary.json)")
     seed: int = setting(0, "seed of initialisation, data order and sampling", range="[0, 2**32)")
     device: str = setting("cpu", "torch device of student and teacher (checked when the run starts)")
+    fsdp: bool = setting(
+        False, "shard weights, gradients and AdamW state over the processes (FSDP2; CPU/gloo tested), not DDP"
+    )
     overwrite: bool = setting(
         False,
         "replace a run already in --out (else a second run into it is refused); with --resume CHECKPOINT: delete "

@@ -1,5 +1,6 @@
 """The trainer's plumbing: one accelerate ``Accelerator`` per run, the schedule names, and the rule that
-agent metrics never use the trainer's own metric groups."""
+agent metrics never use the trainer's own metric groups; with ``--fsdp`` the Accelerator is
+:class:`~tdrl.training.sharding.ShardedAccelerator` (FSDP2, on the CPU too)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,19 @@ SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_
 
 
 def make_accelerator(args: TrainConfig):
-    """One Accelerator per run; a single process may switch mixed precision between runs."""
+    """One Accelerator per run (FSDP-sharding with ``args.fsdp``); a single process may switch mixed
+    precision between runs."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
+
+    from tdrl.training.sharding import ShardedAccelerator
 
     precision = args.optim.mixed_precision
     state = AcceleratorState._shared_state
     if state and state.get("num_processes", 1) == 1 and str(state.get("_mixed_precision")) != precision:
         AcceleratorState._reset_state()
-    return Accelerator(
+    kind = ShardedAccelerator if args.fsdp else Accelerator
+    return kind(
         cpu=torch.device(args.device).type == "cpu",
         mixed_precision=precision,
         gradient_accumulation_steps=args.optim.grad_accum,
@@ -46,6 +51,14 @@ def check_metric_names(metrics: dict) -> None:
 
 
 def all_finite(parameters) -> bool:
-    """Whether every parameter holds finite numbers only (one device sync)."""
-    flags = [torch.isfinite(p).all() for p in parameters]
-    return bool(torch.stack(flags).all()) if flags else True
+    """Whether every parameter holds finite numbers only (one device sync; sharded parameters: every
+    process checks its shards, and all agree on the answer)."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = list(parameters)
+    flags = [torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in parameters]
+    finite = torch.stack(flags).all() if flags else torch.tensor(True)
+    if any(isinstance(p, DTensor) for p in parameters):
+        finite = finite.to(torch.int32)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)

@@ -5,10 +5,9 @@ arguments, callbacks); :func:`tdrl.training.build.build_trainer` resolves names 
 optimisation and data order; ``accelerate`` does the plumbing: ``Accelerator(mixed_precision=...)``
 (bf16 or fp16 with loss scaling), ``accumulate()`` (no gradient all-reduce on the micro-batches that do
 not step), a prepared DataLoader over the seeded bucketing batch sampler, ``skip_first_batches`` to
-resume mid-epoch, and ``save_state`` / ``load_state`` (whole weights under FSDP and DeepSpeed, every
-process's RNGs) under the checkpoints of :mod:`tdrl.training.checkpoints`. The schedule is
-``transformers.get_scheduler``. An interrupted and resumed run ends with the weights of an
-uninterrupted one (tested bit for bit).
+resume mid-epoch, ``save_state`` / ``load_state`` (whole weights, every process's RNGs) under the checkpoints
+of :mod:`tdrl.training.checkpoints`; ``--fsdp``: :mod:`tdrl.training.sharding`. The schedule is
+``transformers.get_scheduler``. A resumed run ends with an uninterrupted one's weights (tested bit for bit).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from tdrl.data import BucketBatchSampler, DistillDataset, batch_statistics, coll
 from tdrl.errors import ConfigError, NonFiniteError
 from tdrl.evaluation import Evaluator, records_digest, support_probe
 from tdrl.integrity import DirectoryLock, write_json_atomic
-from tdrl.models import Teacher, model_fingerprint
+from tdrl.models import Teacher
 from tdrl.records import record_tensors
 from tdrl.training.callbacks import TensorBoardCallback, TrainerCallback
 from tdrl.training.checkpoints import claim_run_directory, load_checkpoint, save_checkpoint
@@ -33,6 +32,7 @@ from tdrl.training.config import TrainConfig, check_device
 from tdrl.training.online import PretrainText, collect_episodes
 from tdrl.training.plumbing import SCHEDULES, all_finite, check_metric_names, make_accelerator
 from tdrl.training.resume import ResumePoint, best_unavailable, continue_run, export_best
+from tdrl.training.sharding import rank_fingerprints, whole_weights
 from tdrl.training.signals import StopSignal
 from tdrl.training.state import SUMMARY_FILE, Evaluation, RunInfo, RunSummary, TestResult, TrainerState
 
@@ -180,7 +180,8 @@ class Trainer:
                 while state.step < steps:
                     step_start = time.perf_counter()
                     if args.online.every and state.step % args.online.every == 0:
-                        rollout_metrics = self._collect_online()
+                        with whole_weights(self.model):  # FSDP: each process samples alone
+                            rollout_metrics = self._collect_online()
                         for callback in callbacks:
                             callback.on_log(args, state, rollout_metrics)
                     log = (state.step + 1) % args.log_every == 0 or state.step + 1 == steps
@@ -215,15 +216,12 @@ class Trainer:
                 bar.close()
         wall_time = time.perf_counter() - started
         summary = RunSummary.of(args.to_dict(), state, interrupted=interrupted, wall_time_s=wall_time)
-        if self.accelerator.num_processes > 1:  # every rank must end with the same weights
-            from accelerate.utils import gather_object
-
-            summary.rank_fingerprints = gather_object([model_fingerprint(self.agent)])
-        if main:
-            if not interrupted:
+        summary.rank_fingerprints = rank_fingerprints(self.accelerator, self.agent)  # every rank: the same weights
+        with whole_weights(self.model):  # FSDP: every process gathers, the main process probes and tests
+            if main and not interrupted:
                 summary.probe = self.probe()
-                if self.test_records:
-                    summary.test = self.test()
+                summary.test = self.test() if self.test_records else summary.test
+        if main:
             for callback in callbacks:
                 callback.on_train_end(args, state, summary)
             write_json_atomic(self.out / SUMMARY_FILE, summary.to_dict())
@@ -312,8 +310,9 @@ class Trainer:
 
         state, settings = self.state, self.args.eval
         improved = [False]
+        with whole_weights(self.model):  # FSDP: every process gathers, the main process evaluates
+            metrics, samples = self.validation.run() if self.accelerator.is_main_process else (None, None)
         if self.accelerator.is_main_process:
-            metrics, samples = self.validation.run()
             for callback in callbacks:
                 callback.on_evaluate(self.args, state, metrics, samples)
             record = Evaluation(step=state.step, metrics=metrics, train_time_s=state.train_time_s)
