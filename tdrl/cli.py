@@ -65,8 +65,25 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         default="bundled",
         help="'bundled' (SmolLM2-135M-Instruct, default), 'tiny', a local directory or a hub id",
     )
-    teacher_args.add_argument("--dtype", default="float32", help="teacher dtype: float32, bfloat16 or float16")
-    teacher_args.add_argument("--device", default="cpu", help="torch device for the teacher, e.g. cpu or cuda")
+    teacher_args.add_argument(
+        "--teacher-dtype",
+        "--dtype",
+        dest="dtype",
+        default="float32",
+        help="teacher dtype: float32, bfloat16 or float16",
+    )
+    teacher_args.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for the teacher, e.g. cpu or cuda (under accelerate launch: cuda is each process's GPU)",
+    )
+    teacher_args.add_argument(
+        "--teacher-device-map",
+        dest="device_map",
+        default=None,
+        help="spread a big teacher over devices (accelerate's big-model loading; --device is then not used): auto, "
+        "balanced, sequential, a device such as cuda:1, or a JSON object of module names to devices",
+    )
     teacher_args.add_argument(
         "--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)"
     )
@@ -185,6 +202,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--greedy", action="store_true", help="only greedy decoding")
     evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument(
+        "--teacher-device-map", dest="device_map", default=None, help="as for tdrl annotate (default: no map)"
+    )
     evaluate.set_defaults(func=cmd_eval)
 
     warm = command("warm-start", "train the shared starting student (full-vocabulary KD) and export it")

@@ -44,10 +44,19 @@ def _print_summary(summary) -> None:
     print(f"  run directory: {summary.out}  (tdrl tensorboard {summary.out})")
 
 
-def cmd_teacher_info(args: argparse.Namespace) -> int:
-    from tdrl.models import load_teacher, sparsity_statistics
+def _teacher(args: argparse.Namespace):
+    """The teacher of the flags (``--device cuda``: this process's GPU under a multi-process launch)."""
+    from tdrl.models import load_teacher
+    from tdrl.training.config import resolve_device
 
-    teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    kwargs = dict(dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+    return load_teacher(args.teacher, device=resolve_device(args.device), **kwargs)
+
+
+def cmd_teacher_info(args: argparse.Namespace) -> int:
+    from tdrl.models import sparsity_statistics
+
+    teacher = _teacher(args)
     prompts = list(SAMPLE_PROMPTS[: args.num_prompts])
     responses = teacher.generate(prompts, args.max_new_tokens, temperature=1.0, top_p=0.8, seed=args.seed)
     stats = sparsity_statistics(teacher, prompts, responses, top_ps=args.top_p, top_ks=args.top_k)
@@ -87,57 +96,59 @@ def _subset(ds, limit: int | None):
 
 
 def cmd_generate_responses(args: argparse.Namespace) -> int:
-    from tdrl.data import generate_responses
-    from tdrl.models import load_teacher
+    from tdrl.data import Ranks, generate_responses
 
-    source = _subset(_source(args), args.limit)
-    teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    out = generate_responses(
-        teacher,
-        source,
-        args.out,
-        num_responses=args.num_responses,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        shard_size=args.shard_size,
-        progress=True,
-    )
-    print(f"wrote {len(source) * args.num_responses} teacher responses to {out}")
+    with Ranks.from_environment() as ranks:  # N processes under accelerate launch / torchrun, each its shards
+        source = _subset(_source(args), args.limit)
+        out = generate_responses(
+            _teacher(args),
+            source,
+            args.out,
+            num_responses=args.num_responses,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            shard_size=args.shard_size,
+            progress=ranks.is_main,
+            ranks=ranks,
+        )
+    if ranks.is_main:
+        print(f"wrote {len(source) * args.num_responses} teacher responses to {out}")
     return 0
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     from tdrl.actions import validate_top_k, validate_top_p
-    from tdrl.data import ANNOTATION_META, annotate
+    from tdrl.data import ANNOTATION_META, Ranks, annotate
     from tdrl.data.layout import check_keep_top_p
     from tdrl.integrity import read_json
-    from tdrl.models import load_teacher
 
     check_keep_top_p(args.keep_top_p, validate_top_p(args.top_p))  # before the teacher loads
     validate_top_k(args.top_k)
-    source = _subset(_source(args, require_response=True), args.limit)
-    teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    out = annotate(
-        teacher,
-        source,
-        args.out,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        reward=args.reward,
-        gamma=args.gamma,
-        max_prompt_len=args.max_prompt_len,
-        max_response_len=args.max_response_len,
-        keep_top_p=args.keep_top_p,
-        logprob_dtype=args.logprob_dtype,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        strict=args.strict,
-        progress=True,
-    )
+    with Ranks.from_environment() as ranks:  # N processes under accelerate launch / torchrun, each its shards
+        out = annotate(
+            _teacher(args),
+            _subset(_source(args, require_response=True), args.limit),
+            args.out,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            reward=args.reward,
+            gamma=args.gamma,
+            max_prompt_len=args.max_prompt_len,
+            max_response_len=args.max_response_len,
+            keep_top_p=args.keep_top_p,
+            logprob_dtype=args.logprob_dtype,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            strict=args.strict,
+            progress=ranks.is_main,
+            ranks=ranks,
+        )
+    if not ranks.is_main:
+        return 0
     meta = read_json(out / ANNOTATION_META, "annotation metadata")
     stats = meta["statistics"]
     print(
@@ -253,7 +264,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "from (references, NLL and coverage are the teacher's)"
         )
     device = resolve_device(args.device)
-    teacher = load_teacher(teacher_name, dtype=dtype, device=device)
+    teacher = load_teacher(teacher_name, dtype=dtype, device=device, device_map=args.device_map)
     student = load_student(str(model_dir)).to(device)
     check_same_vocabulary(teacher.tokenizer, student.tokenizer)
     limits = [n for n in (teacher.max_length, getattr(student.model.config, "max_position_embeddings", None)) if n]

@@ -243,7 +243,9 @@ def _compare_locked(runs, seeds, base, out: Path, progress, start, teacher, comm
     record = {"command": command, "agents": specs, "seeds": list(seeds), "complete": False}
     write_json_atomic(out / COMPARISON_FILE, record)
     runs = [(label, config.replace(overwrite=True) if replace else config) for label, config in runs]
-    teacher = teacher or load_teacher(base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device))
+    teacher = teacher or load_teacher(
+        base.teacher, dtype=base.teacher_dtype, device=resolve_device(base.device), device_map=base.teacher_device_map
+    )
     summaries = start_row(base.replace(out=str(out)), teacher, progress, start, seeds) if start else []
     for label, config in runs:
         summary = build_trainer(config, teacher=teacher, progress=progress).train()

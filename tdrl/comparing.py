@@ -93,7 +93,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"warm start: {steps} steps of full-vocabulary KD of {config.student} (reused when cached) ...", flush=True
         )
         # one teacher (and one hash of its weights) for the warm start and the comparison
-        teacher = load_teacher(config.teacher, dtype=config.teacher_dtype, device=resolve_device(config.device))
+        device, device_map = resolve_device(config.device), config.teacher_device_map
+        teacher = load_teacher(config.teacher, dtype=config.teacher_dtype, device=device, device_map=device_map)
         path, record = warm_start(warm, out / "warm-start", teacher=teacher)
         print(f"warm start ready in {path} ({record['train_time_s']:.0f} s of training)", flush=True)
         status = _compare(

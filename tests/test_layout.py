@@ -24,6 +24,7 @@ STAGES = {
     "comparing": 9,
     "cli": 10,
     "__init__": 11,
+    "__main__": 11,
 }
 
 

@@ -50,7 +50,8 @@ class OnlineKD(Agent):
         input_ids = batch["input_ids"].to(device)
         sel = batch["response_mask"].to(device).bool()
         with torch.no_grad():
-            teacher_logits = teacher.logits(input_ids, batch["attention_mask"])[sel.to(teacher.device)]
+            logits = teacher.logits(input_ids, batch["attention_mask"])  # on the device of the teacher's head
+            teacher_logits = logits[sel.to(logits.device)]
         teacher_logp = torch.log_softmax(teacher_logits.to(device).float() / tau, -1)
         student_logp = torch.log_softmax(self.student.full_logits(t.hidden[t.cur]).float() / tau, -1)
         kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)

@@ -11,7 +11,8 @@ Offline agents never need the teacher in memory: the teacher annotates the data 
 Both writers are sharded: each shard is written under a temporary name and renamed into place once
 complete (:func:`tdrl.integrity.atomic_dir` for an annotation shard, sealed with a manifest;
 :func:`tdrl.integrity.atomic_file` for a responses shard), so an interrupted run keeps its finished
-shards and resumes.
+shards and resumes. Under ``accelerate launch`` / ``torchrun`` both writers split the shards over the
+processes (:class:`Ranks`, :mod:`tdrl.data.ranks`) and write the cache one process writes.
 """
 
 from tdrl.data.annotate import SKIP_REASONS, annotate
@@ -27,6 +28,7 @@ from tdrl.data.dataset import (
     load_annotations,
 )
 from tdrl.data.generate import generate_responses
+from tdrl.data.ranks import Ranks
 from tdrl.data.sources import PRESETS, RESPONSES_META, SPLITS, load_source, records_fingerprint
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "load_source",
     "records_fingerprint",
     "generate_responses",
+    "Ranks",
     "annotate",
     "load_annotations",
     "annotation_statistics",

@@ -17,8 +17,17 @@ from tdrl.actions import validate_top_k, validate_top_p
 from tdrl.data.dataset import ANNOTATION_META, annotation_statistics, load_annotations
 from tdrl.data.layout import LOGPROB_DTYPES, SCHEMA, check_keep_top_p, encode_sets
 from tdrl.data.layout import features as layout_features
+from tdrl.data.ranks import Ranks
 from tdrl.data.sources import records_fingerprint
-from tdrl.data.writing import dir_bytes, open_output, progress_bar, quiet_datasets, shard_ranges
+from tdrl.data.writing import (
+    dir_bytes,
+    open_output,
+    progress_bar,
+    quiet_datasets,
+    settings_fingerprint,
+    shard_ranges,
+    shards_left,
+)
 from tdrl.errors import ConfigError, DataError, check_discount
 from tdrl.integrity import DirectoryLock, atomic_dir, read_json, verify_manifest, write_json_atomic, write_manifest
 from tdrl.models.lm import tokenizer_fingerprint
@@ -70,6 +79,7 @@ def annotate(
     strict: bool = False,
     stop_after_shards: int | None = None,
     progress: bool = False,
+    ranks: Ranks | None = None,
 ) -> Path:
     """Run the teacher once over every (prompt, response) of ``source`` and write the sparse
     annotation cache: a ``datasets`` Arrow dataset per shard under ``out/shards`` plus
@@ -87,6 +97,11 @@ def annotate(
     Responses are taken as token ids when the source has them (``generate_responses`` output), else
     tokenised and ended with EOS. Prompts longer than ``max_prompt_len`` tokens are skipped and
     counted (``strict=True`` raises instead); responses are cut at ``max_response_len``.
+
+    ``ranks`` (:class:`~tdrl.data.ranks.Ranks`, e.g. ``Ranks.from_environment()`` under ``torchrun``):
+    each of N processes annotates every N-th shard left to write, rank 0 seals the directory once all
+    are done; the cache is the one a single process writes. Every rank must call with the same arguments.
+    ``stop_after_shards`` ends early after that many new shards in all (for tests); a rerun resumes.
     """
     top_k, top_p = validate_top_k(top_k), validate_top_p(top_p)
     reward = Reward.parse(reward)
@@ -128,33 +143,60 @@ def annotate(
         "logprob_dtype": logprob_dtype,
         "shard_size": shard_size,
     }
+    ranks = ranks or Ranks()
+    ranks.agree(settings_fingerprint(settings), "the annotation settings, data or teacher weights")
     created = not out.exists()
-    with DirectoryLock(out, "annotation directory"):
-        meta = open_output(out, ANNOTATION_META, settings, "teacher annotations")
+    n_shards = len(shard_ranges(len(source), shard_size))
+    paths = [_shard_path(out, i) for i in range(n_shards)]
+    meta: dict = {}
+
+    def start() -> list[int]:  # rank 0, holding the lock: check or create the directory, list what is left
+        meta.update(open_output(out, ANNOTATION_META, settings, "teacher annotations"))
+        return shards_left(paths, lambda p: not verify_manifest(p, hashes=False), stop_after_shards)
+
+    def finish() -> None:  # rank 0, once every rank is done: seal the directory if no shard is left
+        if all(p.is_dir() for p in paths):
+            _check_some_record_fits(out, settings, teacher.max_length)
+            _seal(out, meta)
+
+    with ranks.holding(DirectoryLock(out, "annotation directory")):
+        mine = ranks.mine(ranks.on_main(start))
         try:
-            _annotate_shards(teacher, source, out, settings, strict, stop_after_shards, progress, batch_size)
-        except DataError:
-            if created and not any((out / "shards").glob("shard-*/data-*.arrow")):
-                shutil.rmtree(out, ignore_errors=True)  # nothing usable was written: leave no broken cache behind
+            ranks.on_all(lambda: _annotate_shards(teacher, source, out, settings, strict, mine, progress, batch_size))
+            ranks.on_main(finish)
+        except DataError:  # every rank raises it, once rank 0 has cleaned up (a launcher stops all when one ends)
+            ranks.on_main(lambda: _clean_up(out, created))
             raise
-        if stop_after_shards is not None and len(list((out / "shards").glob("shard-*"))) < _n_shards(source, settings):
-            return out
-        shards = {}
-        for p in sorted((out / "shards").glob("shard-*")):
-            shards[p.name] = read_json(p / SHARD_RECORD, "shard record")
-        meta.update(
-            complete=True,
-            shards={name: m["records"] for name, m in shards.items()},
-            records=sum(m["records"] for m in shards.values()),
-            skipped={key: sum(m["skipped"].get(key, 0) for m in shards.values()) for key in SKIP_REASONS},
-        )
-        if any(meta["skipped"].values()):
-            log.warning("annotate: skipped records: %s", meta["skipped"])
-        data = load_annotations(out, _meta=meta)
-        meta["statistics"] = annotation_statistics(data, min(settings["top_k"], settings["vocab_size"]))
-        meta["bytes_per_token"] = dir_bytes(out / "shards") / max(1, meta["statistics"]["tokens"])
-        write_json_atomic(out / ANNOTATION_META, meta)
     return out
+
+
+def _clean_up(out: Path, created: bool) -> None:
+    if created and not any((out / "shards").glob("shard-*/data-*.arrow")):
+        shutil.rmtree(out, ignore_errors=True)  # nothing usable was written: leave no broken cache behind
+
+
+def _shard_path(out: Path, index: int) -> Path:
+    return out / "shards" / f"shard-{index:05d}"
+
+
+def _seal(out: Path, meta: dict) -> None:
+    """Sum the shards' counts into the metadata, mark it complete, add the statistics."""
+    shards = {}
+    for p in sorted((out / "shards").glob("shard-*")):
+        shards[p.name] = read_json(p / SHARD_RECORD, "shard record")
+    meta.update(
+        complete=True,
+        shards={name: m["records"] for name, m in shards.items()},
+        records=sum(m["records"] for m in shards.values()),
+        skipped={key: sum(m["skipped"].get(key, 0) for m in shards.values()) for key in SKIP_REASONS},
+    )
+    if any(meta["skipped"].values()):
+        log.warning("annotate: skipped records: %s", meta["skipped"])
+    data = load_annotations(out, _meta=meta)
+    settings = meta["settings"]
+    meta["statistics"] = annotation_statistics(data, min(settings["top_k"], settings["vocab_size"]))
+    meta["bytes_per_token"] = dir_bytes(out / "shards") / max(1, meta["statistics"]["tokens"])
+    write_json_atomic(out / ANNOTATION_META, meta)
 
 
 #: In every shard directory: its record count and skipped counts (``{"records": n, "skipped": {...}}``).
@@ -164,27 +206,17 @@ SHARD_RECORD = "tdrl-shard.json"
 SKIP_REASONS = ("prompt_too_long", "beyond_context", "empty_response")
 
 
-def _n_shards(source, settings) -> int:
-    return len(shard_ranges(len(source), settings["shard_size"]))
-
-
-def _annotate_shards(teacher, source, out: Path, settings: dict, strict, stop_after_shards, progress, batch_size):
-    """Write every missing (or damaged) shard: Arrow data, its record counts, and a manifest."""
+def _annotate_shards(teacher, source, out: Path, settings: dict, strict, indices: list[int], progress, batch_size):
+    """Write the shards ``indices``: each one's Arrow data, its record counts, and a manifest."""
     import datasets
 
     features = features_of(settings)
     max_prompt_len, max_response_len = settings["max_prompt_len"], settings["max_response_len"]
     context = teacher.max_length
-    written = 0
     ranges = shard_ranges(len(source), settings["shard_size"])
-    for index, (start, stop) in enumerate(progress_bar(ranges, progress, "annotate")):
-        shard = out / "shards" / f"shard-{index:05d}"
-        if shard.is_dir():
-            if not verify_manifest(shard, hashes=False):
-                continue
-            shutil.rmtree(shard)  # damaged (a file missing or truncated): write it again
-        if stop_after_shards is not None and written >= stop_after_shards:
-            return
+    reward = Reward.parse(settings["reward"])
+    for index in progress_bar(indices, progress, "annotate"):
+        start, stop = ranges[index]
         columns: dict[str, list] = {name: [] for name in features}
         skipped = dict.fromkeys(SKIP_REASONS, 0)
         items = []
@@ -205,24 +237,27 @@ def _annotate_shards(teacher, source, out: Path, settings: dict, strict, stop_af
                 skipped[reason] += 1
                 continue
             items.append((row, prompt_ids, response_ids, terminated))
-        reward = Reward.parse(settings["reward"])
         for b_start in range(0, len(items), batch_size):
             batch = items[b_start : b_start + batch_size]
             _annotate_batch(teacher, batch, columns, settings, reward)
-        # the caller holds the directory's lock, so one fixed token is safe and a rerun clears a killed writer's
-        with atomic_dir(shard, token="writing") as tmp:
+        # one writer per shard (rank 0 holds the directory's lock and hands each shard to one rank), so one
+        # fixed token is safe and a rerun clears a killed writer's leftovers
+        with atomic_dir(_shard_path(out, index), token="writing") as tmp:
             if items:  # an empty shard is recorded (its counts) but holds no Arrow data
                 with quiet_datasets():
                     datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))
             (tmp / SHARD_RECORD).write_text(json.dumps({"skipped": skipped, "records": len(items)}))
             write_manifest(tmp)
-        written += 1
+
+
+def _check_some_record_fits(out: Path, settings: dict, context: int | None) -> None:
     counts = [read_json(p / SHARD_RECORD, "shard record") for p in (out / "shards").glob("shard-*")]
     if counts and sum(c["records"] for c in counts) == 0:
         totals = {key: sum(c["skipped"].get(key, 0) for c in counts) for key in SKIP_REASONS}
         raise DataError(
-            f"no record fits: every one was skipped ({totals}; max_prompt_len={max_prompt_len}, max_response_len="
-            f"{max_response_len}, teacher context {context}): raise the limits or use shorter prompts"
+            f"no record fits: every one was skipped ({totals}; max_prompt_len={settings['max_prompt_len']}, "
+            f"max_response_len={settings['max_response_len']}, teacher context {context}): raise the limits or use "
+            "shorter prompts"
         )
 
 

@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 from tdrl.actions import validate_top_k, validate_top_p
+from tdrl.data.ranks import Ranks
 from tdrl.data.sources import RESPONSES_META, records_fingerprint
-from tdrl.data.writing import open_output, progress_bar, shard_ranges
+from tdrl.data.writing import open_output, progress_bar, settings_fingerprint, shard_ranges, shards_left
 from tdrl.errors import ConfigError, DataError
 from tdrl.integrity import DirectoryLock, atomic_file, write_json_atomic
 from tdrl.models.lm import tokenizer_fingerprint
@@ -33,6 +34,7 @@ def generate_responses(
     shard_size: int = 256,
     stop_after_shards: int | None = None,
     progress: bool = False,
+    ranks: Ranks | None = None,
 ) -> Path:
     """Write ``num_responses`` teacher samples per prompt of ``source`` (a Dataset from
     :func:`load_source`) to ``out`` as JSONL shards plus ``tdrl-responses.json``.
@@ -41,6 +43,9 @@ def generate_responses(
     default so every demonstration token lies in A_p(s). Each shard has its own seed, so the output
     does not depend on where an interrupted run stopped: finished shards are kept and the rest are
     regenerated. ``stop_after_shards`` ends early after writing that many new shards (for tests).
+
+    ``ranks`` (:class:`~tdrl.data.ranks.Ranks`): N processes each write every N-th shard left, rank 0
+    seals the directory once all are done; the responses are those of one process (same seeds per batch).
     """
     for name, value in (
         ("num_responses", num_responses),
@@ -78,23 +83,34 @@ def generate_responses(
         "seed": seed,
         "shard_size": shard_size,
     }
-    with DirectoryLock(out, "responses directory"):
-        return _generate_shards(teacher, source, out, settings, batch_size, stop_after_shards, progress)
-
-
-def _generate_shards(teacher, source, out: Path, settings: dict, batch_size: int, stop_after_shards, progress) -> Path:
-    meta = open_output(out, RESPONSES_META, settings, "teacher responses")
-    num_responses, max_new_tokens, seed = settings["num_responses"], settings["max_new_tokens"], settings["seed"]
-    temperature, top_k, top_p = settings["temperature"], settings["top_k"], settings["top_p"]
+    ranks = ranks or Ranks()
+    ranks.agree(settings_fingerprint(settings), "the generation settings, prompts or teacher weights")
     jobs = [(row, j) for row in source for j in range(num_responses)]
-    ranges = shard_ranges(len(jobs), settings["shard_size"])
-    written = 0
-    for index, (start, stop) in enumerate(progress_bar(ranges, progress, "generate-responses")):
-        shard = out / "shards" / f"shard-{index:05d}.jsonl"
-        if shard.is_file():
-            continue
-        if stop_after_shards is not None and written >= stop_after_shards:
-            return out
+    ranges = shard_ranges(len(jobs), shard_size)
+    paths = [out / "shards" / f"shard-{index:05d}.jsonl" for index in range(len(ranges))]
+    meta: dict = {}
+
+    def start() -> list[int]:  # rank 0, holding the lock: check or create the directory, list what is left
+        meta.update(open_output(out, RESPONSES_META, settings, "teacher responses"))
+        return shards_left(paths, Path.is_file, stop_after_shards)
+
+    def finish() -> None:  # rank 0, once every rank is done: seal the directory if no shard is left
+        if all(p.is_file() for p in paths):
+            meta.update(complete=True, records=len(jobs))
+            write_json_atomic(out / RESPONSES_META, meta)
+
+    with ranks.holding(DirectoryLock(out, "responses directory")):
+        mine = [(paths[i], ranges[i]) for i in ranks.mine(ranks.on_main(start))]
+        ranks.on_all(lambda: _generate_shards(teacher, jobs, mine, settings, batch_size, progress))
+        ranks.on_main(finish)
+    return out
+
+
+def _generate_shards(teacher, jobs: list, shards: list, settings: dict, batch_size: int, progress) -> None:
+    """Write each ``(path, (start, stop))`` of ``shards``: the responses to ``jobs[start:stop]``."""
+    max_new_tokens, seed = settings["max_new_tokens"], settings["seed"]
+    temperature, top_k, top_p = settings["temperature"], settings["top_k"], settings["top_p"]
+    for shard, (start, stop) in progress_bar(shards, progress, "generate-responses"):
         with atomic_file(shard) as fh:  # records go out as they come; the shard appears only once complete
             for b_start in range(start, stop, batch_size):
                 batch = jobs[b_start : min(b_start + batch_size, stop)]
@@ -104,14 +120,10 @@ def _generate_shards(teacher, source, out: Path, settings: dict, batch_size: int
                     temperature=temperature,
                     top_k=top_k,
                     top_p=top_p,
-                    seed=seed * 1_000_003 + b_start,
+                    seed=seed * 1_000_003 + b_start,  # the batch's place in the job: any rank draws the same
                 )
                 for (row, j), ids in zip(batch, responses):
                     fh.write(json.dumps(_record(teacher, row, j, ids), ensure_ascii=False) + "\n")
-        written += 1
-    meta.update(complete=True, records=len(jobs))
-    write_json_atomic(out / RESPONSES_META, meta)
-    return out
 
 
 def _record(teacher: Teacher, row: dict, j: int, ids: list[int]) -> dict:

@@ -5,16 +5,39 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from tdrl.errors import DataError
 from tdrl.integrity import LOCK_FILE, read_json, write_json_atomic
 
-__all__ = ["shard_ranges", "open_output", "settings_fingerprint", "progress_bar", "quiet_datasets", "dir_bytes"]
+__all__ = [
+    "shard_ranges",
+    "shards_left",
+    "open_output",
+    "settings_fingerprint",
+    "progress_bar",
+    "quiet_datasets",
+    "dir_bytes",
+]
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def shards_left(paths: list[Path], intact: Callable[[Path], bool], stop_after_shards: int | None = None) -> list[int]:
+    """The indices of the shards still to write: missing ones, and ones present but not ``intact``
+    (removed here, to be written again); only the first ``stop_after_shards`` of them when given."""
+    todo = []
+    for index, path in enumerate(paths):
+        if path.exists():
+            if intact(path):
+                continue
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        todo.append(index)
+    return todo if stop_after_shards is None else todo[:stop_after_shards]
 
 
 def open_output(out: Path, meta_name: str, settings: dict, kind: str) -> dict:

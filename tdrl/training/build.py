@@ -57,7 +57,9 @@ def build_trainer(
     args = args.resolve(get_agent(args.agent))  # an unknown agent fails before any model loads
     set_seed(args.seed)
     device = resolve_device(args.device)  # this process's GPU under torchrun / accelerate launch
-    teacher = teacher or load_teacher(args.teacher, dtype=args.teacher_dtype, device=device)
+    teacher = teacher or load_teacher(
+        args.teacher, dtype=args.teacher_dtype, device=device, device_map=args.teacher_device_map
+    )
     student = load_student(args.student, teacher=teacher).to(device)
     check_same_vocabulary(teacher.tokenizer, student.tokenizer)
     agent = make_agent(args.agent, student, args.agent_config, teacher=teacher).to(device)

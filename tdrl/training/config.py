@@ -25,6 +25,7 @@ the agent's Config once, before a run; the device is checked when the run starts
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -90,6 +91,11 @@ class TrainConfig:
     teacher_dtype: str = setting(
         "float32", "teacher dtype: float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16")
     )
+    teacher_device_map: str | None = setting(
+        None,
+        "spread a big teacher over devices (accelerate's big-model loading; --device is then the student's only): "
+        "auto, a device such as cuda:1, or a JSON object of module names to devices",
+    )
     student: str = setting(
         "layers:0,10,20,29", "student: tiny, layers:i,j,... (from the teacher), a directory or hub id"
     )
@@ -123,9 +129,15 @@ class TrainConfig:
                 setattr(self, name, _group_from_dict(group, value, name))
             elif not isinstance(value, group):
                 raise ConfigError(f"{name} must be a {group.__name__}, got {type(value).__name__}")
+        if isinstance(self.teacher_device_map, dict):  # a YAML mapping: kept as the JSON the flag takes
+            self.teacher_device_map = json.dumps(self.teacher_device_map)
         check_group(self)
         if not self.out.strip():
             raise ConfigError("--out must name a run directory, got an empty string")
+        if self.teacher_device_map is not None:
+            from tdrl.models.placement import parse_device_map
+
+            parse_device_map(self.teacher_device_map)  # its form; its devices are checked when the teacher loads
         if self.optim.mixed_precision == "fp16" and not self.device.startswith("cuda"):
             raise ConfigError(
                 "--mixed-precision fp16 needs a CUDA GPU (its loss scaling is CUDA's): use bf16 on the CPU"

@@ -143,7 +143,12 @@ def warm_start(
     from tdrl.training.checkpoints import find_checkpoint
 
     out = Path(out)
-    teacher = teacher or load_teacher(config.teacher, dtype=config.teacher_dtype, device=resolve_device(config.device))
+    teacher = teacher or load_teacher(
+        config.teacher,
+        dtype=config.teacher_dtype,
+        device=resolve_device(config.device),
+        device_map=config.teacher_device_map,
+    )
     fingerprint, settings = warm_start_fingerprint(config, teacher)
     marker = out / WARM_START_FILE
     if marker.is_file():
