@@ -7,6 +7,21 @@ import pytest
 from tdrl.cli import main
 
 
+def test_python_dash_m_tdrl_is_the_command_line(monkeypatch, capsys):
+    """``python -m tdrl`` (what ``accelerate launch -m tdrl ...`` runs) is ``tdrl``, exit status included."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["tdrl", "agents"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("tdrl", run_name="__main__")
+    assert done.value.code == 0 and "kd-online" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["tdrl", "annotate", "--teacher", "tiny", "--out", "x", "--top-p", "2"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("tdrl", run_name="__main__")
+    assert done.value.code == 2 and "top_p must lie in (0, 1]" in capsys.readouterr().err
+
+
 def test_teacher_info_on_tiny_prints_sparsity(capsys):
     assert main(["teacher-info", "--teacher", "tiny", "--num-prompts", "2", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
@@ -24,6 +39,8 @@ def test_teacher_info_on_tiny_prints_sparsity(capsys):
         (["teacher-info", "--teacher", "tiny", "--top-k", "0"], "top_k must be an integer >= 1"),
         (["teacher-info", "--teacher", "./missing-dir"], "does not exist here"),
         (["teacher-info", "--teacher", "tiny", "--dtype", "int3"], "unknown dtype"),
+        (["teacher-info", "--teacher", "tiny", "--teacher-dtype", "int3"], "unknown dtype"),
+        (["teacher-info", "--teacher", "tiny", "--teacher-device-map", "{}"], "teacher device map must be one of"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(argv, message, capsys):

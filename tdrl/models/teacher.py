@@ -27,6 +27,7 @@ from torch import Tensor
 from tdrl.actions import ActionSubset, top_p_subset
 from tdrl.errors import ConfigError
 from tdrl.models.lm import LM, model_fingerprint
+from tdrl.models.placement import check_in_memory
 
 __all__ = ["Reward", "reward_value", "Annotation", "Teacher", "sparsity_statistics"]
 
@@ -113,6 +114,7 @@ class Teacher(LM):
         """:func:`model_fingerprint` of the teacher's weights, computed once (the teacher is frozen).
         Caches of teacher outputs are keyed by it, so two teachers with one name never share them."""
         if getattr(self, "_weights_fingerprint", None) is None:
+            check_in_memory(self.model, self.name)  # offloaded weights (on the meta device) cannot be hashed
             self._weights_fingerprint = model_fingerprint(self.model)
         return self._weights_fingerprint
 
