@@ -151,7 +151,7 @@ def main(argv=None) -> str:
     parser.add_argument("--device", default="cpu", help="torch device of the teacher (cuda: one GPU per process)")
     parser.add_argument("--processes", type=int, nargs="*", default=[1, 2], help="none: no processes table")
     parser.add_argument("--process-teachers", nargs="+", default=["tiny", "bundled"])
-    parser.add_argument("--process-records", type=int, default=256)
+    parser.add_argument("--process-records", type=int, default=128)
     parser.add_argument("--worker", nargs=2, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

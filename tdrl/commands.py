@@ -95,26 +95,20 @@ def _subset(ds, limit: int | None):
     return ds if limit is None or limit >= len(ds) else ds.select(range(limit))
 
 
+#: The flags of generate-responses and annotate passed on as the writers' keywords of the same names.
+GENERATE_FLAGS = ("num_responses", "max_new_tokens", "temperature", "top_k", "top_p", "batch_size", "seed")
+GENERATE_FLAGS += ("shard_size",)
+ANNOTATE_FLAGS = ("top_k", "top_p", "reward", "gamma", "max_prompt_len", "max_response_len", "keep_top_p")
+ANNOTATE_FLAGS += ("logprob_dtype", "batch_size", "shard_size", "strict")
+
+
 def cmd_generate_responses(args: argparse.Namespace) -> int:
     from tdrl.data import Ranks, generate_responses
 
+    settings = {name: getattr(args, name) for name in GENERATE_FLAGS}
     with Ranks.from_environment() as ranks:  # N processes under accelerate launch / torchrun, each its shards
         source = _subset(_source(args), args.limit)
-        out = generate_responses(
-            _teacher(args),
-            source,
-            args.out,
-            num_responses=args.num_responses,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            shard_size=args.shard_size,
-            progress=ranks.is_main,
-            ranks=ranks,
-        )
+        out = generate_responses(_teacher(args), source, args.out, **settings, progress=ranks.is_main, ranks=ranks)
     if ranks.is_main:
         print(f"wrote {len(source) * args.num_responses} teacher responses to {out}")
     return 0
@@ -128,25 +122,10 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
     check_keep_top_p(args.keep_top_p, validate_top_p(args.top_p))  # before the teacher loads
     validate_top_k(args.top_k)
+    settings = {name: getattr(args, name) for name in ANNOTATE_FLAGS}
     with Ranks.from_environment() as ranks:  # N processes under accelerate launch / torchrun, each its shards
-        out = annotate(
-            _teacher(args),
-            _subset(_source(args, require_response=True), args.limit),
-            args.out,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            reward=args.reward,
-            gamma=args.gamma,
-            max_prompt_len=args.max_prompt_len,
-            max_response_len=args.max_response_len,
-            keep_top_p=args.keep_top_p,
-            logprob_dtype=args.logprob_dtype,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            strict=args.strict,
-            progress=ranks.is_main,
-            ranks=ranks,
-        )
+        source = _subset(_source(args, require_response=True), args.limit)
+        out = annotate(_teacher(args), source, args.out, **settings, progress=ranks.is_main, ranks=ranks)
     if not ranks.is_main:
         return 0
     meta = read_json(out / ANNOTATION_META, "annotation metadata")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import reproduce, topp_stats
+from benchmarks import annotate_speed, reproduce, topp_stats
 from benchmarks.memory import PeakMemory
 
 
@@ -20,6 +20,13 @@ def test_peak_memory_sees_a_block_allocation_and_not_earlier_ones():
     assert 200 * 2**20 < peak.peak_bytes < 400 * 2**20
     assert before.peak_bytes < 64 * 2**20
     del resident, block
+
+
+def test_annotation_processes_run_one_thread_each_and_the_cores_shared_out(monkeypatch):
+    monkeypatch.setattr(annotate_speed.os, "cpu_count", lambda: 2)
+    assert annotate_speed.runs([1, 2]) == [(1, 2), (1, 1), (2, 1)]  # one process: all threads, then one
+    monkeypatch.setattr(annotate_speed.os, "cpu_count", lambda: 8)
+    assert annotate_speed.runs([1, 4]) == [(1, 8), (1, 1), (4, 2), (4, 1)]
 
 
 def test_top_p_statistics_by_hand():
