@@ -213,10 +213,12 @@ def record_settings(config: TrainConfig, agent_args: str | None = None) -> dict:
     tdrl 0.1 (``agent_args`` the spec's settings string, seeds comma-separated strings, an unset
     ``test_split`` the old default ``heldout``), so the records.json files of earlier versions stay
     valid. ``agent_args``: the settings string of the spec ``config.agent_config`` was built from
-    (checked against it); needed whenever the config has agent settings. ``eval_on_start``, a setting
-    tdrl 0.1 had not, joins the key only when it is on (0.1's runs were those without it)."""
+    (checked against it); needed whenever the config has agent settings. ``eval_on_start`` and
+    ``teacher_device_map``, settings tdrl 0.1 had not, join the key only when on or set (0.1's runs were
+    those without them)."""
     flat = config.flat()
     agent_config, on_start = flat.pop("agent_config"), flat.pop("eval_on_start")
+    device_map = flat.pop("teacher_device_map")
     if agent_args is None and agent_config is not None:
         raise ValueError("the config has agent settings: pass agent_args, the spec's settings string")
     agent_args = agent_args or ""
@@ -231,6 +233,8 @@ def record_settings(config: TrainConfig, agent_args: str | None = None) -> dict:
     )
     if on_start:
         values["eval_on_start"] = True
+    if device_map is not None:
+        values["teacher_device_map"] = device_map
     return values
 
 
