@@ -213,12 +213,12 @@ def record_settings(config: TrainConfig, agent_args: str | None = None) -> dict:
     tdrl 0.1 (``agent_args`` the spec's settings string, seeds comma-separated strings, an unset
     ``test_split`` the old default ``heldout``), so the records.json files of earlier versions stay
     valid. ``agent_args``: the settings string of the spec ``config.agent_config`` was built from
-    (checked against it); needed whenever the config has agent settings. ``eval_on_start`` and
-    ``teacher_device_map``, settings tdrl 0.1 had not, join the key only when on or set (0.1's runs were
-    those without them)."""
+    (checked against it); needed whenever the config has agent settings. ``eval_on_start`` and the
+    settings of :data:`SINCE_0_1`, which tdrl 0.1 had not, join the key only when on or not at their
+    default (0.1's runs were those without them)."""
     flat = config.flat()
     agent_config, on_start = flat.pop("agent_config"), flat.pop("eval_on_start")
-    device_map = flat.pop("teacher_device_map")
+    later = {name: flat.pop(name) for name in SINCE_0_1}
     if agent_args is None and agent_config is not None:
         raise ValueError("the config has agent settings: pass agent_args, the spec's settings string")
     agent_args = agent_args or ""
@@ -233,9 +233,15 @@ def record_settings(config: TrainConfig, agent_args: str | None = None) -> dict:
     )
     if on_start:
         values["eval_on_start"] = True
-    if device_map is not None:
-        values["teacher_device_map"] = device_map
+    values.update({name: value for name, value in later.items() if value != SINCE_0_1[name]})
     return values
+
+
+#: Settings added after tdrl 0.1, with the value its runs had: a record's key holds them only when they differ.
+#: (``annotation_keep_top_p`` unset: the bundled cache keeps candidates to mass max(0.9, the agent's p), in
+#: the compact layout; runs recorded on the full layout of 0.2 gave the same batches up to float16 rounding of
+#: the in-set log-probs: benchmarks/RESULTS.md section 7.)
+SINCE_0_1 = {"teacher_device_map": None, "annotation_keep_top_p": None, "fsdp": False}
 
 
 def run_key(

@@ -530,3 +530,47 @@ def test_fourth_hostile_pass_comparisons_own_their_directory(tmp_path, capsys):
     with DirectoryLock(out, "comparison directory"):  # another comparison is writing here
         fails(capsys, ["compare", "--agents", "sql", *flags, "--overwrite"], "another tdrl process is writing")
     assert (out / "results.md").read_text() == before
+
+
+def test_fourth_hostile_pass_resumed_writers_never_mix_settings_or_keep_damage(tmp_path, capsys):
+    """generate-responses samples with one seed per batch, so its batch size shapes the responses: a resume
+    with another --batch-size is refused (a complete directory of tdrl 0.2, which did not record it, still
+    counts as the same job). A shard damaged in place (same size, a flipped byte) is rebuilt by rerunning
+    annotate, as the load error advises, instead of being kept by a size-only check."""
+    import json
+
+    import datasets
+
+    from tdrl.data import annotate, generate_responses, load_annotations, load_source
+    from tdrl.errors import DataError
+    from tdrl.testing import tiny_teacher
+
+    teacher = tiny_teacher()
+    prompts = load_source("bundled", split="train").select(range(8))
+    kwargs = dict(max_new_tokens=4, shard_size=4, seed=0)
+    out = tmp_path / "gen"
+    generate_responses(teacher, prompts, out, batch_size=4, stop_after_shards=1, **kwargs)
+    with pytest.raises(DataError, match="batch_size"):
+        generate_responses(teacher, prompts, out, batch_size=2, **kwargs)
+    generate_responses(teacher, prompts, out, batch_size=4, **kwargs)  # the same job resumes
+    meta_path = out / "tdrl-responses.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["settings"]["batch_size"]  # as tdrl 0.2 wrote it
+    meta_path.write_text(json.dumps(meta))
+    assert generate_responses(teacher, prompts, out, batch_size=4, **kwargs) == out  # complete: reused
+    meta["complete"] = False
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="batch_size"):  # incomplete: resuming it could mix the batch sizes
+        generate_responses(teacher, prompts, out, batch_size=4, **kwargs)
+
+    rows = datasets.Dataset.from_list([{"id": str(i), "prompt": f"p {i}", "response": f"r {i} " * 3} for i in range(6)])
+    cache = annotate(teacher, rows, tmp_path / "ann", top_k=8, shard_size=3)
+    before = load_annotations(cache).to_dict()
+    arrow = sorted((cache / "shards" / "shard-00001").glob("data-*.arrow"))[0]
+    data = bytearray(arrow.read_bytes())
+    data[-100] ^= 0xFF
+    arrow.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="damaged.*rerun `tdrl annotate`"):
+        load_annotations(cache)
+    annotate(teacher, rows, tmp_path / "ann", top_k=8, shard_size=3)
+    assert load_annotations(cache).to_dict() == before

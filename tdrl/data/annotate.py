@@ -152,7 +152,8 @@ def annotate(
 
     def start() -> list[int]:  # rank 0, holding the lock: check or create the directory, list what is left
         meta.update(open_output(out, ANNOTATION_META, settings, "teacher annotations"))
-        return shards_left(paths, lambda p: not verify_manifest(p, hashes=False), stop_after_shards)
+        # every file's hash: a rerun after a damaged-shard error rebuilds the shard, as that error advises
+        return shards_left(paths, lambda p: not verify_manifest(p), stop_after_shards)
 
     def finish() -> None:  # rank 0, once every rank is done: seal the directory if no shard is left
         if all(p.is_dir() for p in paths):

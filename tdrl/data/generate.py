@@ -82,6 +82,7 @@ def generate_responses(
         "top_p": top_p,
         "seed": seed,
         "shard_size": shard_size,
+        "batch_size": batch_size,  # the sampling seed is per batch: the batches shape the responses
     }
     ranks = ranks or Ranks()
     ranks.agree(settings_fingerprint(settings), "the generation settings, prompts or teacher weights")
@@ -91,7 +92,7 @@ def generate_responses(
     meta: dict = {}
 
     def start() -> list[int]:  # rank 0, holding the lock: check or create the directory, list what is left
-        meta.update(open_output(out, RESPONSES_META, settings, "teacher responses"))
+        meta.update(open_output(out, RESPONSES_META, settings, "teacher responses", since=("batch_size",)))
         return shards_left(paths, Path.is_file, stop_after_shards)
 
     def finish() -> None:  # rank 0, once every rank is done: seal the directory if no shard is left

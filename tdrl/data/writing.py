@@ -40,11 +40,18 @@ def shards_left(paths: list[Path], intact: Callable[[Path], bool], stop_after_sh
     return todo if stop_after_shards is None else todo[:stop_after_shards]
 
 
-def open_output(out: Path, meta_name: str, settings: dict, kind: str) -> dict:
-    """Create ``out`` or check that it holds the same job (same settings); return the meta dict."""
+def open_output(out: Path, meta_name: str, settings: dict, kind: str, since: tuple[str, ...] = ()) -> dict:
+    """Create ``out`` or check that it holds the same job (same settings); return the meta dict.
+    ``since``: settings recorded only since a later tdrl; a *complete* directory that lacks them and
+    matches on every other setting is the same job (it is never written again), an incomplete one is
+    refused (resuming it could mix shards written with different values)."""
     meta_path = out / meta_name
     if meta_path.is_file():
         meta = read_json(meta_path, "output metadata")
+        stored = meta.get("settings", {})
+        older = {k: v for k, v in settings.items() if not (k in since and k not in stored)}
+        if meta.get("complete") and stored == older:
+            return meta
         if meta.get("settings") != settings:
             changed = sorted(k for k in settings if meta.get("settings", {}).get(k) != settings[k])
             raise DataError(
