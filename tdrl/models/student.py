@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from tdrl.actions import in_set
 from tdrl.errors import ConfigError, ModelNotFoundError
+from tdrl.models.cuts import from_teacher_layers
 from tdrl.models.hub import check_model_directory, resolve_name
-from tdrl.models.placement import plain_copy
+from tdrl.models.lora import ADAPTER_CONFIG, enable_gradient_checkpointing, head_weight, load_adapter_model
 from tdrl.models.tiny import tiny_student_model
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
     "VOCAB_CHUNK",
     "VALUE_HEAD_FILE",
     "load_student",
-    "from_teacher_layers",
+    "from_teacher_layers",  # tdrl.models.cuts
 ]
 
 #: Vocabulary columns per chunk of the full-vocabulary normaliser: the peak extra memory is
@@ -233,12 +234,16 @@ class Student(nn.Module):
         tokenizer: its tokenizer (must equal the teacher's vocabulary; see
             :func:`tdrl.data.check_same_vocabulary`).
         value_head: add a scalar head ``V(s) = v . h(s) + c`` (zero-initialised), for agents that need one.
+
+    ``lora`` is the student's :class:`~tdrl.models.lora.Adapter` once :func:`~tdrl.models.lora.apply_lora`
+    put LoRA adapters on ``model`` (in place: ``model`` stays the HF model), else None.
     """
 
     def __init__(self, model, tokenizer=None, *, value_head: bool = False):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.lora = None  # an Adapter (not a module: its weights are model's) after apply_lora
         config = getattr(model, "config", None)
         if getattr(config, "final_logit_softcapping", None):
             raise ConfigError("students with final_logit_softcapping are not supported on the sparse logits path")
@@ -250,15 +255,15 @@ class Student(nn.Module):
     # -------------------------------------------------------------- shape facts
     @property
     def hidden_size(self) -> int:
-        return int(self.output_weight().shape[1])
+        return int(self.model.get_output_embeddings().weight.shape[1])  # an adapted head's: its base weight's
 
     @property
     def vocab_size(self) -> int:
-        return int(self.output_weight().shape[0])
+        return int(self.model.get_output_embeddings().weight.shape[0])
 
     @property
     def device(self) -> torch.device:
-        return self.output_weight().device
+        return self.model.get_output_embeddings().weight.device
 
     def enable_value_head(self) -> nn.Linear:
         """Create the scalar value head if missing (zero-initialised) and return it."""
@@ -268,17 +273,26 @@ class Student(nn.Module):
             nn.init.zeros_(self.value_head.bias)
         return self.value_head
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the trunk's layer activations in the backward pass instead of keeping them (training
+        mode only; the same loss and gradients, tested): :func:`~tdrl.models.lora.enable_gradient_checkpointing`."""
+        enable_gradient_checkpointing(self.model)
+
     # -------------------------------------------------------------- forward pieces
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Final hidden states ``[B, T, H]`` of the decoder trunk (no LM head, no ``[B, T, V]``)."""
+        """Final hidden states ``[B, T, H]`` of the decoder trunk (no LM head, no ``[B, T, V]``, no KV cache)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        out = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
         return out.last_hidden_state
 
     def output_weight(self) -> Tensor:
-        return self.model.get_output_embeddings().weight
+        """The LM head's weight ``[V, H]``; for a LoRA-adapted head its effective ``W + (alpha / r) B A``
+        (:func:`~tdrl.models.lora.head_weight`), so the sparse logits and the normaliser are the model's own."""
+        return head_weight(self.model.get_output_embeddings())
 
     def output_bias(self) -> Tensor | None:
         return getattr(self.model.get_output_embeddings(), "bias", None)
@@ -302,6 +316,8 @@ class Student(nn.Module):
     ) -> None:
         """Write the student into ``path``: an ordinary HF model directory (safetensors) anyone can
         ``from_pretrained``, its tokenizer, and a value head, if any, beside it as ``value_head.safetensors``.
+        A LoRA student writes what its ``lora.export`` says: the merged model, or peft's adapter files
+        (:class:`~tdrl.models.lora.Adapter`).
 
         ``state_dict``: the HF model's weights to write instead of its own (the keys of
         ``self.model.state_dict()``, no wrapper's prefix; e.g. gathered whole under FSDP, on the main process
@@ -312,45 +328,15 @@ class Student(nn.Module):
 
         path = Path(path)
         weights = None if state_dict is None else dict(state_dict)  # transformers empties the dict it writes
-        self.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
+        if self.lora is not None:
+            self.lora.save(path, self.model, weights)
+        else:
+            self.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         if self.value_head is not None:
             state = {k: v.detach().contiguous() for k, v in (value_head or self.value_head.state_dict()).items()}
             save_file(state, str(path / VALUE_HEAD_FILE))
-
-
-def _decoder_layers(model) -> nn.ModuleList:
-    n = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ConfigError(f"could not find the {n} decoder layers of {type(model).__name__}")
-
-
-def from_teacher_layers(teacher, layers: list[int], *, dtype: torch.dtype = torch.float32):
-    """DistilBERT-style initialisation: the teacher's embeddings, final norm and head, and the
-    decoder layers ``layers`` (in order). Same tokenizer, so the same vocabulary."""
-    model = teacher.model
-    n = model.config.num_hidden_layers
-    if not layers or any(not 0 <= i < n for i in layers):
-        raise ConfigError(f"layers must be indices in 0..{n - 1} of the teacher's {n} layers, got {layers}")
-    student = plain_copy(model).to(dtype)  # a device-mapped teacher's copy: no hooks, moved as a whole
-    old = _decoder_layers(student)
-    new = nn.ModuleList([old[i] for i in layers])
-    for parent in student.modules():
-        for name, child in parent.named_children():
-            if child is old:
-                setattr(parent, name, new)
-    for new_index, layer in enumerate(new):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
-    student.config.num_hidden_layers = len(layers)
-    if getattr(student.config, "layer_types", None):
-        student.config.layer_types = [student.config.layer_types[i] for i in layers]
-    student.requires_grad_(True)
-    return student.train()
 
 
 def load_student(
@@ -363,7 +349,8 @@ def load_student(
 ) -> Student:
     """Resolve a student name: ``tiny`` (the :mod:`tdrl.models.tiny` GPT-2, the tiny teacher's vocabulary),
     ``layers:0,10,20,29`` (a subset of the given teacher's decoder layers), a local directory, or a
-    hub id."""
+    hub id. A directory holding a LoRA adapter export (``adapter_config.json``) is its base (built by the
+    tdrl name it records; a ``layers:`` cut needs the teacher) with the adapter merged in."""
     if name == "tiny":
         model, tokenizer = tiny_student_model()
         return Student(model.to(dtype).train(), tokenizer, value_head=value_head)
@@ -384,13 +371,16 @@ def load_student(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, source = resolve_name(name, "student (besides 'tiny' and 'layers:i,j,...')")
-    check_model_directory(kind, source, "student")
     local = Path(source)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise ModelNotFoundError(f"could not load student {name!r}: {str(exc).splitlines()[0]}") from exc
+    if kind == "local" and (local / ADAPTER_CONFIG).is_file():
+        model, tokenizer = load_adapter_model(local, teacher, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        check_model_directory(kind, source, "student")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise ModelNotFoundError(f"could not load student {name!r}: {str(exc).splitlines()[0]}") from exc
     student = Student(model.train(), tokenizer, value_head=value_head)
     if value_head and kind == "local" and (local / VALUE_HEAD_FILE).is_file():
         from safetensors.torch import load_file
