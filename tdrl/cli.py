@@ -209,7 +209,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     warm = command("warm-start", "train the shared starting student (full-vocabulary KD) and export it")
     # the warm start fixes its agent (KD), runs no test, collects no episodes and adds no J_PT: no such flags
-    add_config_arguments(warm, presets=_command_presets("warm-start"), agent=False, groups=("optim", "data", "eval"))
+    groups = ("optim", "data", "eval", "lora")
+    add_config_arguments(warm, presets=_command_presets("warm-start"), agent=False, groups=groups)
     warm.set_defaults(func=cmd_warm_start)
 
     specs = "comma-separated agent specs (name, name:key=value, or kd / sft / seqkd)"

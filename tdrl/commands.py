@@ -226,6 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     is_checkpoint = (path / COMPLETE).is_file()  # its config.json is the run's, its student/ the model
     is_model = not is_checkpoint and (path / "config.json").is_file() and any((path / w).is_file() for w in weights)
+    is_model = is_model or (not is_checkpoint and (path / "adapter_config.json").is_file())  # a LoRA adapter export
     model_dir, run = (path, path / RUN_FILE) if is_model else (None, None)
     if model_dir is None:
         checkpoint = find_checkpoint(path, verify=True)
@@ -244,7 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     device = resolve_device(args.device)
     teacher = load_teacher(teacher_name, dtype=dtype, device=device, device_map=args.device_map)
-    student = load_student(str(model_dir)).to(device)
+    student = load_student(str(model_dir), teacher).to(device)  # the teacher: an adapter on a layer cut's base
     check_same_vocabulary(teacher.tokenizer, student.tokenizer)
     limits = [n for n in (teacher.max_length, getattr(student.model.config, "max_position_embeddings", None)) if n]
     if limits and args.max_new_tokens >= min(limits):

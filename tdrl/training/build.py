@@ -24,7 +24,7 @@ from tdrl.training.config import TrainConfig, resolve_device
 from tdrl.training.resume import ResumePoint, refuse_newer_outputs
 from tdrl.training.trainer import Trainer
 
-__all__ = ["build_trainer", "resume_trainer", "set_seed", "check_rewards_fit_agent"]
+__all__ = ["build_trainer", "resume_trainer", "set_seed", "check_rewards_fit_agent", "adapt_student"]
 
 
 def set_seed(seed: int) -> None:
@@ -45,6 +45,29 @@ def check_rewards_fit_agent(settings: dict, config: AgentConfig) -> None:
         )
 
 
+def adapt_student(student, args: TrainConfig):
+    """The run's student as ``args`` makes it: LoRA adapters (``lora_rank`` > 0, :func:`~tdrl.models.lora.apply_lora`;
+    an adapter export names the base by ``args.student``, a directory by its absolute path) and gradient
+    checkpointing (``gradient_checkpointing``). Returns the student, changed in place."""
+    from tdrl.models.lora import apply_lora
+
+    lora = args.lora
+    if lora.rank > 0:
+        base = str(Path(args.student).resolve()) if Path(args.student).is_dir() else args.student
+        apply_lora(
+            student,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            export=lora.export,
+            base=base,
+        )
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student
+
+
 def build_trainer(
     args: TrainConfig,
     *,
@@ -55,12 +78,16 @@ def build_trainer(
     """Resolve the names of ``args`` (teacher, student, agent, data, validation and test prompts)
     into objects and return a :class:`Trainer`; ``teacher`` may be passed in to share it between runs."""
     args = args.resolve(get_agent(args.agent))  # an unknown agent fails before any model loads
+    if args.lora.rank > 0:  # and a missing peft
+        from tdrl.models.lora import require_peft
+
+        require_peft()
     set_seed(args.seed)
     device = resolve_device(args.device)  # this process's GPU under torchrun / accelerate launch
     teacher = teacher or load_teacher(
         args.teacher, dtype=args.teacher_dtype, device=device, device_map=args.teacher_device_map
     )
-    student = load_student(args.student, teacher=teacher).to(device)
+    student = adapt_student(load_student(args.student, teacher=teacher), args).to(device)
     check_same_vocabulary(teacher.tokenizer, student.tokenizer)
     agent = make_agent(args.agent, student, args.agent_config, teacher=teacher).to(device)
     data, settings = args.data, args.eval

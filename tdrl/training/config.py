@@ -7,9 +7,10 @@
 
 Each group is a dataclass: :class:`OptimConfig` (optimisation), :class:`DataConfig` (the training
 data), :class:`EvalSettings` (validation, decoding and model selection), :class:`TestSettings`
-(the test run at the end), :class:`OnlineConfig` (the student's own episodes) and :class:`LMConfig`
-(MiniLLM's pre-training term J_PT). The agent's settings are an instance of that agent's Config
-(``agent_config``) from the YAML file or the command line to the checkpoint and the HParams tab.
+(the test run at the end), :class:`OnlineConfig` (the student's own episodes), :class:`LMConfig`
+(MiniLLM's pre-training term J_PT) and :class:`LoraSettings` (LoRA adapters on the student). The
+agent's settings are an instance of that agent's Config (``agent_config``) from the YAML file or the
+command line to the checkpoint and the HParams tab.
 
 Every leaf has one **flag name**, unique over the whole config: the command line's ``--eval-every``,
 a flat YAML key ``eval_every:`` and :meth:`TrainConfig.replace` (``config.replace(eval_every=0)``)
@@ -34,6 +35,7 @@ from tdrl.training.groups import (
     DataConfig,
     EvalSettings,
     LMConfig,
+    LoraSettings,
     OnlineConfig,
     OptimConfig,
     TestSettings,
@@ -51,6 +53,7 @@ __all__ = [
     "TestSettings",
     "OnlineConfig",
     "LMConfig",
+    "LoraSettings",
     "GROUPS",
     "UNSET_DEFAULTS",
     "check_device",
@@ -68,6 +71,7 @@ GROUPS: dict[str, type] = {
     "test": TestSettings,
     "online": OnlineConfig,
     "lm": LMConfig,
+    "lora": LoraSettings,
 }
 
 #: The keys under which a file or dict may give the agent's settings as one mapping or string.
@@ -99,6 +103,11 @@ class TrainConfig:
     student: str = setting(
         "layers:0,10,20,29", "student: tiny, layers:i,j,... (from the teacher), a directory or hub id"
     )
+    gradient_checkpointing: bool = setting(
+        False,
+        "recompute the student's decoder layers in the backward pass instead of keeping their activations (less "
+        "memory, about one more trunk forward per step; the same loss and gradients)",
+    )
     out: str = setting("runs/tdrl", "run directory (checkpoints, TensorBoard events, summary.json)")
     seed: int = setting(0, "seed of initialisation, data order and sampling", range="[0, 2**32)")
     device: str = setting("cpu", "torch device of student and teacher (checked when the run starts)")
@@ -121,6 +130,7 @@ class TrainConfig:
     test: TestSettings = field(default_factory=TestSettings)
     online: OnlineConfig = field(default_factory=OnlineConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self):
         for name, group in GROUPS.items():
@@ -284,6 +294,7 @@ class TrainConfig:
         """The run's settings for TensorBoard's HParams tab: the main flags and every agent setting."""
         keep = ("agent", "student", "teacher", "seed", "steps", "batch_size", "lr", "annotation_top_k")
         keep += ("annotation_top_p", "mixed_precision", "lm_coef", "online_every", "online_ratio")
+        keep += ("gradient_checkpointing", "lora_rank")
         flat = self.flat()
         values = {k: flat[k] for k in keep}
         values.update({f"agent.{k}": v for k, v in (flat["agent_config"] or {}).items()})

@@ -1,5 +1,5 @@
 """The groups of a :class:`~tdrl.training.config.TrainConfig`, one dataclass each: optimisation,
-the training data, validation and decoding, the test, online collection, and J_PT. Every field has its
+the training data, validation and decoding, the test, online collection, J_PT, and LoRA. Every field has its
 ``--help`` text, its valid values (``range=`` / ``choices=``, checked when the group is built, errors
 naming the flag: ``--eval-top-p must lie in (0, 1], got 2``) and a flag name unique over the whole
 config (the group's ``PREFIX`` + the field's name, or its own ``flag``)."""
@@ -19,6 +19,7 @@ __all__ = [
     "TestSettings",
     "OnlineConfig",
     "LMConfig",
+    "LoraSettings",
     "setting",
     "flag_name",
     "flag_of",
@@ -272,3 +273,34 @@ class LMConfig:
 
     def __post_init__(self):
         check_group(self)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the student (peft, `pip install tdrl[lora]`): only they and the agents' heads train."""
+
+    PREFIX: ClassVar[str] = "lora_"
+    rank: int = setting(
+        0, "rank r of LoRA adapters on the student (needs peft: pip install tdrl[lora]); 0: none", range=">= 0"
+    )
+    alpha: float = setting(16.0, "LoRA alpha: each adapted weight computes W + (alpha / r) B A", range="> 0")
+    dropout: float = setting(
+        0.0, "dropout on the inputs of the adapters (0 when the LM head is among --lora-target-modules)", range="[0, 1)"
+    )
+    target_modules: str = setting(
+        "all-linear",
+        "layers that get adapters: all-linear (every linear layer but the LM head) or comma-separated module names, "
+        "e.g. q_proj,v_proj or c_attn,c_proj,c_fc,lm_head (lm_head: the output embedding, tied or not)",
+    )
+    export: str = setting(
+        "merged",
+        "what best/, a checkpoint's student/ and a warm start hold: merged (a plain HF model, the adapters folded in) "
+        "or adapter (peft's adapter files; the base is named in adapter_config.json)",
+        choices=("merged", "adapter"),
+    )
+
+    def __post_init__(self):
+        check_group(self)
+        from tdrl.models.lora import parse_target_modules
+
+        parse_target_modules(self.target_modules)

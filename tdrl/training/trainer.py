@@ -24,7 +24,7 @@ from tdrl.data import BucketBatchSampler, DistillDataset, batch_statistics, coll
 from tdrl.errors import ConfigError, NonFiniteError
 from tdrl.evaluation import Evaluator, records_digest, support_probe
 from tdrl.integrity import DirectoryLock, write_json_atomic
-from tdrl.models import Teacher
+from tdrl.models import Teacher, load_student
 from tdrl.records import record_tensors
 from tdrl.training.callbacks import TensorBoardCallback, TrainerCallback
 from tdrl.training.checkpoints import claim_run_directory, load_checkpoint, save_checkpoint
@@ -339,8 +339,6 @@ class Trainer:
         """The last and the best-validation model on the test records (sampled with the evaluation
         settings and ``seeds``, default the test seeds, plus one greedy pass unless ``greedy`` is False).
         This, not the validation score that selected the best model, is what a comparison reports."""
-        from transformers import AutoModelForCausalLM
-
         if self.testing is None:
             raise ConfigError("this trainer has no test records (test_prompts 0): nothing to test")
         last = self.testing.run(seeds=seeds, also_greedy=greedy)[0]
@@ -349,7 +347,7 @@ class Trainer:
             return TestResult(last=last, best=last, best_step=best_step)
         if missing := best_unavailable(self.out, self.state.best):  # a resume lost its weights: never test others
             return TestResult(last=last, best={}, best_step=best_step, best_unavailable=missing)
-        best_model = AutoModelForCausalLM.from_pretrained(str(self.out / "best"), dtype=torch.float32)
+        best_model = load_student(str(self.out / "best"), self.teacher).model  # merged or a LoRA adapter export
         best = self.testing.run(best_model.to(self.student.device), seeds=seeds, also_greedy=greedy)[0]
         return TestResult(last=last, best=best, best_step=best_step)
 

@@ -72,8 +72,9 @@ def warm_start_config(config: TrainConfig, steps: int, lr: float, recipe: dict =
 
 
 #: The top-level settings that shape a warm start's weights; besides them, every setting of the
-#: ``optim`` and ``data`` groups does (a new one joins the fingerprint by being declared there), and
-#: evaluation, logging and checkpoint cadence do not.
+#: ``optim`` and ``data`` groups does (a new one joins the fingerprint by being declared there), and of a
+#: LoRA warm start (``lora_rank`` > 0) every ``lora`` setting (``lora_export`` too: it decides what the
+#: directory holds); evaluation, logging, checkpoint cadence and gradient checkpointing do not.
 SHAPING_TOP = ("teacher", "teacher_dtype", "student", "seed")
 #: A warm start's own files when its record does not list them (records before the list was kept).
 _OWN_FILES = (
@@ -89,6 +90,8 @@ _OWN_FILES = (
     "chat_template.jinja",
     "added_tokens.json",
     "value_head.safetensors",
+    "adapter_config.json",
+    "adapter_model.safetensors",
     "run",
     WARM_START_FILE,
 )
@@ -98,7 +101,8 @@ SHAPING_GROUPS = ("optim", "data")
 def shaping_settings(config: TrainConfig) -> dict:
     """The settings of ``config`` that shape a warm start's weights, by flag name."""
     flat = config.flat()
-    names = [flag for group, _, flag in config_leaves() if group in SHAPING_GROUPS or flag in SHAPING_TOP]
+    groups = SHAPING_GROUPS + (("lora",) if config.lora.rank > 0 else ())  # no LoRA: the fingerprints of before
+    names = [flag for group, _, flag in config_leaves() if group in groups or flag in SHAPING_TOP]
     return {name: flat[name] for name in names}
 
 
