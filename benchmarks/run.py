@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import annotate_speed, env_speed, reproduce, topp_stats, train_speed
+from benchmarks import annotate_speed, bigger_students, env_speed, reproduce, topp_stats, train_speed
 
 
 def main(argv=None) -> None:
@@ -57,6 +57,12 @@ def main(argv=None) -> None:
         )
         + ["--device", args.device, "--mixed-precision", args.mixed_precision],
     )
+    bigger = timed(
+        "bigger students",
+        bigger_students.main,
+        (["--teacher", "tiny", "--student", "tiny", "--steps", "1"] if quick else ["--steps", "3"])
+        + ["--device", args.device],
+    )
     env = timed(
         "environment speed",
         env_speed.main,
@@ -94,6 +100,18 @@ def main(argv=None) -> None:
         "teacher; the baseline holds it (its weights are not counted in the step peak, they are resident before).",
         "",
         train,
+        "",
+        "### Bigger students: LoRA and gradient checkpointing",
+        "",
+        "`benchmarks/bigger_students.py`: one agent's step with every weight trained and no checkpointing "
+        "(`full`, the baseline) against `--gradient-checkpointing` (`gc`), LoRA rank 16 on every linear layer but "
+        "the LM head (`lora`), both (`lora+gc`), and LoRA on the head too (`lora+head`). Step time: the same "
+        "process, the same batch. Resident MB: the worker's RSS after a warm-up step (weights, AdamW state, the "
+        "batch; the allocator's free pages returned first) above its RSS before the student was loaded; step peak "
+        "MB: one more step's peak above that; one fresh process per configuration. Step times on a shared machine "
+        "move with its load; the memory figures do not.",
+        "",
+        bigger,
         "",
         "## 2. Environment: KV-cached env against a naive env that re-encodes the prefix every step",
         "",

@@ -1,6 +1,7 @@
 """The benchmark helpers measure what they say (no timings asserted), and reproduce.py's plumbing runs."""
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -169,3 +170,31 @@ def test_record_keys_are_those_of_tdrl_0_1():
     assert (settings["eval_seeds"], settings["test_seeds"], settings["test_split"]) == ("0,1", "3", "heldout")
     # the step-0 evaluation, which 0.1 never ran, makes other runs: another key
     assert reproduce.run_key(TrainConfig()) != "0dc798ea3b1dc9da"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (pip install tdrl[lora])")
+def test_bigger_students_plumbing_and_ratios():
+    """Every configuration builds and steps on the tiny models (no memory processes); the table's ratios
+    are against the `full` row of the same agent, and LoRA trains fewer weights than `full`."""
+    from benchmarks import bigger_students
+
+    argv = ["--teacher", "tiny", "--student", "tiny", "--agents", "bc", "--steps", "1", "--no-memory"]
+    text = bigger_students.main([*argv, "--batch-size", "2", "--response-tokens", "4"])
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| bc")]
+    rows = {row[1].strip("`"): row for row in cells}
+    assert sorted(rows) == sorted(bigger_students.CONFIGS) and rows["full"][4] == "1.00x"
+    assert float(rows["lora"][2]) < float(rows["full"][2]) == float(rows["gc"][2])
+    fake = {
+        "teacher": "t",
+        "vocab": 10,
+        "student": "s",
+        "shape": (2, 3),
+        "tokens": 4,
+        "rows": {
+            "bc": {
+                "full": {"step_s": 2.0, "trainable_m": 1.0, "resident_mb": 300.0, "step_peak_mb": 100.0},
+                "gc": {"step_s": 3.0, "trainable_m": 1.0, "resident_mb": 300.0, "step_peak_mb": 50.0},
+            }
+        },
+    }
+    assert "| bc | `gc` | 1.00 | 3.00 | 1.50x | 300 | 50 | 0.50 | 350 | 0.88 |" in bigger_students.table(fake)
