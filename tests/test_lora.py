@@ -249,9 +249,9 @@ def test_lora_settings_are_checked():
         {"lora_target_modules": "all-linear,lm_head"},
         {"lora_target_modules": " , "},
     ):
-        with pytest.raises(ConfigError, match="lora_"):
+        with pytest.raises(ConfigError, match="--lora-"):
             TrainConfig.from_dict(bad)
-    with pytest.raises(ConfigError, match="lora_dropout"):  # the head's dropout cannot enter the normaliser
+    with pytest.raises(ConfigError, match="--lora-dropout"):  # the head's dropout cannot enter the normaliser
         apply_lora(load_student("tiny"), rank=2, dropout=0.1, target_modules="c_attn,lm_head")
     apply_lora(load_student("tiny"), rank=2, dropout=0.1, target_modules="c_attn")  # elsewhere it can
     with pytest.raises(ConfigError, match="c_attn"):  # names the linear layers there are
@@ -434,3 +434,26 @@ def test_a_lora_run_with_checkpointing_resumes_bit_for_bit(cache, tmp_path):
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@needs_peft
+def test_a_lora_warm_start_exports_its_adapter_and_a_run_starts_from_it(cache, tmp_path, capsys):
+    """tdrl warm-start with LoRA and --lora-export adapter: the directory holds the adapter (its record the
+    lora settings), --student reads it (the tiny base with the adapter merged), and tdrl eval scores it."""
+    from tdrl.cli import main
+
+    warm = tmp_path / "warm"
+    lora = ["--lora-rank", "4", "--lora-export", "adapter"]
+    assert main(["warm-start", *TINY, "--steps", "2", "--lr", "1e-2", *lora, "--out", str(warm)]) == 0
+    record = json.loads((warm / "tdrl-warm-start.json").read_text())
+    assert record["settings"]["lora_rank"] == 4 and record["settings"]["lora_export"] == "adapter"
+    assert (warm / "adapter_model.safetensors").is_file() and not (warm / "model.safetensors").exists()
+    started = load_student(str(warm))
+    with torch.no_grad():  # the adapter moved the base
+        assert not torch.allclose(started.model(input_ids=IDS).logits, load_student("tiny").model(input_ids=IDS).logits)
+    student = [str(warm) if a == "tiny" and TINY[i - 1] == "--student" else a for i, a in enumerate(TINY)]
+    run = tmp_path / "from-warm"
+    assert main(["train", "--agent", "bc", "--steps", "1", "--eval-every", "0", "--out", str(run), *student]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(warm), "--prompts", "2", "--max-new-tokens", "4", "--seeds", "0"]) == 0
+    assert "eval/rougeL" in capsys.readouterr().out

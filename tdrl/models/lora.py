@@ -78,11 +78,11 @@ def parse_target_modules(text: str) -> str | list[str]:
     against the end of a module's dotted path: ``q_proj`` adapts every layer's ``q_proj``)."""
     names = [n.strip() for n in str(text).split(",") if n.strip()]
     if not names:
-        raise ConfigError("lora_target_modules must name modules (e.g. q_proj,v_proj) or be all-linear")
+        raise ConfigError("--lora-target-modules must name modules (e.g. q_proj,v_proj) or be all-linear")
     if ALL_LINEAR in names:
         if len(names) > 1:
             raise ConfigError(
-                f"lora_target_modules: {ALL_LINEAR} stands alone (every linear layer but the LM head); to add the "
+                f"--lora-target-modules: {ALL_LINEAR} stands alone (every linear layer but the LM head); to add the "
                 f"head, list the module names instead, e.g. q_proj,k_proj,v_proj,o_proj,lm_head"
             )
         return ALL_LINEAR
@@ -216,9 +216,9 @@ def apply_lora(
     ``name_or_path``)."""
     peft = require_peft()
     if rank < 1:
-        raise ConfigError(f"lora_rank must be >= 1 to add adapters, got {rank}")
+        raise ConfigError(f"--lora-rank must be >= 1 to add adapters, got {rank}")
     if export not in EXPORTS:
-        raise ConfigError(f"lora_export must be one of {', '.join(EXPORTS)}, got {export!r}")
+        raise ConfigError(f"--lora-export must be one of {', '.join(EXPORTS)}, got {export!r}")
     if getattr(student, "lora", None) is not None:
         raise ConfigError("this student already has LoRA adapters: apply_lora once")
     model = student.model
@@ -233,7 +233,7 @@ def apply_lora(
             peft_model = peft.get_peft_model(model, config)
         except ValueError as exc:
             raise ConfigError(
-                f"lora_target_modules {target_modules!r}: {str(exc).splitlines()[0]} (the linear layers of "
+                f"--lora-target-modules {target_modules!r}: {str(exc).splitlines()[0]} (the linear layers of "
                 f"{type(model).__name__}: {', '.join(_linear_names(model))}; or use {ALL_LINEAR})"
             ) from None
     from peft.tuners.lora import Linear as LoraLinear
@@ -241,15 +241,15 @@ def apply_lora(
     other = sorted(n for n, m in _lora_layers(model).items() if not isinstance(m, LoraLinear))
     if other:
         raise ConfigError(
-            f"lora_target_modules {target_modules!r} adapts {', '.join(other)}, which are not linear layers: tdrl's "
+            f"--lora-target-modules {target_modules!r} adapts {', '.join(other)}, which are not linear layers: tdrl's "
             "LoRA students adapt linear layers only (list the linear ones, or use all-linear)"
         )
     head = model.get_output_embeddings()
     if _is_lora(head) and dropout > 0:
         raise ConfigError(
-            f"lora_dropout {dropout} with the LM head among the adapted layers: the chunked full-vocabulary normaliser "
-            "applies the head's effective weight W + BA, which dropout on its input cannot be folded into; use "
-            "--lora-dropout 0 or leave the head out of --lora-target-modules"
+            f"--lora-dropout {dropout} with the LM head among the adapted layers: the chunked full-vocabulary "
+            "normaliser applies the head's effective weight W + BA, which dropout on its input cannot be folded into; "
+            "use --lora-dropout 0 or leave the head out of --lora-target-modules"
         )
     name = base if base is not None else getattr(model, "name_or_path", None)
     student.lora = Adapter(peft_model, export, name)
