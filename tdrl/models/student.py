@@ -255,15 +255,19 @@ class Student(nn.Module):
     # -------------------------------------------------------------- shape facts
     @property
     def hidden_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[1])  # an adapted head's: its base weight's
+        return int(self._shape_weight().shape[1])
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return int(self._shape_weight().shape[0])
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_output_embeddings().weight.device
+        return self._shape_weight().device
+
+    def _shape_weight(self) -> Tensor:
+        """The head's weight for shape and device facts: a LoRA student's base weight (no ``W + BA`` built)."""
+        return self.output_weight() if self.lora is None else self.model.get_output_embeddings().weight
 
     def enable_value_head(self) -> nn.Linear:
         """Create the scalar value head if missing (zero-initialised) and return it."""
