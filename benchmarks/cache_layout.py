@@ -29,7 +29,7 @@ from benchmarks import reproduce
 from tdrl.data import ANNOTATION_META, annotate, load_annotations, load_source
 from tdrl.data.bundled import KEEP_TOP_P, bundled_data_dir, prepare_bundled_data
 from tdrl.data.layout import full_layout, recode
-from tdrl.data.writing import dir_bytes
+from tdrl.data.writing import dir_bytes, settings_fingerprint
 from tdrl.integrity import write_json_atomic, write_manifest
 from tdrl.models import load_teacher
 from tdrl.training.warmstart import warm_start, warm_start_config
@@ -109,11 +109,13 @@ def main(argv=None) -> str:
             target = out / "layouts" / "full"
             layout_meta = {**meta, "settings": {k: v for k, v in settings.items() if k != "keep_top_p"}}
             layout_meta["settings"].update(schema=2, logprob_dtype="float32")
+            layout_meta["fingerprint"] = settings_fingerprint(layout_meta["settings"])
             if not (target / ANNOTATION_META).is_file():  # written by an earlier call: reused
                 write_cache(full_layout(data, width), target, layout_meta)
         else:
             target = out / "layouts" / f"keep{keep:g}-{dtype}"
             layout_meta = {**meta, "settings": {**settings, "keep_top_p": keep, "logprob_dtype": dtype}}
+            layout_meta["fingerprint"] = settings_fingerprint(layout_meta["settings"])  # one per layout
             if not (target / ANNOTATION_META).is_file():
                 write_cache(recode(data, width, settings["vocab_size"], keep, dtype), target, layout_meta)
         per_token = dir_bytes(target / "shards") / tokens

@@ -241,7 +241,17 @@ def record_settings(config: TrainConfig, agent_args: str | None = None) -> dict:
 #: (``annotation_keep_top_p`` unset: the bundled cache keeps candidates to mass max(0.9, the agent's p), in
 #: the compact layout; runs recorded on the full layout of 0.2 gave the same batches up to float16 rounding of
 #: the in-set log-probs: benchmarks/RESULTS.md section 7.)
-SINCE_0_1 = {"teacher_device_map": None, "annotation_keep_top_p": None, "fsdp": False}
+SINCE_0_1 = {
+    "teacher_device_map": None,
+    "annotation_keep_top_p": None,
+    "fsdp": False,
+    "gradient_checkpointing": False,
+    "lora_rank": 0,
+    "lora_alpha": 16.0,
+    "lora_dropout": 0.0,
+    "lora_target_modules": "all-linear",
+    "lora_export": "merged",
+}
 
 
 def run_key(

@@ -138,9 +138,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     ann.add_argument(
         "--keep-top-p",
         type=float,
-        default=0.9,
-        help="keep each state's candidates up to this teacher mass (>= --top-p): the largest p an agent can re-cut "
-        "the cache at; 1.0 keeps the whole top-K",
+        default=None,
+        help="keep each state's candidates up to this teacher mass (>= --top-p; default max(0.9, --top-p)): the "
+        "largest p an agent can re-cut the cache at; 1.0 keeps the whole top-K",
     )
     ann.add_argument(
         "--logprob-dtype", default="float16", choices=["float16", "float32"], help="stored candidate log-probs"

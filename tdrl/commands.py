@@ -120,7 +120,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from tdrl.data.layout import check_keep_top_p
     from tdrl.integrity import read_json
 
-    check_keep_top_p(args.keep_top_p, validate_top_p(args.top_p))  # before the teacher loads
+    top_p = validate_top_p(args.top_p)  # before the teacher loads
+    if args.keep_top_p is not None:
+        check_keep_top_p(args.keep_top_p, top_p)
     validate_top_k(args.top_k)
     settings = {name: getattr(args, name) for name in ANNOTATE_FLAGS}
     with Ranks.from_environment() as ranks:  # N processes under accelerate launch / torchrun, each its shards

@@ -182,8 +182,8 @@ def compare(
         raise ConfigError("compare needs at least one agent")
     if not seeds:
         raise ConfigError("compare needs at least one seed (--seeds N with N >= 1)")
-    if len(set(seeds)) != len(seeds) or any(not 0 <= s < 2**31 for s in seeds):
-        raise ConfigError(f"compare's seeds must be distinct and lie in [0, 2**31), got {seeds}")
+    if len(set(seeds)) != len(seeds) or any(not 0 <= s < 2**32 for s in seeds):  # training seeds, as --seed
+        raise ConfigError(f"compare's seeds must be distinct and lie in [0, 2**32), got {seeds}")
     runs = run_specs(base, agents, seeds, out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: choose a directory")

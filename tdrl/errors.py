@@ -82,7 +82,9 @@ def _number(text: str, spec: str) -> int | float:
     if not _NUMBER.fullmatch(base) or (power and not (power.isdigit() and base.lstrip("+-").isdigit())):
         raise ValueError(f"range {spec!r}: {text!r} is not a number (an int, a float, inf or a power such as 2**31)")
     value = int(base) if base.lstrip("+-").isdigit() else float(base)
-    return value ** int(power) if power else value
+    if not power:
+        return value
+    return -(abs(value) ** int(power)) if base.startswith("-") else value ** int(power)  # -2**4 is -16
 
 
 def _shown(x: int | float) -> str:

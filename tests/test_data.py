@@ -493,3 +493,22 @@ def test_the_bundled_annotation_keeps_what_the_agent_re_cuts_at():
         DataConfig(annotation_keep_top_p=1.5)
     with pytest.raises(ConfigError, match="--annotation-keep-top-p must be a finite number"):
         DataConfig(annotation_keep_top_p=float("nan"))
+
+
+def test_review_findings_on_compact_caches_in_memory(cache, small_source, tiny_teacher, tmp_path):
+    """A compact cache given as a loaded Dataset (no metadata): its K is the widest set any state holds (not
+    only the final states'), and a re-cut past what it keeps is refused by recut's own reach check instead
+    of taking every kept candidate as the set. annotate's keep_top_p defaults to max(0.9, top_p)."""
+    from tdrl.data.dataset import cache_width
+    from tdrl.data.layout import encode_sets
+
+    data = load_annotations(cache)
+    assert cache_width(data) == cache_width(data, {"top_k": 16, "vocab_size": 512}) == 16
+    narrow = data.map(lambda r: {"final_cand_count": r["final_cand_size"]})  # finals keep A_p(s) only
+    assert cache_width(narrow) == max(max(c) for c in data["cand_count"])
+    with pytest.raises(ValueError, match="cannot be re-cut at the larger p"):
+        DistillDataset(data, top_p=0.99)[0]
+    assert DistillDataset(data, top_p=0.5)[0]["cand_mask"].any()
+    out = annotate(tiny_teacher, small_source.select(range(2)), tmp_path / "p95", top_k=16, top_p=0.95)
+    assert json.loads((out / "tdrl-annotation.json").read_text())["settings"]["keep_top_p"] == 0.95
+    assert encode_sets  # (imported: the layout's writer)

@@ -284,3 +284,9 @@ def test_eval_decoding_flags_are_checked_against_evalconfig_first(tmp_path, caps
     assert "--max-new-tokens must lie in [1, inf), got 0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"^seeds repeats a seed"):
         EvalConfig(seeds=[1, 1])  # the library's EvalConfig: the same rule
+
+
+def test_a_negative_power_is_negative():
+    from tdrl.errors import Range
+
+    assert Range.parse("[-2**4, 0)").lo == -16 and Range.parse("(-inf, 2**3]").hi == 8

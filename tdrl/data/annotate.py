@@ -15,7 +15,7 @@ import torch
 
 from tdrl.actions import validate_top_k, validate_top_p
 from tdrl.data.dataset import ANNOTATION_META, annotation_statistics, load_annotations
-from tdrl.data.layout import LOGPROB_DTYPES, SCHEMA, check_keep_top_p, encode_sets
+from tdrl.data.layout import KEEP_TOP_P, LOGPROB_DTYPES, SCHEMA, check_keep_top_p, encode_sets
 from tdrl.data.layout import features as layout_features
 from tdrl.data.ranks import Ranks
 from tdrl.data.sources import records_fingerprint
@@ -72,7 +72,7 @@ def annotate(
     gamma: float = 0.99,
     max_prompt_len: int = 512,
     max_response_len: int = 256,
-    keep_top_p: float = 0.9,
+    keep_top_p: float | None = None,
     logprob_dtype: str = "float16",
     batch_size: int = 8,
     shard_size: int = 512,
@@ -115,7 +115,7 @@ def annotate(
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if logprob_dtype not in LOGPROB_DTYPES:
         raise ConfigError(f"logprob_dtype must be float16 or float32, got {logprob_dtype!r}")
-    keep_top_p = check_keep_top_p(keep_top_p, top_p)
+    keep_top_p = check_keep_top_p(max(KEEP_TOP_P, top_p) if keep_top_p is None else keep_top_p, top_p)
     check_discount(gamma, why=" (the inverse_soft_q reward discounts with it)")
     if len(source) == 0:
         raise DataError("the data source is empty: nothing to annotate")

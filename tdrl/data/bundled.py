@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tdrl.data.annotate import annotate
 from tdrl.data.generate import generate_responses
-from tdrl.data.layout import SCHEMA
+from tdrl.data.layout import KEEP_TOP_P, SCHEMA
 from tdrl.data.sources import load_source
 from tdrl.models.hub import tdrl_cache_dir
 from tdrl.models.teacher import Teacher
@@ -19,9 +19,6 @@ __all__ = ["prepare_bundled_data", "bundled_data_dir", "bundled_keep_top_p", "KE
 
 #: Prompts per generation batch (64: 2x the throughput of 16 on 2 CPU cores).
 BATCH = 64
-#: The teacher mass the bundled annotation keeps candidates to by default (benchmarks/RESULTS.md, "The
-#: cache layout"): re-cuts up to p = 0.9 from a fifth of the full layout's bytes.
-KEEP_TOP_P = 0.9
 #: The responses' key names the cache schema of tdrl 0.2 (2): the responses do not depend on the annotation's
 #: layout, so the responses sampled then are reused and only the annotation is rebuilt.
 _RESPONSES_KEY_SCHEMA = 2

@@ -103,7 +103,8 @@ def cache_width(data, settings: dict | None = None) -> int:
         return min(int(settings["top_k"]), int(settings["vocab_size"]))
     table = data.data.table if hasattr(data.data, "table") else data.data
     if is_compact(data.column_names):
-        return int(pc.max(table.column("final_cand_count")).as_py() or 1)
+        inner = pc.max(pc.list_flatten(table.column("cand_count"))).as_py() or 1
+        return int(max(inner, pc.max(table.column("final_cand_count")).as_py() or 1))
     return len(data[0]["final_cand_ids"]) if len(data) else 1
 
 
@@ -172,8 +173,9 @@ class DistillDataset(torch.utils.data.Dataset):
             )
         self.top_p = top_p
         # a compact cache's log-probs reach keep_top_p: a re-cut up to it is exact, a larger p is refused
-        self.keep_top_p = float(settings.get("keep_top_p", 1.0)) if self.compact else 1.0
-        if top_p is not None and top_p > self.keep_top_p:
+        # (a compact cache without its metadata: unknown, 0, so recut checks each record's reach itself)
+        self.keep_top_p = float(settings.get("keep_top_p", 0.0)) if self.compact else 1.0
+        if top_p is not None and top_p > self.keep_top_p and (not self.compact or "keep_top_p" in settings):
             raise ConfigError(
                 f"the annotation cache {path} keeps the teacher's candidates up to mass keep_top_p = "
                 f"{self.keep_top_p}, so it cannot re-cut A_p(s) at the larger top_p = {top_p}: re-annotate with "

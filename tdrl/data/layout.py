@@ -34,6 +34,7 @@ from tdrl.errors import ConfigError
 
 __all__ = [
     "SCHEMA",
+    "KEEP_TOP_P",
     "LOGPROB_DTYPES",
     "features",
     "encode_sets",
@@ -45,6 +46,9 @@ __all__ = [
     "recode",
 ]
 
+#: The teacher mass a cache keeps candidates to by default (at least the annotation's p): re-cuts up to
+#: p = 0.9 from a fifth of the full layout's bytes (benchmarks/RESULTS.md, "The cache layout").
+KEEP_TOP_P = 0.9
 #: The compact layout (3); 2 is the full layout of tdrl 0.2 (final-state candidates, no in-set flag).
 SCHEMA = 3
 LOGPROB_DTYPES = ("float16", "float32")
