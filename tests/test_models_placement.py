@@ -229,3 +229,21 @@ def test_train_warm_start_and_compare_load_their_teacher_with_the_map(monkeypatc
         with pytest.raises(Loaded):
             run()
     assert seen == [("tiny", "bfloat16", '{"": "cpu"}')] * 3
+
+
+def test_a_run_with_a_device_mapped_teacher_trains_end_to_end_and_its_export_reloads(tmp_path, capsys):
+    """`tdrl train --teacher-device-map auto` (and a bf16 teacher) on the tiny models: the run ends, its
+    checkpoint's student reloads with transformers, and the run records the map."""
+    from transformers import AutoModelForCausalLM
+
+    from tdrl.cli import main
+    from tdrl.training.checkpoints import find_checkpoint
+
+    out = tmp_path / "run"
+    flags = "--teacher tiny --student tiny --data bundled --train-prompts 8 --response-tokens 4 --batch-size 4"
+    flags += " --eval-prompts 2 --eval-max-new-tokens 2 --test-prompts 0 --eval-every 0 --steps 2"
+    argv = ["train", "--agent", "bc", *flags.split(), "--teacher-device-map", "auto", "--teacher-dtype", "bfloat16"]
+    assert main([*argv, "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(find_checkpoint(out) / "student")
+    assert model.config.vocab_size == 512
+    assert '"teacher_device_map": "auto"' in (find_checkpoint(out) / "config.json").read_text().replace("'", '"')
