@@ -206,3 +206,24 @@ def test_layers_student_from_bundled_teacher(bundled_teacher):
     ids = torch.tensor([bundled_teacher.encode_prompt("What is the capital of France?")])
     hidden = student.hidden_states(ids)
     assert torch.isfinite(student.full_logits(hidden)).all()
+
+
+def test_a_layer_cut_copies_only_its_layers_and_leaves_the_teacher_whole(tiny_teacher, monkeypatch):
+    """The cut deep-copies the chosen layers only (a device-mapped teacher must not be copied whole first),
+    and the teacher keeps every layer, unshared with the student."""
+    import copy
+
+    layers_before = list(tiny_teacher.model.transformer.h)
+    copied = []
+    deepcopy = copy.deepcopy
+
+    def counting(obj, *args, **kwargs):
+        copied.append(sum(1 for m in obj.modules() if m in layers_before))
+        return deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", counting)
+    student = load_student("layers:1", teacher=tiny_teacher)
+    assert copied == [1]  # one copy, holding one of the teacher's layers
+    assert list(tiny_teacher.model.transformer.h) == layers_before and len(layers_before) > 1
+    s, t = student.model.transformer.h[0].attn.c_attn.weight, tiny_teacher.model.transformer.h[1].attn.c_attn.weight
+    assert torch.equal(s, t) and s.data_ptr() != t.data_ptr()

@@ -26,13 +26,25 @@ def from_teacher_layers(teacher, layers: list[int], *, dtype: torch.dtype = torc
     n = model.config.num_hidden_layers
     if not layers or any(not 0 <= i < n for i in layers):
         raise ConfigError(f"layers must be indices in 0..{n - 1} of the teacher's {n} layers, got {layers}")
-    student = plain_copy(model).to(dtype)  # a device-mapped teacher's copy: no hooks, moved as a whole
-    old = _decoder_layers(student)
-    new = nn.ModuleList([old[i] for i in layers])
-    for parent in student.modules():
-        for name, child in parent.named_children():
-            if child is old:
-                setattr(parent, name, new)
+    # copy only the chosen layers: the teacher's layer list is swapped for them around the copy (a copy of a
+    # big, device-mapped teacher would first need a second teacher's memory where the map put it)
+    old = _decoder_layers(model)
+    chosen = nn.ModuleList([old[i] for i in layers])
+    slots = [
+        (qualname, name)
+        for qualname, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if child is old
+    ]
+    for qualname, name in slots:
+        setattr(model.get_submodule(qualname), name, chosen)
+    try:
+        student = plain_copy(model)  # no hooks: the copy moves as a whole
+    finally:
+        for qualname, name in slots:
+            setattr(model.get_submodule(qualname), name, old)
+    student = student.to(dtype)
+    new = student.get_submodule(slots[0][0]).get_submodule(slots[0][1])
     for new_index, layer in enumerate(new):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
